@@ -1,0 +1,59 @@
+"""The ``lowcomm`` command line: one subcommand per module listed in ``_COMMANDS``.
+
+Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
+adding a subcommand is adding its module name here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+import lowcomm
+from lowcomm.launch.logs import setup_logging
+
+__all__ = ["build_parser", "main"]
+
+_COMMANDS = ("lowcomm.launch.demo",)
+
+
+def _command_modules() -> list[ModuleType]:
+    return [importlib.import_module(name) for name in _COMMANDS]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser; tests freeze its flag set."""
+    parser = argparse.ArgumentParser(
+        prog="lowcomm",
+        description="Fault-tolerant, low-communication training across far-apart GPUs.",
+    )
+    parser.add_argument("--version", action="version", version=f"lowcomm {lowcomm.__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _command_modules():
+        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lowcomm`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.log_level)
+    try:
+        return int(args._run(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The ``lowcomm`` command: help, version, and the demo's quick-start path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lowcomm
+
+
+def _lowcomm(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lowcomm.launch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def test_version_prints_the_package_version() -> None:
+    out = _lowcomm("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"lowcomm {lowcomm.__version__}"
+
+
+def test_help_lists_the_subcommands() -> None:
+    out = _lowcomm("--help")
+    assert out.returncode == 0
+    assert "demo" in out.stdout
+
+
+def test_no_subcommand_prints_help_and_fails() -> None:
+    out = _lowcomm()
+    assert out.returncode == 2
+    assert "usage: lowcomm" in out.stdout
+
+
+def test_unknown_subcommand_is_rejected_with_a_clear_error() -> None:
+    out = _lowcomm("no-such-command")
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr
+
+
+def test_demo_runs_to_completion_on_loopback() -> None:
+    out = _lowcomm("demo", "--peers", "2", "--numel", "1000", timeout_s=180)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
