@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 V=${LOWCOMM_VENV:-.venv}/bin
 
-echo "== ruff format --check" && "$V/ruff" format --check --quiet lowcomm tests benchmarks examples
-echo "== ruff check" && "$V/ruff" check --quiet lowcomm tests benchmarks examples
+paths=(); for d in lowcomm tests benchmarks examples; do [[ -d $d ]] && paths+=("$d"); done
+echo "== ruff format --check" && "$V/ruff" format --check --quiet "${paths[@]}"
+echo "== ruff check" && "$V/ruff" check --quiet "${paths[@]}"
 echo "== mypy" && "$V/mypy" --no-error-summary
 marker=(-m "not slow and not gpu")
 [[ ${LOWCOMM_SLOW:-0} == 1 ]] && marker=(-m "not gpu")
