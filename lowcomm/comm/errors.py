@@ -1,0 +1,55 @@
+"""Runtime failures of the collective layer: each class says what happened and what to do next.
+
+Every class derives from ``CommError`` (itself a ``LowcommError``), so ``except CommError`` catches
+everything the network can do to a caller. Bad arguments raise ``ValueError`` instead.
+"""
+
+from __future__ import annotations
+
+from lowcomm.errors import LowcommError
+
+__all__ = [
+    "AuthenticationError",
+    "CommError",
+    "CommTimeoutError",
+    "PeerFailureError",
+    "ProtocolError",
+    "TopologyError",
+    "TruncatedFrameError",
+]
+
+
+class CommError(LowcommError):
+    """Base of every runtime failure in ``lowcomm.comm``."""
+
+
+class ProtocolError(CommError):
+    """A peer sent something that is not a valid lowcomm frame: bad magic, another wire version,
+    a length over the bound, an unexpected kind or tag (peers running different operations), or a
+    payload that does not parse. The connection it came on has been closed."""
+
+
+class AuthenticationError(CommError):
+    """The other side does not know this run's token (HMAC challenge-response failed), or only one
+    side uses a token. Check that every process of the run was given the same token."""
+
+
+class CommTimeoutError(CommError):
+    """An operation ran past its ``timeout_s``: a peer stopped responding (stalled, SIGSTOPped, or
+    its link is far slower than the timeout allows). Retry with the survivors or raise the timeout."""
+
+
+class PeerFailureError(CommError):
+    """A peer died, reset its connection or aborted mid-operation. Nothing partial was applied;
+    retry the operation with the surviving peers."""
+
+
+class TruncatedFrameError(PeerFailureError, ProtocolError):
+    """The peer closed its connection in the middle of a frame. It is both a peer failure (the
+    usual cause is a dead process: retry with the survivors) and a protocol error (the frame is
+    incomplete), so either ``except`` clause catches it."""
+
+
+class TopologyError(CommError):
+    """The peers are out of lockstep: different phases, a changed world, or this peer was not
+    accepted. Call ``update_topology()`` on every peer and retry."""

@@ -1,0 +1,309 @@
+"""Framing and authentication of lowcomm connections: round trips, wrong tokens, hostile bytes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from lowcomm.comm import _wire
+from lowcomm.comm.errors import (
+    AuthenticationError,
+    CommError,
+    CommTimeoutError,
+    PeerFailureError,
+    ProtocolError,
+    TruncatedFrameError,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    yield sock
+    sock.close()
+
+
+class _Result:
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+def _in_thread(fn: Callable[[], Any]) -> _Result:
+    result = _Result()
+
+    def run() -> None:
+        try:
+            result.value = fn()
+        except BaseException as exc:
+            result.error = exc
+        finally:
+            result.done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return result
+
+
+def _accept_in_thread(
+    listener: socket.socket, *, token: bytes | None, timeout_s: float = 10, **kw: Any
+) -> _Result:
+    def run() -> Any:
+        client, _ = listener.accept()
+        return _wire.accept(
+            client, token=token, hello={"side": "acceptor"}, timeout_s=timeout_s, **kw
+        )
+
+    return _in_thread(run)
+
+
+def _connected_pair(
+    listener: socket.socket, token: bytes | None = b"secret", **kw: Any
+) -> tuple[_wire.Connection, _wire.Connection]:
+    acc = _accept_in_thread(listener, token=token, **kw)
+    conn, their = _wire.connect(
+        listener.getsockname(), token=token, hello={"side": "connector"}, timeout_s=10, **kw
+    )
+    assert acc.done.wait(10)
+    assert acc.error is None, acc.error
+    server, their_hello = acc.value
+    assert their == {"side": "acceptor"}
+    assert their_hello == {"side": "connector"}
+    return conn, server
+
+
+def _raw_frame(kind: int, payload: bytes, *, length: int | None = None, version: int = 1) -> bytes:
+    n = len(payload) if length is None else length
+    return _wire.HEADER.pack(_wire.MAGIC, version, kind, 0, 0, 0, n) + payload
+
+
+def test_frames_round_trip_with_kind_tag_and_split_payloads(listener: socket.socket) -> None:
+    conn, server = _connected_pair(listener)
+    conn.send_frame(70, [b"abc", bytearray(b"def"), memoryview(b"ghi")], tag=2**63 + 5, timeout_s=5)
+    frame = server.recv_frame(timeout_s=5)
+    assert (frame.kind, frame.tag, frame.payload) == (70, 2**63 + 5, b"abcdefghi")
+    server.send_json(71, {"x": [1, 2.5, "y"]}, tag=3, timeout_s=5)
+    assert conn.recv_json(timeout_s=5) == (71, 3, {"x": [1, 2.5, "y"]})
+    conn.send_frame(72, timeout_s=5)  # empty payload
+    assert server.recv_frame(timeout_s=5).payload == b""
+    conn.close()
+    server.close()
+
+
+def test_large_payload_is_received_straight_into_a_preallocated_buffer(
+    listener: socket.socket,
+) -> None:
+    conn, server = _connected_pair(listener)
+    data = bytes(range(256)) * 40_000  # 10 MB, sent from another thread while we receive
+    sender = _in_thread(lambda: conn.send_frame(80, memoryview(data), tag=9, seq=7, timeout_s=10))
+    header = server.recv_header(timeout_s=10)
+    assert (header.kind, header.tag, header.seq, header.length) == (80, 9, 7, len(data))
+    out = bytearray(header.length)
+    server.recv_into(out, timeout_s=10)
+    assert sender.done.wait(10) and sender.error is None
+    assert out == data
+    # Byte counters agree on both ends (handshake included) and cover the payload.
+    assert conn.tx_bytes == server.rx_bytes > len(data)
+    conn.close()
+    server.close()
+
+
+def test_connector_with_wrong_token_is_rejected_with_a_clear_error(listener: socket.socket) -> None:
+    acc = _accept_in_thread(listener, token=b"right")
+    with pytest.raises(AuthenticationError, match=r"run token rejected by 127\.0\.0\.1"):
+        _wire.connect(listener.getsockname(), token=b"wrong", hello={}, timeout_s=10)
+    assert acc.done.wait(10)
+    # The acceptor never read a hello; it ends with an error, not a crash.
+    assert isinstance(acc.error, CommError)
+
+
+def test_acceptor_with_wrong_token_cannot_impersonate_the_run(listener: socket.socket) -> None:
+    # Both sides must prove the token: a listener that does not know it is refused by the
+    # connector, and its own accept fails too.
+    acc = _accept_in_thread(listener, token=b"impostor")
+    with pytest.raises(AuthenticationError, match="different run token"):
+        _wire.connect(listener.getsockname(), token=b"right", hello={"secret": 1}, timeout_s=10)
+    assert acc.done.wait(10)
+    assert isinstance(acc.error, CommError)
+
+
+def test_missing_token_on_either_side_is_refused(listener: socket.socket) -> None:
+    acc = _accept_in_thread(listener, token=b"right")
+    with pytest.raises(AuthenticationError, match="requires a run token"):
+        _wire.connect(listener.getsockname(), token=None, hello={}, timeout_s=10)
+    assert acc.done.wait(10) and isinstance(acc.error, AuthenticationError)
+    acc = _accept_in_thread(listener, token=None)
+    with pytest.raises(AuthenticationError, match="uses no run token"):
+        _wire.connect(listener.getsockname(), token=b"right", hello={}, timeout_s=10)
+    assert acc.done.wait(10) and isinstance(acc.error, CommError)
+
+
+def test_no_token_on_both_sides_connects(listener: socket.socket) -> None:
+    conn, server = _connected_pair(listener, token=None)
+    conn.send_frame(64, b"x", timeout_s=5)
+    assert server.recv_frame(timeout_s=5).payload == b"x"
+    conn.close()
+    server.close()
+
+
+def test_garbage_bytes_before_authentication_are_a_protocol_error(listener: socket.socket) -> None:
+    acc = _accept_in_thread(listener, token=b"t")
+    with socket.create_connection(listener.getsockname()) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+        assert acc.done.wait(10)
+        assert isinstance(acc.error, ProtocolError)
+        assert "not a lowcomm frame" in str(acc.error)
+        raw.settimeout(5)
+        assert raw.recv(100) == b""  # the acceptor closed the connection
+
+
+def test_oversized_length_claim_before_authentication_reads_nothing(
+    listener: socket.socket,
+) -> None:
+    acc = _accept_in_thread(listener, token=b"t")
+    with socket.create_connection(listener.getsockname()) as raw:
+        raw.sendall(_raw_frame(_wire.KIND_AUTH_HELLO, b"", length=2**62))
+        assert acc.done.wait(10)
+        assert isinstance(acc.error, ProtocolError)
+        assert "over the bound" in str(acc.error)
+
+
+def test_oversized_length_claim_after_authentication_closes_the_connection(
+    listener: socket.socket,
+) -> None:
+    conn, server = _connected_pair(listener, max_frame_bytes=1 << 20)
+    conn._send_sock.sendall(_raw_frame(64, b"", length=(1 << 20) + 1))
+    with pytest.raises(ProtocolError, match="over the bound"):
+        server.recv_frame(timeout_s=5)
+    assert server.closed
+    with pytest.raises(PeerFailureError):  # later calls fail at once, no hang
+        server.recv_frame(timeout_s=5)
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        conn.send_frame(64, bytes((1 << 20) + 1), timeout_s=5)
+    conn.close()
+
+
+def test_other_wire_version_is_named_in_the_error(listener: socket.socket) -> None:
+    conn, server = _connected_pair(listener)
+    conn._send_sock.sendall(_raw_frame(64, b"hi", version=99))
+    with pytest.raises(ProtocolError, match="wire version 99"):
+        server.recv_frame(timeout_s=5)
+    conn.close()
+
+
+def test_malformed_handshake_json_is_a_protocol_error(listener: socket.socket) -> None:
+    acc = _accept_in_thread(listener, token=b"t")
+    with socket.create_connection(listener.getsockname()) as raw:
+        raw.sendall(_raw_frame(_wire.KIND_AUTH_HELLO, b"{not json"))
+        assert acc.done.wait(10)
+        assert isinstance(acc.error, ProtocolError)
+    acc = _accept_in_thread(listener, token=b"t")
+    with socket.create_connection(listener.getsockname()) as raw:
+        raw.sendall(_raw_frame(_wire.KIND_AUTH_HELLO, b'{"auth": true, "nonce": "zz"}'))
+        assert acc.done.wait(10)
+        assert isinstance(acc.error, ProtocolError)
+        assert "nonce" in str(acc.error)
+
+
+def test_truncated_frame_from_a_peer_closing_mid_frame(listener: socket.socket) -> None:
+    conn, server = _connected_pair(listener)
+    conn._send_sock.sendall(_raw_frame(64, b"0123456789", length=100))
+    conn.close()
+    with pytest.raises(TruncatedFrameError, match="middle of a frame") as info:
+        server.recv_frame(timeout_s=5)
+    # A truncated frame is both: the peer is gone, and the frame is incomplete.
+    assert isinstance(info.value, PeerFailureError)
+    assert isinstance(info.value, ProtocolError)
+
+
+def test_truncated_header_is_a_truncated_frame(listener: socket.socket) -> None:
+    conn, server = _connected_pair(listener)
+    conn._send_sock.sendall(_raw_frame(64, b"")[:10])
+    conn.close()
+    with pytest.raises(TruncatedFrameError):
+        server.recv_frame(timeout_s=5)
+
+
+def test_clean_close_between_frames_is_a_peer_failure(listener: socket.socket) -> None:
+    conn, server = _connected_pair(listener)
+    conn.send_frame(64, b"last", timeout_s=5)
+    conn.close()
+    assert server.recv_frame(timeout_s=5).payload == b"last"
+    with pytest.raises(PeerFailureError, match="closed the connection") as info:
+        server.recv_frame(timeout_s=5)
+    assert not isinstance(info.value, ProtocolError)
+
+
+def test_receive_times_out_within_its_bound(listener: socket.socket) -> None:
+    conn, server = _connected_pair(listener)
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError, match="timed out"):
+        server.recv_frame(timeout_s=0.3)
+    elapsed = time.monotonic() - start
+    assert 0.25 <= elapsed < 5
+    conn.close()
+
+
+def test_send_to_a_peer_that_stops_reading_times_out(listener: socket.socket) -> None:
+    conn, server = _connected_pair(listener)
+    big = bytes(64 << 20)  # far more than the socket buffers hold
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError):
+        conn.send_frame(64, big, timeout_s=0.5)
+    assert time.monotonic() - start < 10
+    conn.close()
+    server.close()
+
+
+def test_silent_client_makes_accept_time_out(listener: socket.socket) -> None:
+    acc = _accept_in_thread(listener, token=b"t", timeout_s=0.3)
+    with socket.create_connection(listener.getsockname()):
+        assert acc.done.wait(10)
+        assert isinstance(acc.error, CommTimeoutError)
+
+
+def test_connect_times_out_when_the_listener_never_answers(listener: socket.socket) -> None:
+    # The kernel completes the TCP handshake (backlog) but nobody runs the lowcomm handshake.
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError):
+        _wire.connect(listener.getsockname(), token=b"t", hello={}, timeout_s=0.3)
+    assert time.monotonic() - start < 5
+
+
+def test_connect_to_a_closed_port_is_a_peer_failure() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    address = sock.getsockname()
+    sock.close()
+    with pytest.raises(PeerFailureError, match="cannot connect"):
+        _wire.connect(address, token=b"t", hello={}, timeout_s=5)
+
+
+def test_bad_arguments_are_value_errors(listener: socket.socket) -> None:
+    with pytest.raises(ValueError, match="token"):
+        _wire.normalize_token(b"")
+    conn, server = _connected_pair(listener)
+    with pytest.raises(ValueError, match="kind"):
+        conn.send_frame(300, b"", timeout_s=1)
+    with pytest.raises(ValueError, match="tag"):
+        conn.send_frame(64, b"", tag=-1, timeout_s=1)
+    conn.close()
+    server.close()
+
+
+def test_header_layout_is_stable() -> None:
+    # Peers of different lowcomm releases rely on this layout to detect a version mismatch.
+    assert _wire.HEADER.size == 28
+    assert _wire.HEADER.pack(b"LCMW", 1, 2, 0, 3, 4, 5) == (
+        b"LCMW" + struct.pack("!BBHIQQ", 1, 2, 0, 3, 4, 5)
+    )
