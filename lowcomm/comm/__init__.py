@@ -2,4 +2,16 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from lowcomm.comm.communicator import AllReduceInfo, CommConfig, Communicator, Handle
+from lowcomm.comm.master import Master
+from lowcomm.comm.shared_state import SharedState, SyncInfo
+
+__all__: list[str] = [
+    "AllReduceInfo",
+    "CommConfig",
+    "Communicator",
+    "Handle",
+    "Master",
+    "SharedState",
+    "SyncInfo",
+]

@@ -17,7 +17,7 @@ from lowcomm.launch.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = ("lowcomm.launch.demo",)
+_COMMANDS = ("lowcomm.launch.demo", "lowcomm.launch.master_cmd")
 
 
 def _command_modules() -> list[ModuleType]:

@@ -1,0 +1,248 @@
+"""The master: admission, membership, heartbeats, garbage input, restart, the `lowcomm master` command."""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from _control_harness import TOKEN, addr, communicator, connect_all, run_threads, start_master
+
+from lowcomm.comm import Communicator, Master, _wire
+from lowcomm.comm.errors import AuthenticationError, TopologyError
+from lowcomm.comm.master import KIND_REQUEST, KIND_RESPONSE
+
+
+@pytest.mark.timeout(60)
+def test_first_peer_is_accepted_and_joiners_wait_for_update_topology() -> None:
+    master = start_master()
+    try:
+        a = communicator(addr(master))
+        a.connect(timeout_s=10)
+        assert a.world_size == 1 and a.rank == 0
+        b = communicator(addr(master))
+        results = run_threads([lambda: b.connect(timeout_s=20), lambda: _admit(a, 2)])
+        assert results == [None, None]
+        assert a.world_size == b.world_size == 2
+        assert (a.rank, b.rank) == (0, 1)
+        assert master.snapshot()["pending"] == []
+        a.close()
+        b.close()
+    finally:
+        master.stop()
+
+
+def _admit(comm: Communicator, world: int) -> None:
+    deadline = time.monotonic() + 20
+    while comm.world_size < world and time.monotonic() < deadline:
+        if comm.are_peers_pending(timeout_s=10):
+            comm.update_topology(timeout_s=10)
+        else:
+            time.sleep(0.05)
+
+
+@pytest.mark.timeout(60)
+def test_peers_download_the_runs_config_blob() -> None:
+    master = start_master(config_blob=b'{"model": "gpt", "sync_every": 50}')
+    try:
+        (a,) = connect_all(addr(master), 1)
+        assert a.config_blob == b'{"model": "gpt", "sync_every": 50}'
+        a.close()
+    finally:
+        master.stop()
+
+
+@pytest.mark.timeout(60)
+def test_wrong_token_is_refused_with_a_clear_error_on_the_joiner() -> None:
+    master = start_master()
+    try:
+        intruder = Communicator(addr(master), token=b"not-the-token")
+        with pytest.raises(AuthenticationError, match="run token rejected"):
+            intruder.connect(timeout_s=10)
+        intruder.close()
+        assert master.snapshot()["accepted"] == []
+        assert master.num_rejected_connections >= 1
+    finally:
+        master.stop()
+
+
+def _raw(master: Master, data: bytes) -> bytes:
+    with socket.create_connection(master.address, timeout=5) as s:
+        s.sendall(data)
+        s.settimeout(5)
+        try:
+            return s.recv(1024)
+        except (TimeoutError, ConnectionError):
+            return b""
+
+
+@pytest.mark.timeout(60)
+def test_garbage_and_oversized_frames_leave_the_master_serving() -> None:
+    master = start_master()
+    try:
+        before = master.num_rejected_connections
+        _raw(master, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)  # not a lowcomm frame
+        # A valid header announcing a 2**40-byte handshake frame: refused before any payload.
+        _raw(master, _wire.HEADER.pack(_wire.MAGIC, _wire.VERSION, 1, 0, 0, 0, 2**40))
+        _raw(master, struct.pack("!4sB", _wire.MAGIC, 99) + b"\0" * 40)  # another wire version
+        # An authenticated connection that sends a frame over the control bound, then junk JSON.
+        conn, _ = _wire.connect(master.address, token=TOKEN, hello={"role": "test"}, timeout_s=5)
+        conn.send_frame(KIND_REQUEST, b"{not json", timeout_s=5)
+        with pytest.raises(Exception):  # noqa: B017 - the master closed the connection
+            conn.recv_json(timeout_s=5)
+        conn, _ = _wire.connect(master.address, token=TOKEN, hello={"role": "test"}, timeout_s=5)
+        conn.send_json(KIND_REQUEST, {"op": "no-such-op"}, timeout_s=5)
+        with pytest.raises(Exception):  # noqa: B017
+            conn.recv_json(timeout_s=5)
+        deadline = time.monotonic() + 10
+        while master.num_rejected_connections < before + 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert master.num_rejected_connections >= before + 5
+        # ... and it still admits and serves real peers.
+        comms = connect_all(addr(master), 2)
+        assert [c.world_size for c in comms] == [2, 2]
+        for c in comms:
+            c.close()
+    finally:
+        master.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_stops_heartbeating_is_evicted_after_the_timeout() -> None:
+    master = start_master(heartbeat_timeout_s=1.0)
+    try:
+        (a,) = connect_all(addr(master), 1)
+        # A registered "peer" that never heartbeats (a raw session that goes silent).
+        conn, _ = _wire.connect(master.address, token=TOKEN, hello={"role": "session"}, timeout_s=5)
+        conn.send_json(
+            KIND_REQUEST,
+            {"op": "register", "peer_id": "silent", "peer_group": 0, "address": ["127.0.0.1", 9]},
+            timeout_s=5,
+        )
+        kind, _, resp = conn.recv_json(timeout_s=5)
+        assert kind == KIND_RESPONSE and resp["accepted"] is False
+        a.update_topology(timeout_s=10)
+        assert a.world_size == 2
+        start = time.monotonic()
+        while "silent" not in master.snapshot()["evicted"] and time.monotonic() - start < 10:
+            time.sleep(0.05)
+        assert "no heartbeat" in master.snapshot()["evicted"]["silent"]
+        # The survivor's next phase sees the smaller world instead of waiting for the silent one.
+        a.update_topology(timeout_s=10)
+        assert a.world_size == 1
+        conn.close()
+        a.close()
+    finally:
+        master.stop()
+
+
+def _start_master_process(port: int = 0) -> tuple[subprocess.Popen[str], int]:
+    token_file = "/tmp/lowcomm-test-token"
+    with open(token_file, "wb") as f:
+        f.write(TOKEN + b"\n")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lowcomm.launch.cli",
+            "master",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--token-file",
+            token_file,
+            "--heartbeat-timeout",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = re.search(r"listening on [\d.]+:(\d+)", line)
+    assert m, f"unexpected master output {line!r}"
+    return proc, int(m.group(1))
+
+
+@pytest.mark.timeout(120)
+def test_master_restart_mid_run_peers_re_register_and_carry_on() -> None:
+    proc, port = _start_master_process()
+    procs = [proc]
+    try:
+        comms = connect_all(f"127.0.0.1:{port}", 2)
+        xs = [torch.full((1000,), float(i + 1)) for i in range(2)]
+        run_threads(
+            [
+                lambda c=c, x=x: c.all_reduce(x, "sum", timeout_s=20)
+                for c, x in zip(comms, xs, strict=True)
+            ]
+        )
+        assert all(torch.equal(x, torch.full((1000,), 3.0)) for x in xs)
+        # Kill the master between operations and start a new one on the same port.
+        proc.kill()
+        proc.wait(10)
+        time.sleep(0.5)
+        proc2, port2 = _start_master_process(port)
+        procs.append(proc2)
+        assert port2 == port
+        res = run_threads(
+            [
+                lambda c=c, x=x: c.all_reduce(x, "sum", timeout_s=40)
+                for c, x in zip(comms, xs, strict=True)
+            ],
+            timeout_s=60,
+        )
+        assert [type(r).__name__ for r in res] == ["AllReduceInfo"] * 2, res
+        assert all(torch.equal(x, torch.full((1000,), 6.0)) for x in xs)
+        assert [c.world_size for c in comms] == [2, 2]
+        # Phases keep working with the new master too.
+        run_threads([lambda c=c: c.update_topology(timeout_s=20) for c in comms])
+        for c in comms:
+            c.close()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+
+
+@pytest.mark.timeout(30)
+def test_the_lowcomm_master_command_refuses_an_empty_token_file(tmp_path: object) -> None:
+    import pathlib
+
+    empty = pathlib.Path(str(tmp_path)) / "token"
+    empty.write_bytes(b"\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowcomm.launch.cli",
+            "master",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            str(empty),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode != 0
+    assert "is empty" in out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_evicted_peers_get_a_clear_error_on_their_next_call() -> None:
+    master = start_master(heartbeat_timeout_s=1.0)
+    try:
+        (a,) = connect_all(addr(master), 1)
+        with master._cond:  # evict it as the janitor would
+            master._evict(a.peer_id, "test eviction")
+        with pytest.raises(TopologyError, match="evicted"):
+            a.update_topology(timeout_s=5)
+        a.close()
+    finally:
+        master.stop()
