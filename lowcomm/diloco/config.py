@@ -1,0 +1,131 @@
+"""The outer-loop configuration: which DiLoCo-family method, how often, and what travels."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["METHODS", "QUANTIZATIONS", "OuterConfig"]
+
+Method = Literal["diloco", "async", "streaming", "co2", "delayed_nesterov"]
+METHODS: tuple[str, ...] = ("diloco", "async", "streaming", "co2", "delayed_nesterov")
+QUANTIZATIONS: tuple[str, ...] = ("none", "fp16", "bf16", "uint8", "int8", "fp8", "fp4", "topk")
+OnFailure = Literal["retry", "drop"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OuterConfig:
+    """How the outer loop runs. Every peer of a run must use the same config.
+
+    Methods (ALGORITHMS.md sections 1-3):
+        ``"diloco"``: synchronous DiLoCo; every ``sync_every`` inner steps the pseudo-gradients are
+            averaged and applied with outer Nesterov SGD (``outer_lr``, ``outer_momentum``).
+        ``"async"``: one-step-delayed DiLoCo (PCCL/prime): round k's all-reduce runs while round
+            k+1's inner steps do; its result is applied at the end of round k+1. ``eager=True``
+            adds eager updates (each peer's own fresh pseudo-gradient replaces its stale share).
+        ``"streaming"``: Streaming DiLoCo; the parameters are split into ``num_fragments``
+            fragments, one synced every ``sync_every / num_fragments`` inner steps, each all-reduce
+            overlapping ``overlap_steps`` inner steps, then merged with factor ``merge_alpha``.
+        ``"co2"``: CO2; one-round-stale heavy-ball outer step with the staleness gap penalty
+            ``co2_gap_penalty`` (>= 1) and element-wise outer momentum clipping ``co2_clip``.
+        ``"delayed_nesterov"``: the one-step-delayed pipeline with the delayed Nesterov rule
+            (momentum updated every ``dn_period`` outer steps) and, if ``dynamic_local_steps``,
+            each peer's inner steps per round scaled by its speed (DyLU).
+
+    Wire format: ``quantization`` names a ``lowcomm.compression`` codec for the pseudo-gradients
+    (``"uint8"`` by default; ``"none"`` sends fp32). ``"topk"`` always runs with error feedback.
+
+    Failures: with ``on_failure="retry"`` a round whose all-reduce fails is redone among the
+    survivors (at most ``max_retries`` times) before it is dropped; a dropped round keeps every
+    peer's local progress, which the next round's pseudo-gradient then carries.
+    """
+
+    method: Method = "diloco"
+    sync_every: int = 50
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    quantization: str = "uint8"
+    topk_fraction: float = 0.05
+    # async
+    eager: bool = False
+    # streaming
+    num_fragments: int = 3
+    overlap_steps: int = 1
+    merge_alpha: float = 0.5
+    # co2
+    co2_gap_penalty: float = 1.0
+    co2_clip: float | None = 1.0
+    # delayed nesterov / DyLU
+    dn_period: int = 1
+    dynamic_local_steps: bool = False
+    min_local_steps: int = 1
+    # runtime
+    outer_device: str = "cpu"
+    timeout_s: float = 600.0
+    on_failure: OnFailure = "retry"
+    max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"OuterConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"OuterConfig.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
+        if self.sync_every < 1:
+            raise ValueError(f"OuterConfig.sync_every must be >= 1, got {self.sync_every}")
+        for name in ("outer_lr", "timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"OuterConfig.{name} must be finite and > 0, got {value}")
+        for name in ("outer_momentum", "merge_alpha"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"OuterConfig.{name} must be in [0, 1], got {value}")
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise ValueError(
+                f"OuterConfig.topk_fraction must be in (0, 1], got {self.topk_fraction}"
+            )
+        if self.eager and self.method != "async":
+            raise ValueError("OuterConfig.eager applies to method='async' only")
+        if self.num_fragments < 1:
+            raise ValueError(f"OuterConfig.num_fragments must be >= 1, got {self.num_fragments}")
+        if self.method == "streaming":
+            if self.sync_every % self.num_fragments:
+                raise ValueError(
+                    f"OuterConfig.sync_every ({self.sync_every}) must be a multiple of "
+                    f"num_fragments ({self.num_fragments}) for method='streaming'"
+                )
+            spacing = self.sync_every // self.num_fragments
+            if not 0 <= self.overlap_steps < spacing:
+                raise ValueError(
+                    f"OuterConfig.overlap_steps must be in [0, sync_every/num_fragments = {spacing}),"
+                    f" got {self.overlap_steps}"
+                )
+        if not (math.isfinite(self.co2_gap_penalty) and self.co2_gap_penalty >= 1.0):
+            raise ValueError(
+                f"OuterConfig.co2_gap_penalty must be >= 1, got {self.co2_gap_penalty}"
+            )
+        if self.co2_clip is not None and not (math.isfinite(self.co2_clip) and self.co2_clip > 0):
+            raise ValueError(f"OuterConfig.co2_clip must be > 0 or None, got {self.co2_clip}")
+        if self.dn_period < 1:
+            raise ValueError(f"OuterConfig.dn_period must be >= 1, got {self.dn_period}")
+        if not 1 <= self.min_local_steps <= self.sync_every:
+            raise ValueError(
+                f"OuterConfig.min_local_steps must be in [1, sync_every], got {self.min_local_steps}"
+            )
+        if self.dynamic_local_steps and self.method != "delayed_nesterov":
+            raise ValueError("OuterConfig.dynamic_local_steps applies to method='delayed_nesterov'")
+        if self.on_failure not in ("retry", "drop"):
+            raise ValueError(
+                f"OuterConfig.on_failure must be 'retry' or 'drop', got {self.on_failure!r}"
+            )
+        if self.max_retries < 0:
+            raise ValueError(f"OuterConfig.max_retries must be >= 0, got {self.max_retries}")
+
+    @property
+    def is_pipelined(self) -> bool:
+        """Whether round k's all-reduce overlaps round k+1's inner steps (one-step delay)."""
+        return self.method in ("async", "co2", "delayed_nesterov")
