@@ -1,0 +1,224 @@
+"""The on-storage format: data-file chunks (raw or byte-shuffled zstd), crc32 checksums, manifests.
+
+A checkpoint at one level is a directory ``step_<step>/`` holding one data file per rank
+(``rank_<r>.data``: the rank's host-buffer layout, cut in chunks), one part manifest per rank, and
+``MANIFEST.json`` written last by rank 0. Only ``MANIFEST.json`` makes the checkpoint exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lowcomm.checkpoint.errors import CheckpointCorruptError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "ChunkEntry",
+    "TensorEntry",
+    "atomic_write",
+    "decode_chunk",
+    "encode_chunk",
+    "fsync_dir",
+    "load_manifest_bytes",
+    "manifest_bytes",
+    "parse_step_dirname",
+    "part_name",
+    "step_dirname",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "MANIFEST.json"
+CODECS = ("none", "zstd", "shuffle-zstd")
+_ALIGN = 64  # tensor offsets in a host buffer: any dtype view is aligned
+
+
+def align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:012d}"
+
+
+def parse_step_dirname(name: str) -> int | None:
+    name = name.rstrip("/").rsplit("/", 1)[-1]
+    if not name.startswith("step_"):
+        return None
+    digits = name[5:]
+    return int(digits) if digits.isdigit() else None
+
+
+def data_name(rank: int) -> str:
+    return f"rank_{rank:05d}.data"
+
+
+def part_name(rank: int) -> str:
+    return f"rank_{rank:05d}.part.json"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    key: str
+    dtype: str  # str(torch.dtype), e.g. "torch.float32"
+    shape: list[int]
+    offset: int  # in the rank's host-buffer layout
+    nbytes: int
+    dtensor: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "dtype": self.dtype,
+            "shape": self.shape,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "dtensor": self.dtensor,
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> TensorEntry:
+        return TensorEntry(
+            key=d["key"],
+            dtype=d["dtype"],
+            shape=list(d["shape"]),
+            offset=int(d["offset"]),
+            nbytes=int(d["nbytes"]),
+            dtensor=d.get("dtensor"),
+        )
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    raw_offset: int  # where the chunk's bytes sit in the host-buffer layout
+    raw_len: int
+    file_offset: int  # where its stored bytes sit in the data file
+    stored_len: int
+    codec: str
+    crc32: int  # of the stored bytes
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.raw_offset,
+            self.raw_len,
+            self.file_offset,
+            self.stored_len,
+            self.codec,
+            self.crc32,
+        ]
+
+    @staticmethod
+    def from_json(v: list[Any]) -> ChunkEntry:
+        return ChunkEntry(int(v[0]), int(v[1]), int(v[2]), int(v[3]), str(v[4]), int(v[5]))
+
+
+def encode_chunk(raw: memoryview, codec: str, *, level: int) -> tuple[bytes | memoryview, str]:
+    """Encode one chunk; falls back to ``none`` when compression does not shrink it.
+
+    ``shuffle-zstd`` splits 4-byte words by byte significance first (exponent bytes together), which
+    is what makes fp32 weights and optimizer moments compress (measured 1.2x vs 1.1x for plain zstd).
+    numpy's transpose-copy and zstd both release the GIL, so chunks encode in parallel threads.
+    """
+    if codec == "none":
+        return raw, "none"
+    import zstandard
+
+    payload: bytes | memoryview = raw
+    if codec == "shuffle-zstd":
+        if len(raw) % 4:
+            codec = "zstd"
+        else:
+            arr = np.frombuffer(raw, dtype=np.uint8)
+            payload = np.ascontiguousarray(arr.reshape(-1, 4).T).reshape(-1).data
+    out = zstandard.ZstdCompressor(level=level).compress(payload)
+    if len(out) >= len(raw):
+        return raw, "none"
+    return out, codec
+
+
+def decode_chunk(stored: bytes | memoryview, codec: str, raw_len: int) -> bytes | memoryview:
+    """Inverse of ``encode_chunk``; raises ``CheckpointCorruptError`` on a malformed chunk."""
+    if codec == "none":
+        return stored
+    import zstandard
+
+    try:
+        out = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_len)
+    except zstandard.ZstdError as e:
+        raise CheckpointCorruptError(f"chunk does not decompress: {e}") from e
+    if len(out) != raw_len:
+        raise CheckpointCorruptError(f"chunk decompresses to {len(out)} bytes, expected {raw_len}")
+    if codec == "shuffle-zstd":
+        arr = np.frombuffer(out, dtype=np.uint8)
+        return np.ascontiguousarray(arr.reshape(4, -1).T).reshape(-1).data
+    if codec != "zstd":
+        raise CheckpointCorruptError(f"unknown chunk codec {codec!r}")
+    return out
+
+
+def crc32(buf: bytes | memoryview) -> int:
+    # zlib.crc32 releases the GIL on large buffers: checksumming runs in parallel with writes.
+    return zlib.crc32(buf) & 0xFFFFFFFF
+
+
+def manifest_bytes(body: dict[str, Any]) -> bytes:
+    """Serialize a manifest with a crc32 of its body, so a torn or flipped manifest is rejected."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return json.dumps({"crc32": crc32(text.encode()), "body": text}).encode()
+
+
+def load_manifest_bytes(blob: bytes) -> dict[str, Any]:
+    """Parse and verify a manifest; ``CheckpointCorruptError`` when it is torn, flipped or too new."""
+    try:
+        outer = json.loads(blob)
+        text = outer["body"]
+        if crc32(text.encode()) != int(outer["crc32"]):
+            raise CheckpointCorruptError("manifest checksum mismatch")
+        body: dict[str, Any] = json.loads(text)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointCorruptError(f"manifest is not valid: {e}") from e
+    version = body.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointCorruptError(
+            f"manifest format_version {version!r}; this lowcomm reads {FORMAT_VERSION}"
+        )
+    return body
+
+
+def b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode())
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, blob: bytes) -> None:
+    """Write ``blob`` to ``path`` atomically and durably: tmp file, fsync, rename, fsync the dir."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(blob)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")

@@ -1,0 +1,258 @@
+"""Lazy staging: a background thread copies the state's tensors into reused host buffers.
+
+``save`` only records which tensors to copy (and, on CUDA, an event on the caller's stream); the
+copier thread does the copy while the next forward/backward runs, on a side CUDA stream into pinned
+buffers, and the training thread waits for it only at ``wait_until_safe_to_mutate``. Buffers are
+allocated once and reused across checkpoints; when every buffer is still held (the newest snapshot
+kept in host memory, the previous one still being written), the copier waits for one to be released:
+that is the back-pressure that slows training only when storage cannot keep up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowcomm.checkpoint._format import TensorEntry, align
+from lowcomm.checkpoint._state import TensorRef
+from lowcomm.checkpoint.errors import CheckpointError, CheckpointTimeoutError
+from lowcomm.checkpoint.faults import FaultInjector
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HostBuffer", "HostBufferPool", "Snapshot", "Stager"]
+
+
+class HostBuffer:
+    """One reusable host buffer (pinned when staging from CUDA). Held while ``holders > 0``."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.data: torch.Tensor | None = None
+        self.holders = 0
+
+
+class HostBufferPool:
+    """A fixed number of host buffers; ``acquire`` blocks until one is free (back-pressure).
+
+    Thread-safe. A buffer is grown (reallocated) only when a snapshot does not fit in it.
+    """
+
+    def __init__(self, num_buffers: int) -> None:
+        self._cond = threading.Condition()
+        self._buffers = [HostBuffer(i) for i in range(num_buffers)]
+        self.num_allocations = 0
+
+    def acquire(self, nbytes: int, *, holders: int, pin: bool, timeout_s: float) -> HostBuffer:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                free = [b for b in self._buffers if b.holders == 0]
+                if free:
+                    # Prefer a buffer that already fits, so steady state allocates nothing.
+                    fits = [b for b in free if b.data is not None and b.data.numel() >= nbytes]
+                    buf = fits[0] if fits else free[0]
+                    buf.holders = holders
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CheckpointTimeoutError(
+                        f"no host buffer was released within {timeout_s:.0f} s: storage is not "
+                        "keeping up with the checkpoint frequency"
+                    )
+                self._cond.wait(left)
+        if buf.data is None or buf.data.numel() < nbytes or (pin and not buf.data.is_pinned()):
+            buf.data = None  # free the old one before allocating the new one
+            buf.data = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+            self.num_allocations += 1
+        return buf
+
+    def release(self, buf: HostBuffer) -> None:
+        with self._cond:
+            if buf.holders <= 0:
+                raise RuntimeError("host buffer released more often than acquired")
+            buf.holders -= 1
+            if buf.holders == 0:
+                self._cond.notify_all()
+
+
+@dataclass
+class Snapshot:
+    """One requested checkpoint of one rank, as it moves through copy, host, local and remote."""
+
+    step: int
+    skeleton: bytes
+    metadata: dict[str, Any]
+    entries: list[TensorEntry]
+    total_bytes: int
+    levels: tuple[str, ...]
+    refs: list[TensorRef] | None
+    cuda_event: Any = None  # torch.cuda.Event recorded on the saving thread's stream
+    handle: Any = None  # the SaveHandle the Checkpointer reports progress to
+    buffer: HostBuffer | None = None
+    copied_bytes: int = 0  # a prefix of the layout that is in the host buffer
+    copy_error: BaseException | None = None
+    copy_done: threading.Event = field(default_factory=threading.Event)
+    progress: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_copied(self, upto: int, *, timeout_s: float) -> None:
+        """Block until the first ``upto`` bytes are in the host buffer; raise if the copy failed."""
+        deadline = time.monotonic() + timeout_s
+        with self.progress:
+            while self.copied_bytes < upto and self.copy_error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CheckpointTimeoutError(f"step {self.step}: copy did not progress in time")
+                self.progress.wait(left)
+            if self.copy_error is not None:
+                raise CheckpointError(f"step {self.step}: copy failed: {self.copy_error}")
+
+    def host_view(self) -> memoryview:
+        assert self.buffer is not None and self.buffer.data is not None
+        return self.buffer.data.numpy().data[: self.total_bytes]
+
+
+def plan_layout(refs: list[TensorRef]) -> tuple[list[TensorEntry], int]:
+    """Offsets of each tensor in the host buffer (64-byte aligned); cheap, no data touched."""
+    entries = []
+    offset = 0
+    for ref in refs:
+        t = ref.tensor
+        nbytes = t.numel() * t.element_size()
+        entries.append(
+            TensorEntry(
+                key=ref.key,
+                dtype=str(t.dtype),
+                shape=list(t.shape),
+                offset=offset,
+                nbytes=nbytes,
+                dtensor=ref.dtensor,
+            )
+        )
+        offset = align(offset + nbytes)
+    return entries, offset
+
+
+def host_tensor(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """The tensor ``entry`` describes, as a view into a uint8 host buffer."""
+    dtype = getattr(torch, entry.dtype.removeprefix("torch."))
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {entry.dtype!r} in checkpoint")
+    raw = buf[entry.offset : entry.offset + entry.nbytes]
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    return raw.view(dtype).view(entry.shape)
+
+
+class Stager:
+    """The copier thread. ``submit`` is called by the training thread; the rest runs in background.
+
+    ``on_buffer(snapshot)`` is called from the copier thread once a buffer is assigned (the local
+    writer starts streaming from there); ``on_copied(snapshot)`` once the copy is complete.
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: HostBufferPool,
+        faults: FaultInjector,
+        on_buffer: Any,
+        on_copied: Any,
+        buffer_timeout_s: float,
+    ) -> None:
+        self._pool = pool
+        self._faults = faults
+        self._on_buffer = on_buffer
+        self._on_copied = on_copied
+        self._buffer_timeout_s = buffer_timeout_s
+        self._queue: list[Snapshot | None] = []
+        self._cond = threading.Condition()
+        self._stream: Any = None
+        self._thread = threading.Thread(target=self._run, name="lowcomm-ckpt-copy", daemon=True)
+        self._thread.start()
+
+    def submit(self, snap: Snapshot) -> None:
+        with self._cond:
+            self._queue.append(snap)
+            self._cond.notify_all()
+
+    def close(self, *, timeout_s: float) -> None:
+        with self._cond:
+            self._queue.append(None)
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                snap = self._queue.pop(0)
+            if snap is None:
+                return
+            try:
+                self._copy(snap)
+            except BaseException as e:  # surfaced through the snapshot, never kills the thread
+                logger.error("checkpoint step %d: copy to host failed: %s", snap.step, e)
+                with snap.progress:
+                    snap.copy_error = e
+                    snap.progress.notify_all()
+            finally:
+                snap.refs = None  # drop references to the training tensors
+                snap.copy_done.set()
+            try:
+                self._on_copied(snap)
+            except BaseException:
+                logger.exception("checkpoint step %d: post-copy hook failed", snap.step)
+
+    def _copy(self, snap: Snapshot) -> None:
+        assert snap.refs is not None
+        cuda = any(r.tensor.is_cuda for r in snap.refs)
+        holders = 1 + sum(1 for lvl in ("host", "local") if lvl in snap.levels)
+        snap.buffer = self._pool.acquire(
+            snap.total_bytes, holders=holders, pin=cuda, timeout_s=self._buffer_timeout_s
+        )
+        self._on_buffer(snap)
+        assert snap.buffer.data is not None
+        buf = snap.buffer.data
+        if cuda and self._stream is None:
+            self._stream = torch.cuda.Stream()
+        pending: list[tuple[Any, int]] = []  # (cuda event, end offset) not yet published
+        if cuda:
+            # The copies must see the values as of save(): order them after the saving stream.
+            self._stream.wait_event(snap.cuda_event)
+        for ref, entry in zip(snap.refs, snap.entries, strict=True):
+            self._faults.hit("copy")
+            end = entry.offset + entry.nbytes
+            if entry.nbytes:
+                dst = host_tensor(buf, entry)
+                if ref.tensor.is_cuda:
+                    with torch.cuda.stream(self._stream):
+                        dst.copy_(ref.tensor, non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record(self._stream)
+                    pending.append((ev, end))
+                    continue
+                with torch.no_grad():
+                    dst.copy_(ref.tensor)
+            self._drain(snap, pending)
+            self._publish(snap, end)
+        self._drain(snap, pending)
+        self._publish(snap, snap.total_bytes)
+
+    def _drain(self, snap: Snapshot, pending: list[tuple[Any, int]]) -> None:
+        for ev, end in pending:
+            ev.synchronize()
+            self._publish(snap, end)
+        pending.clear()
+
+    @staticmethod
+    def _publish(snap: Snapshot, upto: int) -> None:
+        with snap.progress:
+            snap.copied_bytes = max(snap.copied_bytes, upto)
+            snap.progress.notify_all()

@@ -1,0 +1,427 @@
+"""The storage levels below host memory: local disk (plain files) and remote (any fsspec URL).
+
+Local disk uses plain files written with parallel ``os.pwrite`` from a thread pool (the GIL is
+released in pwrite, crc32 and zstd), not tensorstore: measured here, 4 threads of pwrite+fsync
+reached 1.38 GB/s against 0.44-0.46 GB/s for tensorstore zarr3 (raw or zstd) with the same data.
+Both levels follow the same commit protocol: data, fsync, then the manifest written last (local:
+tmp + fsync + rename + fsync dir; remote: the manifest object put last), and only a directory with
+a valid manifest is a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from lowcomm.checkpoint import _format as fmt
+from lowcomm.checkpoint.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointTimeoutError,
+    CheckpointWriteError,
+)
+from lowcomm.checkpoint.faults import FaultInjector
+from lowcomm.checkpoint.staging import Snapshot
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LocalLevel", "RemoteLevel", "decode_part"]
+
+_POLL_S = 0.02
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def decode_part(
+    part: dict[str, Any], read: Callable[[int, int], bytes | memoryview], pool: ThreadPoolExecutor
+) -> tuple[torch.Tensor, list[fmt.TensorEntry], bytes]:
+    """Read and verify one rank's data: a fresh host buffer, its tensor entries, and the skeleton.
+
+    ``read(offset, length)`` returns stored bytes of the data file. Every chunk's crc32 is checked;
+    any mismatch, short read or malformed chunk raises ``CheckpointCorruptError``.
+    """
+    total = int(part["total_bytes"])
+    buf = torch.empty(max(total, 1), dtype=torch.uint8)
+    host = buf.numpy().data
+    chunks = [fmt.ChunkEntry.from_json(c) for c in part["chunks"]]
+
+    def one(c: fmt.ChunkEntry) -> None:
+        stored = read(c.file_offset, c.stored_len)
+        if len(stored) != c.stored_len:
+            raise CheckpointCorruptError(
+                f"chunk at {c.file_offset} is truncated ({len(stored)} of {c.stored_len} bytes)"
+            )
+        if fmt.crc32(stored) != c.crc32:
+            raise CheckpointCorruptError(f"checksum mismatch in the chunk at byte {c.file_offset}")
+        raw = fmt.decode_chunk(stored, c.codec, c.raw_len)
+        host[c.raw_offset : c.raw_offset + c.raw_len] = raw
+
+    for f in [pool.submit(one, c) for c in chunks]:
+        f.result()
+    skeleton = fmt.unb64(part["skeleton"])
+    if fmt.crc32(skeleton) != int(part["skeleton_crc32"]):
+        raise CheckpointCorruptError("skeleton checksum mismatch")
+    entries = [fmt.TensorEntry.from_json(e) for e in part["tensors"]]
+    return buf, entries, skeleton
+
+
+class LocalLevel:
+    """Checkpoints under a local directory. Writes run on the caller's thread plus ``pool``.
+
+    With several ranks, the directory must be shared by them (one host, or a shared file system):
+    each rank writes its data file and part manifest, and rank 0 writes ``MANIFEST.json`` once every
+    part is durable.
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        rank: int,
+        world_size: int,
+        pool: ThreadPoolExecutor,
+        faults: FaultInjector,
+        chunk_bytes: int,
+        compression: str,
+        zstd_level: int,
+        commit_timeout_s: float,
+    ) -> None:
+        self.root = root
+        self.rank = rank
+        self.world_size = world_size
+        self._pool = pool
+        self._faults = faults
+        self._chunk_bytes = chunk_bytes
+        self._compression = compression
+        self._zstd_level = zstd_level
+        self._commit_timeout_s = commit_timeout_s
+        os.makedirs(root, exist_ok=True)
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.root, fmt.step_dirname(step))
+
+    def manifest_path(self, step: int) -> str:
+        return os.path.join(self.step_dir(step), fmt.MANIFEST_NAME)
+
+    def data_path(self, step: int, rank: int) -> str:
+        return os.path.join(self.step_dir(step), fmt.data_name(rank))
+
+    # ---- write ---------------------------------------------------------------------------------
+
+    def write(self, snap: Snapshot) -> bytes:
+        """Stream ``snap`` to disk as its copy progresses and commit it; returns the manifest bytes.
+
+        Blocks until committed. Raises ``CheckpointWriteError`` (the OSError inside says why);
+        then this rank's partial files are removed and nothing committed is touched.
+        """
+        step_dir = self.step_dir(snap.step)
+        if os.path.exists(self.manifest_path(snap.step)):
+            raise CheckpointWriteError(
+                f"step {snap.step} is already committed at {step_dir}; not overwriting it",
+                step=snap.step,
+                level=self.name,
+            )
+        data_path = self.data_path(snap.step, self.rank)
+        try:
+            os.makedirs(step_dir, exist_ok=True)
+            self._faults.hit("local.open")
+            fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                chunks, data_bytes = self._write_chunks(fd, snap)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            part = {
+                "rank": self.rank,
+                "data_file": fmt.data_name(self.rank),
+                "data_bytes": data_bytes,
+                "total_bytes": snap.total_bytes,
+                "skeleton": fmt.b64(snap.skeleton),
+                "skeleton_crc32": fmt.crc32(snap.skeleton),
+                "tensors": [e.to_json() for e in snap.entries],
+                "chunks": [c.to_json() for c in chunks],
+            }
+            if self.world_size > 1:
+                fmt.atomic_write(
+                    os.path.join(step_dir, fmt.part_name(self.rank)), json.dumps(part).encode()
+                )
+            if self.rank != 0:
+                return self._wait_manifest(snap.step)
+            parts = [part] if self.world_size == 1 else self._gather_parts(snap.step)
+            body = {
+                "format_version": fmt.FORMAT_VERSION,
+                "step": snap.step,
+                "world_size": self.world_size,
+                "created_unix": time.time(),
+                "metadata": snap.metadata,
+                "ranks": parts,
+            }
+            blob = fmt.manifest_bytes(body)
+            self._faults.hit("local.manifest")
+            fmt.atomic_write(self.manifest_path(snap.step), blob)
+            return blob
+        except (OSError, CheckpointError) as e:
+            self._remove_partial(snap.step)
+            raise CheckpointWriteError(
+                f"checkpoint step {snap.step} could not be written to {self.root}: {e}",
+                step=snap.step,
+                level=self.name,
+            ) from e
+
+    def _write_chunks(self, fd: int, snap: Snapshot) -> tuple[list[fmt.ChunkEntry], int]:
+        host = snap.host_view()
+        lock = threading.Lock()
+        next_file_offset = [0]
+        timeout_s = self._commit_timeout_s
+
+        def one(raw_offset: int) -> fmt.ChunkEntry:
+            raw_len = min(self._chunk_bytes, snap.total_bytes - raw_offset)
+            snap.wait_copied(raw_offset + raw_len, timeout_s=timeout_s)
+            raw = host[raw_offset : raw_offset + raw_len]
+            stored, codec = fmt.encode_chunk(raw, self._compression, level=self._zstd_level)
+            if codec == "none" and self._compression == "none":
+                file_offset = raw_offset  # uncompressed: the file is the host layout
+            else:
+                with lock:
+                    file_offset = next_file_offset[0]
+                    next_file_offset[0] += len(stored)
+            crc = fmt.crc32(stored)
+            self._faults.hit("local.write")
+            _pwrite_all(fd, memoryview(stored), file_offset)
+            return fmt.ChunkEntry(raw_offset, raw_len, file_offset, len(stored), codec, crc)
+
+        futures = [
+            self._pool.submit(one, off) for off in range(0, snap.total_bytes, self._chunk_bytes)
+        ]
+        chunks = []
+        error: BaseException | None = None
+        for f in futures:  # wait for all, even after a failure, so no write touches a closed fd
+            try:
+                chunks.append(f.result())
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
+        data_bytes = snap.total_bytes if self._compression == "none" else next_file_offset[0]
+        return chunks, data_bytes
+
+    def _gather_parts(self, step: int) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + self._commit_timeout_s
+        parts: list[dict[str, Any]] = []
+        for r in range(self.world_size):
+            path = os.path.join(self.step_dir(step), fmt.part_name(r))
+            while not os.path.exists(path):
+                if time.monotonic() > deadline:
+                    raise CheckpointTimeoutError(
+                        f"rank {r} did not write its part of step {step} within "
+                        f"{self._commit_timeout_s:.0f} s"
+                    )
+                time.sleep(_POLL_S)
+            with open(path, "rb") as f:
+                parts.append(json.loads(f.read()))
+        return parts
+
+    def _wait_manifest(self, step: int) -> bytes:
+        deadline = time.monotonic() + self._commit_timeout_s
+        path = self.manifest_path(step)
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise CheckpointTimeoutError(f"rank 0 did not commit step {step} in time")
+            time.sleep(_POLL_S)
+        with open(path, "rb") as f:
+            return f.read()
+
+    def _remove_partial(self, step: int) -> None:
+        # Best effort: free the space of a failed write (disk full), never a committed checkpoint.
+        if os.path.exists(self.manifest_path(step)):
+            return
+        for name in (fmt.data_name(self.rank), fmt.part_name(self.rank)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.step_dir(step), name))
+
+    # ---- read ----------------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Committed steps (those with a manifest file), oldest first. Cheap: no verification."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            step = fmt.parse_step_dirname(name)
+            if step is not None and os.path.exists(self.manifest_path(step)):
+                out.append(step)
+        return sorted(out)
+
+    def load(
+        self, step: int
+    ) -> tuple[dict[str, Any], tuple[torch.Tensor, list[fmt.TensorEntry], bytes]]:
+        """Read, verify and decode this rank's part of ``step``. ``CheckpointCorruptError`` if bad."""
+        with open(self.manifest_path(step), "rb") as f:
+            body = fmt.load_manifest_bytes(f.read())
+        part = _my_part(body, step=step, rank=self.rank, world_size=self.world_size)
+        path = os.path.join(self.step_dir(step), part["data_file"])
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size != int(part["data_bytes"]):
+                raise CheckpointCorruptError(
+                    f"{path} has {os.fstat(fd).st_size} bytes, manifest says {part['data_bytes']}"
+                )
+            return body, decode_part(part, lambda off, n: os.pread(fd, n, off), self._pool)
+        finally:
+            os.close(fd)
+
+    # ---- retention -----------------------------------------------------------------------------
+
+    def delete(self, step: int) -> None:
+        """Delete a checkpoint: the manifest first (so it stops existing at once), then its data."""
+        manifest = self.manifest_path(step)
+        if os.path.exists(manifest):
+            os.remove(manifest)
+            fmt.fsync_dir(self.step_dir(step))
+        shutil.rmtree(self.step_dir(step), ignore_errors=True)
+
+    def uncommitted_steps(self) -> list[int]:
+        """Step directories without a manifest: in flight, or left by a crashed writer."""
+        out = []
+        for name in os.listdir(self.root):
+            step = fmt.parse_step_dirname(name)
+            if step is not None and not os.path.exists(self.manifest_path(step)):
+                out.append(step)
+        return out
+
+
+def _my_part(body: dict[str, Any], *, step: int, rank: int, world_size: int) -> dict[str, Any]:
+    if int(body["step"]) != step:
+        raise CheckpointCorruptError(f"manifest says step {body['step']}, directory says {step}")
+    if int(body["world_size"]) != world_size:
+        raise CheckpointCorruptError(
+            f"step {step} was saved by {body['world_size']} ranks; this job has {world_size} "
+            "(restoring on another world size is not supported)"
+        )
+    part: dict[str, Any] = body["ranks"][rank]
+    if int(part["rank"]) != rank:
+        raise CheckpointCorruptError(
+            f"manifest lists rank {part['rank']} where rank {rank} should be"
+        )
+    return part
+
+
+class RemoteLevel:
+    """Checkpoints under an fsspec URL (``s3://``, ``gs://``, ``file://``, ``memory://`` ...).
+
+    Uploads copy the committed local files; the manifest object is put last (by rank 0, after every
+    rank's marker object is present), so a listing never shows a half-uploaded checkpoint.
+    """
+
+    name = "remote"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        rank: int,
+        world_size: int,
+        pool: ThreadPoolExecutor,
+        faults: FaultInjector,
+        storage_options: dict[str, Any],
+        commit_timeout_s: float,
+    ) -> None:
+        import fsspec
+
+        self.url = url
+        self.rank = rank
+        self.world_size = world_size
+        self._pool = pool
+        self._faults = faults
+        self._commit_timeout_s = commit_timeout_s
+        self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        self.root = root.rstrip("/")
+
+    def _path(self, step: int, name: str = "") -> str:
+        base = f"{self.root}/{fmt.step_dirname(step)}"
+        return f"{base}/{name}" if name else base
+
+    def upload(self, step: int, local: LocalLevel, manifest_blob: bytes) -> None:
+        """Upload this rank's committed local files of ``step``; rank 0 puts the manifest last."""
+        try:
+            self._faults.hit("remote.put")
+            self.fs.makedirs(self._path(step), exist_ok=True)
+            self.fs.put_file(
+                local.data_path(step, self.rank), self._path(step, fmt.data_name(self.rank))
+            )
+            if self.world_size > 1:
+                self.fs.pipe_file(self._path(step, fmt.part_name(self.rank)), b"uploaded")
+            if self.rank != 0:
+                return
+            deadline = time.monotonic() + self._commit_timeout_s
+            for r in range(1, self.world_size):
+                while not self.fs.exists(self._path(step, fmt.part_name(r))):
+                    if time.monotonic() > deadline:
+                        raise CheckpointTimeoutError(f"rank {r} did not upload step {step} in time")
+                    time.sleep(0.1)
+                    self.fs.invalidate_cache()
+            self._faults.hit("remote.put")
+            self.fs.pipe_file(self._path(step, fmt.MANIFEST_NAME), manifest_blob)
+        except Exception as e:
+            raise CheckpointWriteError(
+                f"checkpoint step {step} could not be uploaded to {self.url}: {type(e).__name__}: {e}",
+                step=step,
+                level=self.name,
+            ) from e
+
+    def steps(self) -> list[int]:
+        self.fs.invalidate_cache()
+        try:
+            listing = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for path in listing:
+            step = fmt.parse_step_dirname(str(path))
+            if step is not None and self.fs.exists(self._path(step, fmt.MANIFEST_NAME)):
+                out.append(step)
+        return sorted(out)
+
+    def load(
+        self, step: int
+    ) -> tuple[dict[str, Any], tuple[torch.Tensor, list[fmt.TensorEntry], bytes]]:
+        body = fmt.load_manifest_bytes(self.fs.cat_file(self._path(step, fmt.MANIFEST_NAME)))
+        part = _my_part(body, step=step, rank=self.rank, world_size=self.world_size)
+        path = self._path(step, part["data_file"])
+        size = self.fs.size(path)
+        if size != int(part["data_bytes"]):
+            raise CheckpointCorruptError(
+                f"{path} has {size} bytes, manifest says {part['data_bytes']}"
+            )
+
+        def read(off: int, n: int) -> bytes:
+            data: bytes = self.fs.cat_file(path, start=off, end=off + n)
+            return data
+
+        return body, decode_part(part, read, self._pool)
+
+    def delete(self, step: int) -> None:
+        manifest = self._path(step, fmt.MANIFEST_NAME)
+        if self.fs.exists(manifest):
+            self.fs.rm(manifest)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._path(step), recursive=True)
