@@ -1,5 +1,39 @@
-"""Codecs for tensors on the wire and on disk: quantizers, top-k, error feedback, zstd."""
+"""Codecs for tensors on the wire and on disk: quantizers, top-k, error feedback, zstd.
+
+    from lowcomm.compression import get_codec, Encoded
+    codec = get_codec("int8", block_size=64)
+    enc = codec.encode(tensor)               # Encoded: parts + dtype + shape + params
+    blob = enc.to_bytes()                    # versioned, checksummed, self-describing
+    out = codec.decode(Encoded.from_bytes(blob), out=buffer)
+
+Every codec rounds to nearest, documents its error bound in its docstring, and refuses NaN/inf
+input with a ValueError. ``Encoded.from_bytes`` raises ``CodecError`` on anything it cannot trust.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from lowcomm.compression._cast import Bf16Codec, Fp16Codec
+from lowcomm.compression._codec import BaseCodec, Codec, decode, get_codec, register_codec
+from lowcomm.compression._encoded import FORMAT_VERSION, Encoded
+from lowcomm.compression._errors import CodecError
+from lowcomm.compression._int8 import Int8Codec
+from lowcomm.compression._uint8 import Uint8Codec
+from lowcomm.compression._zstd import is_zstd_compressed, zstd_compress, zstd_decompress
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BaseCodec",
+    "Bf16Codec",
+    "Codec",
+    "CodecError",
+    "Encoded",
+    "Fp16Codec",
+    "Int8Codec",
+    "Uint8Codec",
+    "decode",
+    "get_codec",
+    "is_zstd_compressed",
+    "register_codec",
+    "zstd_compress",
+    "zstd_decompress",
+]
