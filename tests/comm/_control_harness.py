@@ -62,15 +62,18 @@ def connect_all(
 
     def join(c: Communicator) -> None:
         c.connect(timeout_s=30)
+        # Every accepted peer takes part in every update_topology() (the PCCL model).
+        while c.world_size < n:
+            c.update_topology(timeout_s=30)
 
-    threads = [threading.Thread(target=join, args=(c,), daemon=True) for c in comms[1:]]
-    for t in threads:
-        t.start()
-    while comms[0].world_size < n:
-        comms[0].update_topology(timeout_s=30)
-    for t in threads:
-        t.join(30)
+    results = run_threads([lambda c=c: join(c) for c in comms[1:]] + [lambda: _admit(comms[0], n)])
+    assert all(r is None for r in results), results
     return comms
+
+
+def _admit(comm: Communicator, n: int) -> None:
+    while comm.world_size < n:
+        comm.update_topology(timeout_s=30)
 
 
 _CTX = mp.get_context("forkserver")

@@ -1,0 +1,230 @@
+"""Communicator: phases, all-reduce through the master's gates, async ops, peer groups, p2p, joins."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from _control_harness import addr, communicator, connect_all, run_threads, start_master
+
+from lowcomm.comm import AllReduceInfo, Communicator
+from lowcomm.comm.errors import TopologyError
+
+
+@pytest.fixture
+def master():  # type: ignore[no-untyped-def]
+    m = start_master()
+    yield m
+    m.stop()
+
+
+def _close(comms: list[Communicator]) -> None:
+    for c in comms:
+        c.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_reduce_matches_a_reference_for_every_op(master, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    comms = connect_all(addr(master), 3)
+    gen = torch.Generator().manual_seed(0)
+    for op in ("sum", "avg", "min", "max"):
+        for numel in (1, 2, 1001):  # smaller than the peer count, odd sizes
+            xs = [torch.randn(numel, generator=gen).to(dtype) for _ in comms]
+            stacked = torch.stack([x.float() for x in xs])
+            ref = {
+                "sum": stacked.sum(0),
+                "avg": stacked.mean(0),
+                "min": stacked.min(0).values,
+                "max": stacked.max(0).values,
+            }[op]
+            outs = [torch.empty_like(x) for x in xs]
+            infos = run_threads(
+                [
+                    lambda c=c, x=x, o=o, op=op: c.all_reduce(x, op, out=o, timeout_s=30)
+                    for c, x, o in zip(comms, xs, outs, strict=True)
+                ]
+            )
+            assert all(isinstance(i, AllReduceInfo) and i.world_size == 3 for i in infos), infos
+            for o in outs:
+                assert torch.equal(o, outs[0]), "peers disagree bit for bit"
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(outs[0].float(), ref.to(dtype).float(), atol=tol, rtol=tol)
+    _close(comms)
+
+
+@pytest.mark.timeout(90)
+def test_quantized_all_reduce_is_bit_identical_on_every_peer(master) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("lowcomm.compression").get_codec  # noqa: B018
+    comms = connect_all(addr(master), 3)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(10_000, generator=gen) for _ in comms]
+    ref = torch.stack(xs).sum(0)
+    run_threads(
+        [
+            lambda c=c, x=x: c.all_reduce(x, "sum", quantization="uint8", timeout_s=30)
+            for c, x in zip(comms, xs, strict=True)
+        ]
+    )
+    assert all(torch.equal(x, xs[0]) for x in xs)
+    assert not torch.equal(xs[0], ref)  # it really was quantized ...
+    assert (xs[0] - ref).abs().max() < 0.2  # ... and close to the exact sum
+    _close(comms)
+
+
+@pytest.mark.timeout(90)
+def test_several_async_all_reduces_in_flight_are_told_apart_by_tag(master) -> None:  # type: ignore[no-untyped-def]
+    comms = connect_all(addr(master), 2)
+    tensors = [[torch.full((500,), float(10 * r + k)) for k in range(4)] for r in range(2)]
+
+    def peer(r: int) -> list[AllReduceInfo]:
+        handles = [
+            comms[r].all_reduce_async(t, "sum", tag=k, timeout_s=30)
+            for k, t in enumerate(tensors[r])
+        ]
+        return [h.wait() for h in handles]
+
+    results = run_threads([lambda: peer(0), lambda: peer(1)])
+    assert all(isinstance(r, list) for r in results), results
+    for k in range(4):
+        expected = float(k + (10 + k))
+        assert torch.equal(tensors[0][k], torch.full((500,), expected))
+        assert torch.equal(tensors[1][k], torch.full((500,), expected))
+    _close(comms)
+
+
+@pytest.mark.timeout(90)
+def test_mismatched_tags_or_sizes_raise_instead_of_mixing_buffers(master) -> None:  # type: ignore[no-untyped-def]
+    comms = connect_all(addr(master), 2)
+    a, b = torch.ones(10), torch.ones(10)
+    res = run_threads(
+        [
+            lambda: comms[0].all_reduce(a, "sum", tag=1, timeout_s=10),
+            lambda: comms[1].all_reduce(b, "sum", tag=2, timeout_s=10),
+        ]
+    )
+    assert all(isinstance(r, TopologyError) and "lockstep" in str(r) for r in res), res
+    c, d = torch.ones(10), torch.ones(11)
+    res = run_threads(
+        [
+            lambda: comms[0].all_reduce(c, "sum", timeout_s=10),
+            lambda: comms[1].all_reduce(d, "sum", timeout_s=10),
+        ]
+    )
+    assert all(isinstance(r, TopologyError) and "disagree" in str(r) for r in res), res
+    assert torch.equal(a, torch.ones(10)) and torch.equal(d, torch.ones(11))
+    # Both can carry on afterwards.
+    run_threads(
+        [
+            lambda: comms[0].all_reduce(a, "sum", timeout_s=10),
+            lambda: comms[1].all_reduce(b, "sum", timeout_s=10),
+        ]
+    )
+    assert torch.equal(a, torch.full((10,), 2.0))
+    _close(comms)
+
+
+@pytest.mark.timeout(90)
+def test_are_peers_pending_gives_every_peer_the_same_answer_and_a_joiner_is_admitted_mid_run(
+    master,
+) -> None:  # type: ignore[no-untyped-def]
+    comms = connect_all(addr(master), 2)
+    joiner = communicator(addr(master))
+    sums: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def running(r: int) -> None:
+        c = comms[r]
+        deadline = time.monotonic() + 60
+        while sums[r].count(3.0) < 3 and time.monotonic() < deadline:
+            if c.are_peers_pending(timeout_s=20):
+                c.update_topology(timeout_s=20)
+            x = torch.ones(100)
+            c.all_reduce(x, "sum", timeout_s=20)
+            sums[r].append(float(x[0]))
+
+    def joining() -> None:
+        time.sleep(0.5)
+        joiner.connect(timeout_s=30)
+        # connect() returns where update_topology() returned on the others: all_reduce is next.
+        while True:
+            x = torch.ones(100)
+            joiner.all_reduce(x, "sum", timeout_s=20)
+            sums[2].append(float(x[0]))
+            if sums[2].count(3.0) == 3:
+                return
+            if joiner.are_peers_pending(timeout_s=20):
+                joiner.update_topology(timeout_s=20)
+
+    res = run_threads([lambda: running(0), lambda: running(1), joining], timeout_s=80)
+    assert res == [None, None, None], res
+    assert sums[0][0] == 2.0 and sums[0][-1] == 3.0  # world grew from 2 to 3 mid-run
+    assert sums[0] == sums[1]
+    assert set(sums[2]) == {3.0}
+    assert joiner.world_size == 3
+    _close([*comms, joiner])
+
+
+@pytest.mark.timeout(90)
+def test_peer_groups_reduce_only_among_themselves(master) -> None:  # type: ignore[no-untyped-def]
+    comms = connect_all(addr(master), 4, groups=[0, 1, 0, 1])
+    assert [c.world_size for c in comms] == [4] * 4
+    assert [c.peer_group_world_size for c in comms] == [2] * 4
+    assert sorted(c.rank for c in comms) == [0, 0, 1, 1]
+    xs = [torch.full((64,), float(i + 1)) for i in range(4)]
+    infos = run_threads(
+        [
+            lambda c=c, x=x: c.all_reduce(x, "sum", timeout_s=30)
+            for c, x in zip(comms, xs, strict=True)
+        ]
+    )
+    assert [i.world_size for i in infos] == [2] * 4
+    assert [float(x[0]) for x in xs] == [4.0, 6.0, 4.0, 6.0]
+    _close(comms)
+
+
+@pytest.mark.timeout(60)
+def test_send_and_recv_move_a_tensor_between_accepted_peers(master) -> None:  # type: ignore[no-untyped-def]
+    a, b = connect_all(addr(master), 2)
+    x = torch.randn(3, 1000).to(torch.bfloat16)
+    out = torch.zeros(3, 1000, dtype=torch.bfloat16)
+    res = run_threads(
+        [
+            lambda: a.send(x, to=b.peer_id, tag=7, timeout_s=20),
+            lambda: b.recv(out, from_=a.peer_id, tag=7, timeout_s=20),
+        ]
+    )
+    assert res[0] is None and res[1] is out
+    assert torch.equal(out, x)
+    # A shape mismatch is refused on both sides, nothing written.
+    wrong = torch.zeros(5)
+    res = run_threads(
+        [
+            lambda: a.send(x, to=b.peer_id, timeout_s=10),
+            lambda: b.recv(wrong, from_=a.peer_id, timeout_s=10),
+        ]
+    )
+    assert isinstance(res[1], ValueError) and "expects" in str(res[1])
+    assert isinstance(res[0], Exception)
+    assert torch.equal(wrong, torch.zeros(5))
+    with pytest.raises(TopologyError, match="not in this peer's view"):
+        a.send(x, to="nobody", timeout_s=5)
+    _close([a, b])
+
+
+@pytest.mark.timeout(60)
+def test_calls_before_connect_and_bad_arguments_are_refused_clearly(master) -> None:  # type: ignore[no-untyped-def]
+    c = communicator(addr(master))
+    with pytest.raises(TopologyError, match="connect"):
+        c.all_reduce(torch.ones(3))
+    c.connect(timeout_s=10)
+    with pytest.raises(ValueError, match="op must be"):
+        c.all_reduce(torch.ones(3), "prod")
+    with pytest.raises(ValueError, match="float32"):
+        c.all_reduce(torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="peer_group"):
+        Communicator(addr(master), peer_group=-1)
+    x = torch.full((5,), 3.0)
+    info = c.all_reduce(x, "avg", timeout_s=10)  # alone: identity
+    assert info.world_size == 1 and torch.equal(x, torch.full((5,), 3.0))
+    c.close()
