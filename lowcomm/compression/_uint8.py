@@ -74,7 +74,9 @@ class Uint8Codec(BaseCodec):
         codes = torch.empty(numel, dtype=torch.uint8, device=x.device)
         for first, v in block_views(x, block):
             rows = v.shape[0]
-            lo, hi = torch.aminmax(v, dim=1, keepdim=True)
+            # amin + amax, not aminmax: aminmax along a dim is ~6x slower on CPU (torch 2.13).
+            lo = v.amin(dim=1, keepdim=True)
+            hi = v.amax(dim=1, keepdim=True)
             rng = hi - lo
             check_finite(rng, self.name)
             ok = rng > TINY
