@@ -803,7 +803,7 @@ class Master:
             results[pid] = {
                 "status": "open",
                 "op_id": op.op_id,
-                "revision": winner[0],
+                "state_revision": winner[0],
                 "state_hash": winner[1],
                 "hashes": reference["hashes"],
                 "meta": reference["meta"],

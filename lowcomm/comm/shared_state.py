@@ -169,7 +169,7 @@ def sync(comm: Communicator, state: SharedState, strategy: str, deadline: float)
         elif strategy != "send_only" and _combine(hashes) != plan["state_hash"]:
             # Hashes agree per tensor but names differ (a tensor only we have).
             raise TopologyError("this peer's shared state names differ from the chosen state")
-        state.revision = int(plan["revision"])
+        state.revision = int(plan["state_revision"])
         ok = True
     finally:
         done = _report_done(comm, op_id, ok, deadline if ok else time.monotonic() + 5.0, server)
