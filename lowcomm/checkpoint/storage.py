@@ -370,9 +370,15 @@ class RemoteLevel:
             )
             if self.world_size > 1:
                 self.fs.pipe_file(self._path(step, fmt.part_name(self.rank)), b"uploaded")
-            if self.rank != 0:
-                return
             deadline = time.monotonic() + self._commit_timeout_s
+            if self.rank != 0:  # committed once rank 0 has put the manifest
+                manifest = self._path(step, fmt.MANIFEST_NAME)
+                while not self.fs.exists(manifest):
+                    if time.monotonic() > deadline:
+                        raise CheckpointTimeoutError(f"rank 0 did not commit step {step} in time")
+                    time.sleep(0.1)
+                    self.fs.invalidate_cache()
+                return
             for r in range(1, self.world_size):
                 while not self.fs.exists(self._path(step, fmt.part_name(r))):
                     if time.monotonic() > deadline:

@@ -27,7 +27,7 @@ def make_state(step: int, *, scale: int = 1) -> dict[str, Any]:
             },
             "param_groups": [{"lr": 1e-3, "params": [0]}],
         },
-        "rng": torch.get_rng_state(),
+        "rng": torch.Generator().manual_seed(step).get_state(),
         "mask": torch.rand(33, generator=g) > 0.5,
         "empty": torch.empty(0, 3),
         "data_position": {"epoch": step // 10, "offset": step * 7},
