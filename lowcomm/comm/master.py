@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowcomm.comm import _wire
-from lowcomm.comm.errors import CommError
+from lowcomm.comm.errors import CommError, PeerFailureError, ProtocolError
 
 __all__ = ["Master", "parse_address"]
 
@@ -293,11 +293,14 @@ class Master:
             self.num_rejected_connections += 1
             logger.warning("master: closing connection from %s: bad request: %s", addr, e)
         except (CommError, OSError, ValueError) as e:
+            # An authenticated connection that ends is normal (a peer died or left); only
+            # content the master could not parse counts as rejected.
             if not self._stopped.is_set():
-                level = logging.INFO if session_peer else logging.WARNING
-                if not session_peer:
+                if isinstance(e, ProtocolError) and not isinstance(e, PeerFailureError):
                     self.num_rejected_connections += 1
-                logger.log(level, "master: connection from %s closed: %s", addr, e)
+                    logger.warning("master: closing connection from %s: %s", addr, e)
+                else:
+                    logger.info("master: connection from %s closed: %s", addr, e)
         finally:
             with self._cond:
                 self._conns.discard(conn)
