@@ -649,9 +649,10 @@ class Communicator:
                 )
             if resp is not None:
                 # The master restarted and does not know us yet: the session re-registers.
-                epoch = self._epoch
+                # Close the session only while it still belongs to the old master: closing a
+                # session already registered with this one would get us evicted.
                 with self._cond:
-                    if self._session is not None and self._epoch == epoch:
+                    if self._session is not None and self._epoch != resp.get("epoch"):
                         self._session.close()
                     self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
             else:

@@ -341,6 +341,7 @@ class Master:
             }
         return {
             "error": "unknown_peer",
+            "epoch": self.epoch,
             "message": f"master (epoch {self.epoch}) does not know peer {peer_id}",
         }
 

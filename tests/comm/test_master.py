@@ -199,8 +199,18 @@ def test_master_restart_mid_run_peers_re_register_and_carry_on() -> None:
         assert [type(r).__name__ for r in res] == ["AllReduceInfo"] * 2, res
         assert all(torch.equal(x, torch.full((1000,), 6.0)) for x in xs)
         assert [c.world_size for c in comms] == [2, 2]
-        # Phases keep working with the new master too.
-        run_threads([lambda c=c: c.update_topology(timeout_s=20) for c in comms])
+
+        # A restart while a peer waits inside a phase: it re-registers and keeps waiting.
+        def late() -> None:
+            time.sleep(1.5)
+            proc2.kill()
+            proc2.wait(10)
+            procs.append(_start_master_process(port)[0])
+            comms[1].update_topology(timeout_s=30)
+
+        res = run_threads([lambda: comms[0].update_topology(timeout_s=30), late], timeout_s=60)
+        assert res == [None, None], res
+        assert [c.world_size for c in comms] == [2, 2]
         for c in comms:
             c.close()
     finally:
