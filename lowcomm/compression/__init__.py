@@ -15,8 +15,12 @@ from __future__ import annotations
 from lowcomm.compression._cast import Bf16Codec, Fp16Codec
 from lowcomm.compression._codec import BaseCodec, Codec, decode, get_codec, register_codec
 from lowcomm.compression._encoded import FORMAT_VERSION, Encoded
+from lowcomm.compression._error_feedback import ErrorFeedback
 from lowcomm.compression._errors import CodecError
+from lowcomm.compression._fp4 import Fp4Codec
+from lowcomm.compression._fp8 import Fp8Codec
 from lowcomm.compression._int8 import Int8Codec
+from lowcomm.compression._topk import TopKCodec
 from lowcomm.compression._uint8 import Uint8Codec
 from lowcomm.compression._zstd import is_zstd_compressed, zstd_compress, zstd_decompress
 
@@ -27,8 +31,12 @@ __all__ = [
     "Codec",
     "CodecError",
     "Encoded",
+    "ErrorFeedback",
+    "Fp4Codec",
+    "Fp8Codec",
     "Fp16Codec",
     "Int8Codec",
+    "TopKCodec",
     "Uint8Codec",
     "decode",
     "get_codec",

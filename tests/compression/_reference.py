@@ -49,3 +49,59 @@ def bf16_rne(x: torch.Tensor) -> torch.Tensor:
     rounded = ((bits + 0x7FFF + lsb) >> 16) << 16
     rounded = torch.where(rounded >= 1 << 31, rounded - (1 << 32), rounded)
     return rounded.to(torch.int32).view(torch.float32)
+
+
+def _nearest_even(y: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest grid point to each y (float64 distances are exact here); ties -> even."""
+    d = (y.double().reshape(-1, 1) - grid.double().reshape(1, -1)).abs()
+    best = d.min(dim=1, keepdim=True).values
+    candidates = d == best
+    even_bonus = (torch.arange(grid.numel()) % 2 == 0).double() * 0.5
+    return (candidates.double() * (1 + even_bonus)).argmax(dim=1)
+
+
+def e4m3_values() -> torch.Tensor:
+    """Every non-negative finite float8_e4m3fn value, in code order (code 0x00 .. 0x7E)."""
+    vals = []
+    for code in range(0x7F):
+        e, m = code >> 3, code & 7
+        vals.append(m / 8 * 2.0**-6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+def fp8_e4m3(x: torch.Tensor, rows: int | None, block: int | None) -> torch.Tensor:
+    """Row-wise (rows given) or blockwise absmax scaling to 448, nearest e4m3 value by brute force."""
+    grid = e4m3_values()
+    flat = x.reshape(-1).float()
+    pieces = list(flat.view(rows, -1)) if rows is not None else blocks(flat, block or 1)
+    out = []
+    for b in pieces:
+        a = b.abs().max()
+        if a <= 2.0**-100:
+            out.append(torch.zeros_like(b))
+            continue
+        y = b * (448.0 / a)
+        mag = grid[_nearest_even(y.abs(), grid)].float()
+        out.append(torch.where(y < 0, -mag, mag) * (a / 448.0))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+FP4 = {
+    "e2m1": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
+    "e3m0": [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
+}
+
+
+def fp4(x: torch.Tensor, variant: str, block: int) -> torch.Tensor:
+    grid = torch.tensor(FP4[variant], dtype=torch.float64)
+    top = FP4[variant][-1]
+    out = []
+    for b in blocks(x, block):
+        a = b.abs().max()
+        if a <= 2.0**-100:
+            out.append(torch.zeros_like(b))
+            continue
+        y = b * (top / a)
+        mag = grid[_nearest_even(y.abs(), grid)].float()
+        out.append(torch.where(y < 0, -mag, mag) * (a / top))
+    return torch.cat(out) if out else torch.empty(0)
