@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OPS = ("sum", "avg", "min", "max")
+BACKENDS = ("tcp", "pccl")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # p2p payloads travel in frames of at most this size.
 _P2P_FRAME_BYTES = 16 * 1024 * 1024
@@ -157,11 +158,22 @@ class Communicator:
             the local shard index).
         token: the run token; must match the master's and every peer's.
         config: see ``CommConfig``.
-        backend: ``"tcp"`` (lowcomm's own, default). For PCCL use ``lowcomm.comm.make_communicator``.
+        backend: ``"tcp"`` (lowcomm's own, default) or ``"pccl"`` (the real PCCL where its wheel
+            loads; see ``lowcomm.comm._pccl_backend`` for what differs). Raises
+            ``BackendUnavailableError`` if PCCL does not load here.
 
     Thread safety: public methods may be called from any thread; collectives are serialised on
     the worker thread in call order. ``close()`` is idempotent.
     """
+
+    def __new__(cls, *args: Any, backend: str = "tcp", **kwargs: Any) -> Communicator:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "pccl" and cls is Communicator:
+            from lowcomm.comm._pccl_backend import PcclCommunicator
+
+            return super().__new__(PcclCommunicator)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -170,7 +182,9 @@ class Communicator:
         peer_group: int = 0,
         token: bytes | str | None = None,
         config: CommConfig | None = None,
+        backend: str = "tcp",
     ) -> None:
+        self.backend = backend
         if not isinstance(peer_group, int) or peer_group < 0:
             raise ValueError(f"peer_group must be an int >= 0, got {peer_group!r}")
         self.master_address = parse_address(master_address)
