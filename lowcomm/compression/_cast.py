@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from lowcomm.compression._codec import BaseCodec, Layout, register_codec
+from lowcomm.compression._codec import BaseCodec, Layout, check_finite, register_codec
 
 __all__ = ["Bf16Codec", "Fp16Codec"]
 
@@ -23,14 +23,18 @@ class _CastCodec(BaseCodec):
         return {"values": (self.target, (numel,))}
 
     def _encode_flat(self, x: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        values = x.to(self.target)
-        # One extra pass over the (half-size) output: fp16 turns |x| > 65504 into inf silently.
-        if values.numel() and not bool(torch.isfinite(values).all()):
-            limit = torch.finfo(self.target).max
-            raise ValueError(
-                f"{self.name} codec: input contains NaN or inf, or a magnitude above the {self.name} maximum {limit:g}"
-            )
-        return {"values": values}
+        if x.numel():
+            # Two fast reductions over the input (they propagate NaN) instead of an isfinite pass
+            # over the output: NaN/inf, and values that round to inf, raise instead of travelling.
+            peak = torch.maximum(x.amax(), x.amin().neg())
+            check_finite(peak, self.name)
+            info = torch.finfo(self.target)
+            overflow = info.max + info.eps * (info.max / (2 - info.eps)) / 2  # max + half an ulp
+            if float(peak) >= overflow:
+                raise ValueError(
+                    f"{self.name} codec: a magnitude of {float(peak):g} overflows {self.name} (max {info.max:g})"
+                )
+        return {"values": x.to(self.target)}
 
     def _decode_flat(
         self, parts: Mapping[str, torch.Tensor], out: torch.Tensor, shape: tuple[int, ...]
@@ -44,7 +48,8 @@ class Fp16Codec(_CastCodec):
     """IEEE half precision, round-to-nearest-even (torch's cast).
 
     Error bound: |x - x'| <= 2**-11 * |x| for |x| >= 2**-14 (normal range), and <= 2**-25
-    otherwise (subnormals). Input with NaN/inf or |x| > 65504 raises ValueError.
+    otherwise (subnormals). Input with NaN/inf, or |x| >= 65520 (which would round to inf),
+    raises ValueError.
     """
 
     name: ClassVar[str] = "fp16"
@@ -56,7 +61,8 @@ class Fp16Codec(_CastCodec):
 class Bf16Codec(_CastCodec):
     """bfloat16, round-to-nearest-even (torch's cast); the fp32 exponent range, 8 significand bits.
 
-    Error bound: |x - x'| <= 2**-8 * |x| for normal values. Input with NaN/inf raises ValueError.
+    Error bound: |x - x'| <= 2**-8 * |x| for normal values. Input with NaN/inf, or a magnitude
+    that would round to inf (>= 3.3962e38), raises ValueError.
     """
 
     name: ClassVar[str] = "bf16"

@@ -50,15 +50,27 @@ class TopKCodec(BaseCodec):
         chunk_size: elements per chunk (default 4096 = one 64x64 tile's worth).
         k: values kept per chunk (default 64).
         value_bits: bits per kept value, sign included: 2 (default), 4 or 8.
+        fraction: when set, overrides ``k`` with max(1, round(fraction * chunk_size)).
     """
 
     name: ClassVar[str] = "topk"
     chunk_size: int = 4096
     k: int = 64
     value_bits: int = 2
+    fraction: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.fraction is not None:
+            if (
+                not isinstance(self.fraction, int | float)
+                or isinstance(self.fraction, bool)
+                or not 0 < self.fraction <= 1
+            ):
+                raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
+            if isinstance(self.chunk_size, int):
+                # Frozen dataclass: k is derived here, once, before anyone reads it.
+                object.__setattr__(self, "k", max(1, round(self.fraction * self.chunk_size)))
         if (
             not isinstance(self.chunk_size, int)
             or isinstance(self.chunk_size, bool)

@@ -205,8 +205,21 @@ def test_nan_or_inf_input_raises_a_clear_error(name: str, bad: float) -> None:
 
 
 def test_fp16_overflow_raises_instead_of_sending_inf() -> None:
-    with pytest.raises(ValueError, match="65504"):
+    with pytest.raises(ValueError, match="overflows fp16"):
         get_codec("fp16").encode(torch.tensor([1.0, 70000.0]))
+
+
+def test_values_that_would_round_to_inf_raise_but_the_largest_finite_ones_pass() -> None:
+    assert (
+        get_codec("fp16").decode(get_codec("fp16").encode(torch.tensor([65519.99]))).item() == 65504
+    )
+    with pytest.raises(ValueError, match="overflows bf16"):
+        get_codec("bf16").encode(torch.tensor([-3.3962e38]))
+    big = torch.tensor([3.3961e38])
+    assert (
+        get_codec("bf16").decode(get_codec("bf16").encode(big)).item()
+        == torch.finfo(torch.bfloat16).max
+    )
 
 
 def test_uint8_range_overflowing_fp32_raises() -> None:

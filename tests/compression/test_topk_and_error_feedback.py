@@ -74,6 +74,16 @@ def test_topk_rejects_bad_parameters_and_non_finite_input() -> None:
         get_codec("topk").encode(x)
 
 
+def test_topk_fraction_sets_k_and_survives_serialisation() -> None:
+    codec = get_codec("topk", chunk_size=1000, fraction=0.013)
+    assert codec.k == 13
+    x = torch.randn(2500)
+    enc = Encoded.from_bytes(codec.encode(x).to_bytes())
+    assert (codec.decode(enc) != 0).sum().item() == 13 * 3
+    with pytest.raises(ValueError, match="fraction"):
+        get_codec("topk", fraction=0.0)
+
+
 def test_topk_payload_with_an_out_of_chunk_index_is_rejected() -> None:
     codec = get_codec("topk", chunk_size=100, k=3)
     enc = codec.encode(torch.randn(150))  # the tail chunk has 50 elements
