@@ -564,7 +564,7 @@ class DiLoCo:
                 mom,
                 avg,
                 lr=cfg.outer_lr,
-                beta=cfg.outer_momentum,
+                beta=cfg.outer_momentum or 0.0,
                 gap_penalty=cfg.co2_gap_penalty,
                 clip=cfg.co2_clip,
             )
@@ -578,11 +578,16 @@ class DiLoCo:
                 count=self._dn_count,
                 period=cfg.dn_period,
                 lr=cfg.outer_lr,
-                mu=cfg.outer_momentum,
+                mu=cfg.outer_momentum or 0.0,
             )
         else:
             nesterov_step(
-                theta, mom, avg, lr=cfg.outer_lr, mu=cfg.outer_momentum, nesterov=cfg.nesterov
+                theta,
+                mom,
+                avg,
+                lr=cfg.outer_lr,
+                mu=cfg.outer_momentum or 0.0,
+                nesterov=cfg.nesterov,
             )
         self.stats.outer_steps += 1
 
@@ -650,7 +655,7 @@ class DiLoCo:
                 self._offset_momentum,
                 diff.div_(world),
                 lr=cfg.outer_lr,
-                mu=cfg.outer_momentum,
+                mu=cfg.outer_momentum or 0.0,
                 nesterov=cfg.nesterov,
             )
             self._scatter(self._theta + self._offset)

@@ -1,0 +1,254 @@
+"""One training peer as a process: connect to the master, train the tiny GPT with DiLoCo, report.
+
+Used by ``lowcomm demo``, ``benchmarks/diloco.py`` and the multi-process tests. A peer sends
+events to its parent through a multiprocessing queue: ``("progress", index, {...})`` every
+``report_every`` inner steps, ``("done", index, {...})`` with the hash of its outer state at the
+end, or ``("error", index, traceback)``. ``die_at_inner_step`` makes it exit abruptly at that step
+(fault injection: no goodbye to the master, sockets just close).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowcomm.diloco import DiLoCo, OuterConfig
+from lowcomm.launch._experiments import Corpus, evaluate
+from lowcomm.launch._tinygpt import GPT, GPTConfig, sample_batch
+
+__all__ = ["PeerSpec", "run_peer", "wait_for_world"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerSpec:
+    """What one peer process does (picklable)."""
+
+    master: str
+    token: bytes
+    index: int
+    num_peers: int  # wait for this many accepted peers before training (ignored when joining)
+    joining: bool = False
+    outer: OuterConfig
+    gpt: GPTConfig
+    batch_size: int = 16
+    lr: float = 2e-3
+    outer_steps: int = 10  # stop once this many outer steps are applied (same point on every peer)
+    bandwidth_bps: float | None = None
+    latency_ms: float = 0.0
+    die_at_inner_step: int | None = None
+    corpus_bytes: int | None = None
+    seed: int = 0
+    report_every: int = 10
+    evaluate_at_end: bool = False
+    threads: int = 1
+    timeout_s: float = 60.0
+    heartbeat_interval_s: float | None = None
+    mode: str = "diloco"  # or "ddp": all-reduce the gradients every step (data-parallel)
+    time_budget_s: float | None = None  # ddp: stop (all peers at once) after this long
+    max_steps: int | None = None  # ddp: stop after this many steps
+
+
+def wait_for_world(comm: Any, num_peers: int, *, timeout_s: float) -> None:
+    """Admits peers until ``num_peers`` are accepted. Every accepted peer calls it (lockstep)."""
+    deadline = time.monotonic() + timeout_s
+    while comm.world_size < num_peers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {comm.world_size} of {num_peers} peers joined in {timeout_s} s"
+            )
+        comm.update_topology(timeout_s=timeout_s)
+
+
+def run_peer(spec: PeerSpec, events: Any) -> None:
+    """Process entry point; never raises (errors become an ``("error", ...)`` event)."""
+    try:
+        _run(spec, events)
+    except BaseException:
+        events.put(("error", spec.index, traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def _run(spec: PeerSpec, events: Any) -> None:
+    from lowcomm.comm import CommConfig, Communicator
+    from lowcomm.comm._shaper import Shaper
+
+    torch.set_num_threads(spec.threads)
+    corpus = Corpus.load(max_bytes=spec.corpus_bytes)
+    shaper = None
+    if spec.bandwidth_bps is not None or spec.latency_ms > 0:
+        shaper = Shaper(bandwidth_bps=spec.bandwidth_bps, latency_ms=spec.latency_ms)
+    config = CommConfig(
+        timeout_s=spec.timeout_s,
+        poll_s=0.2,
+        num_connections=2,
+        shaper=shaper,
+        heartbeat_interval_s=spec.heartbeat_interval_s,
+    )
+    comm = Communicator(spec.master, peer_group=0, token=spec.token, config=config)
+    comm.connect(timeout_s=spec.timeout_s * 4)
+    if not spec.joining:
+        wait_for_world(comm, spec.num_peers, timeout_s=spec.timeout_s * 4)
+    elif comm.world_size == 1:
+        # Accepted into an empty run: the others have finished; there is nothing to join.
+        events.put(("late", spec.index, {}))
+        comm.close()
+        return
+    torch.manual_seed(spec.seed)
+    model = GPT(spec.gpt)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    if spec.mode == "ddp":
+        _run_ddp(spec, events, comm, model, opt, corpus)
+        return
+    trainer = DiLoCo(model, opt, comm, config=spec.outer, joining=spec.joining)
+    gen = torch.Generator().manual_seed(spec.seed * 1000 + spec.index + 1)
+    tokens = spec.batch_size * spec.gpt.context
+    t_start = time.perf_counter()
+    last_t, last_step = t_start, 0
+    step = 0
+    while trainer.stats.outer_steps < spec.outer_steps:
+        x, y = sample_batch(
+            corpus.train, batch_size=spec.batch_size, context=spec.gpt.context, generator=gen
+        )
+        loss = model(x, y)
+        loss.backward()
+        trainer.step()
+        step += 1
+        if spec.die_at_inner_step is not None and step >= spec.die_at_inner_step:
+            os._exit(17)  # abrupt death: no leave message, sockets close with the process
+        if step % spec.report_every == 0:
+            now = time.perf_counter()
+            events.put(
+                (
+                    "progress",
+                    spec.index,
+                    {
+                        "step": step,
+                        "outer_steps": trainer.stats.outer_steps,
+                        "loss": loss.item(),
+                        "tokens_per_s": tokens * (step - last_step) / max(now - last_t, 1e-9),
+                        "tx_bytes": trainer.stats.tx_bytes,
+                        "world_size": comm.world_size,
+                        "elapsed_s": now - t_start,
+                        "comm_wait_s": trainer.stats.comm_wait_s,
+                    },
+                )
+            )
+            last_t, last_step = now, step
+    trainer.finish()
+    wall = time.perf_counter() - t_start
+    result = {
+        "hash": trainer.outer_hash(),
+        "outer_steps": trainer.stats.outer_steps,
+        "inner_steps": step,
+        "world_size": comm.world_size,
+        "tx_bytes": trainer.stats.tx_bytes,
+        "rx_bytes": trainer.stats.rx_bytes,
+        "retried": trainer.stats.retried_rounds,
+        "dropped": trainer.stats.dropped_rounds,
+        "joins": trainer.stats.joins,
+        "inner_s": trainer.stats.inner_s,
+        "comm_wait_s": trainer.stats.comm_wait_s,
+        "wall_s": wall,
+        "val_loss": evaluate(model, corpus, num_batches=4) if spec.evaluate_at_end else None,
+    }
+    events.put(("done", spec.index, result))
+    comm.close()
+
+
+def _run_ddp(
+    spec: PeerSpec, events: Any, comm: Any, model: GPT, opt: torch.optim.Optimizer, corpus: Corpus
+) -> None:
+    """Data-parallel over the same communicator: one fp32 gradient all-reduce per step.
+
+    The last element of the reduced buffer is a stop flag (max over peers, via the average being
+    non-zero), so every peer stops at the same step when one runs out of time.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    numel = sum(p.numel() for p in params)
+    buf = torch.zeros(numel + 1)
+    gen = torch.Generator().manual_seed(spec.seed * 1000 + spec.index + 1)
+    tokens = spec.batch_size * spec.gpt.context
+    t_start = time.perf_counter()
+    last_t, last_step, tx, inner_s = t_start, 0, 0, 0.0
+    step = 0
+    while True:
+        t0 = time.perf_counter()
+        x, y = sample_batch(
+            corpus.train, batch_size=spec.batch_size, context=spec.gpt.context, generator=gen
+        )
+        loss = model(x, y)
+        loss.backward()
+        inner_s += time.perf_counter() - t0
+        torch.cat([p.grad.reshape(-1) for p in params], out=buf[:numel])  # type: ignore[union-attr]
+        over_time = (
+            spec.time_budget_s is not None and time.perf_counter() - t_start > spec.time_budget_s
+        )
+        over_steps = spec.max_steps is not None and step + 1 >= spec.max_steps
+        buf[numel] = 1.0 if (over_time or over_steps) else 0.0
+        info = comm.all_reduce(buf, "avg", timeout_s=spec.timeout_s)
+        tx += int(info.tx_bytes)
+        t0 = time.perf_counter()
+        offset = 0
+        for p in params:
+            assert p.grad is not None
+            p.grad.copy_(buf[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        inner_s += time.perf_counter() - t0
+        step += 1
+        if step % spec.report_every == 0 or buf[numel] > 0:
+            now = time.perf_counter()
+            events.put(
+                (
+                    "progress",
+                    spec.index,
+                    {
+                        "step": step,
+                        "outer_steps": step,
+                        "loss": loss.item(),
+                        "tokens_per_s": tokens * (step - last_step) / max(now - last_t, 1e-9),
+                        "tx_bytes": tx,
+                        "world_size": comm.world_size,
+                        "elapsed_s": now - t_start,
+                    },
+                )
+            )
+            last_t, last_step = now, step
+        if buf[numel] > 0:
+            break
+    from lowcomm.comm.shared_state import tensor_hash
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    events.put(
+        (
+            "done",
+            spec.index,
+            {
+                "hash": tensor_hash(flat),
+                "outer_steps": step,
+                "inner_steps": step,
+                "world_size": comm.world_size,
+                "tx_bytes": tx,
+                "rx_bytes": tx,
+                "retried": 0,
+                "dropped": 0,
+                "joins": 0,
+                "inner_s": inner_s,
+                "comm_wait_s": time.perf_counter() - t_start - inner_s,
+                "wall_s": time.perf_counter() - t_start,
+                "val_loss": evaluate(model, corpus, num_batches=4)
+                if spec.evaluate_at_end
+                else None,
+            },
+        )
+    )
+    comm.close()
