@@ -60,6 +60,8 @@ MAX_CONTROL_FRAME_BYTES = 16 * 1024 * 1024
 # heartbeats far more often; a control connection may idle through a long training phase).
 _IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 _HANDSHAKE_TIMEOUT_S = 10.0
+# A pending peer that has not polled for this long is not admitted (it stalled before admission).
+_ADMIT_GRACE_S = 2.0
 # Kept op records (commit votes, sync rounds); older ones are forgotten.
 _MAX_OPS = 4096
 
@@ -117,6 +119,10 @@ class _Peer:
     join_seq: int
     last_seen: float
     ghost: bool = False  # known from a re-registering peer after a restart, not yet back
+    # A pending peer is admitted only while it is visibly waiting in connect(): a joiner that
+    # stalled or died before admission must not make the running peers wait for it.
+    polling: int = 0
+    last_poll: float = 0.0
     gate: _Arrival | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # rid -> response
 
@@ -376,6 +382,7 @@ class Master:
                     accepted=accepted,
                     join_seq=int(req.get("join_seq", -1)) if rejoin else next(self._join_seq),
                     last_seen=now,
+                    last_poll=now,
                 )
                 if accepted:
                     self._bump(group)
@@ -427,14 +434,20 @@ class Master:
         """Waits up to ``wait_s`` for this peer to be accepted; answers its status."""
         deadline = time.monotonic() + min(float(req.get("wait_s", 0.0)), _MAX_WAIT_S)
         with self._cond:
-            while True:
-                peer = self._known_peer(req)
-                if isinstance(peer, dict):
-                    return peer
-                if peer.accepted or not self._cond.wait(max(0.0, deadline - time.monotonic())):
-                    return self._status_of(peer)
-                if time.monotonic() >= deadline:
-                    return self._status_of(peer)
+            peer = self._known_peer(req)
+            if isinstance(peer, dict):
+                return peer
+            peer.polling += 1
+            try:
+                while not peer.accepted and time.monotonic() < deadline:
+                    self._cond.wait(max(0.0, deadline - time.monotonic()))
+                    if self._peers.get(peer.peer_id) is not peer:
+                        gone = self._known_peer(req)  # evicted meanwhile
+                        return gone if isinstance(gone, dict) else self._status_of(gone)
+                return self._status_of(peer)
+            finally:
+                peer.polling -= 1
+                peer.last_poll = time.monotonic()
 
     def _status_of(self, peer: _Peer) -> dict[str, Any]:
         return {"accepted": peer.accepted, "epoch": self.epoch, **self._world()}
@@ -561,6 +574,12 @@ class Master:
             if p.accepted and (group is None or p.peer_group == group)
         ]
         return sorted(peers, key=lambda p: (p.join_seq, p.peer_id))
+
+    def _admissible(self, peer: _Peer) -> bool:
+        """A pending peer that is waiting in connect() right now (or polled a moment ago)."""
+        if peer.accepted or peer.ghost:
+            return False
+        return peer.polling > 0 or time.monotonic() - peer.last_poll < _ADMIT_GRACE_S
 
     def _bump(self, group: int) -> None:
         self._ring_gen[group] = self._ring_gen.get(group, 0) + 1
@@ -696,7 +715,7 @@ class Master:
             p.gate = None
         results: dict[str, dict[str, Any]]
         if kind == "topology":
-            admitted = [p for p in self._peers.values() if not p.accepted]
+            admitted = [p for p in self._peers.values() if self._admissible(p)]
             for p in admitted:
                 p.accepted = True
                 p.join_seq = next(self._join_seq)
@@ -710,7 +729,7 @@ class Master:
                 )
             results = {p.peer_id: {"status": "open", **self._world()} for p in scope}
         elif kind == "pending":
-            pending = any(not p.accepted for p in self._peers.values())
+            pending = any(self._admissible(p) for p in self._peers.values())
             results = {
                 p.peer_id: {"status": "open", "pending": pending, **self._world()} for p in scope
             }

@@ -161,3 +161,51 @@ def test_phases_out_of_lockstep_raise_on_both_peers_instead_of_hanging() -> None
         b.close()
     finally:
         master.stop()
+
+
+def _stalling_joiner(master_address: str) -> None:
+    c = Communicator(master_address, token=TOKEN, config=CommConfig(timeout_s=60.0, poll_s=0.2))
+    # Stops itself while it waits in connect(), before anyone admitted it.
+    threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGSTOP)).start()
+    c.connect(timeout_s=60)
+
+
+@pytest.mark.timeout(90)
+def test_a_joiner_that_stalls_before_admission_never_blocks_the_running_peers() -> None:
+    # The heartbeat timeout is longer than the test's steps: only the admission rule (a
+    # pending peer must be polling to be admitted) keeps the stalled joiner out.
+    master = start_master(heartbeat_timeout_s=8.0)
+    joiner: Peer | None = None
+    try:
+        a, b = connect_all(addr(master), 2)
+        joiner = Peer(_stalling_joiner, addr(master))
+        while not master.snapshot()["pending"]:
+            time.sleep(0.05)
+        while _proc_state(joiner.process.pid) != "T":
+            time.sleep(0.05)
+        time.sleep(2.5)  # past the admission grace: it no longer polls
+        worlds: list[int] = []
+
+        def step(c: Communicator) -> None:
+            for _ in range(10):
+                if c.are_peers_pending(timeout_s=30):
+                    c.update_topology(timeout_s=30)
+                worlds.append(c.world_size)
+                x = torch.ones(100)
+                c.all_reduce(x, "sum", timeout_s=30)
+                worlds.append(int(x[0]))
+
+        res = run_threads([lambda: step(a), lambda: step(b)], timeout_s=80)
+        assert res == [None, None], res
+        assert set(worlds) == {2}, "the stalled joiner was admitted into the running world"
+        # It is evicted by the heartbeat timeout while still pending.
+        deadline = time.monotonic() + 30
+        while not master.snapshot()["evicted"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any("no heartbeat" in why for why in master.snapshot()["evicted"].values())
+        a.close()
+        b.close()
+    finally:
+        if joiner is not None:
+            joiner.kill()
+        master.stop()
