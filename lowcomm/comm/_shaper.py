@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from lowcomm.comm._wire import send_all
 from lowcomm.comm.errors import CommTimeoutError
 
 if TYPE_CHECKING:
@@ -129,11 +130,7 @@ class _ShapedSender:
                 leave_at = self._shaper.reserve(part.nbytes)
                 _sleep_until(leave_at, deadline, self._peer)
                 if self._pump is None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise CommTimeoutError(f"sending to {self._peer} timed out")
-                    self._sock.settimeout(left)
-                    self._sock.sendall(part)
+                    send_all(self._sock, part, deadline)
                 else:
                     self._enqueue(leave_at + self._delay_s, deadline, bytes(part))
 
@@ -157,11 +154,7 @@ class _ShapedSender:
                 delay = release_at - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("shaped send ran past its deadline")
-                self._sock.settimeout(left)
-                self._sock.sendall(data)
+                send_all(self._sock, data, deadline)
             except OSError as exc:  # includes TimeoutError; surfaced on the next send
                 logger.info("shaped link to %s failed: %s", self._peer, exc)
                 with self._cond:

@@ -122,25 +122,104 @@ def _remaining(deadline: float) -> float:
     return deadline - time.monotonic()
 
 
-def _set_deadline(sock: socket.socket, deadline: float, what: str) -> None:
-    left = _remaining(deadline)
-    if left <= 0:
-        raise CommTimeoutError(f"{what}: timed out")
-    sock.settimeout(left)
+_TIMEVAL = struct.Struct("@ll")
+
+
+def _set_kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    # Connections run in blocking mode with SO_RCVTIMEO / SO_SNDTIMEO instead of Python socket
+    # timeouts: a Python timeout makes every recv a poll() plus a non-blocking recv that returns
+    # whatever has arrived (one thread wake-up and GIL round trip per few KiB), whereas a blocking
+    # recv with MSG_WAITALL fills a whole multi-MiB sub-chunk in one call. The two options are
+    # independent, so a sending and a receiving thread keep their own deadlines.
+    seconds = max(seconds, 0.001)
+    whole = int(seconds)
+    sock.setsockopt(
+        socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
+    )
+
+
+def send_all(sock: socket.socket, data: Buffer, deadline: float) -> None:
+    """Writes all of ``data`` to a blocking socket by ``deadline``.
+
+    Raises ``TimeoutError`` past the deadline and ``OSError`` if the connection fails."""
+    view = memoryview(data).cast("B")
+    sent, total = 0, view.nbytes
+    while sent < total:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"sent {sent} of {total} bytes before the deadline")
+        _set_kernel_timeout(sock, socket.SO_SNDTIMEO, left)
+        try:
+            sent += sock.send(view[sent:])
+        except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent; the loop checks the time
+            continue
+
+
+def send_all_parts(sock: socket.socket, buffers: Sequence[Buffer], deadline: float) -> None:
+    """Like ``send_all`` for the concatenation of ``buffers``, written with ``sendmsg`` so that
+    a frame header and its payload leave in one system call (no separate tiny segment)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if v.nbytes]
+    while views:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("send ran past its deadline")
+        _set_kernel_timeout(sock, socket.SO_SNDTIMEO, left)
+        try:
+            sent = sock.sendmsg(views)
+        except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
+            continue
+        while sent and views:
+            if sent >= views[0].nbytes:
+                sent -= views[0].nbytes
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+def recv_exact(sock: socket.socket, views: Sequence[memoryview], deadline: float) -> int:
+    """Fills ``views`` in order from a blocking socket by ``deadline`` (one ``recvmsg_into`` with
+    MSG_WAITALL when nothing goes wrong); returns the bytes received, which is fewer than their
+    total only if the peer closed the connection.
+
+    Raises ``TimeoutError`` past the deadline and ``OSError`` if the connection fails."""
+    pending = [v for v in views if v.nbytes]
+    got = 0
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"received {got} bytes before the deadline")
+        _set_kernel_timeout(sock, socket.SO_RCVTIMEO, left)
+        try:
+            if len(pending) == 1:
+                n = sock.recv_into(pending[0], pending[0].nbytes, socket.MSG_WAITALL)
+            else:
+                n = sock.recvmsg_into(pending, 0, socket.MSG_WAITALL)[0]
+        except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
+            continue
+        if n == 0:
+            break
+        got += n
+        while n and pending:
+            if n >= pending[0].nbytes:
+                n -= pending[0].nbytes
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][n:]
+                n = 0
+    return got
 
 
 class _DirectSender:
-    """Unshaped sends: ``sendall`` with the socket timeout set to the time left."""
+    """Unshaped sends straight to the socket."""
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self._sock = sock
         self._peer = peer
 
     def send(self, buffers: Sequence[Buffer], deadline: float) -> None:
-        for buf in buffers:
-            _set_deadline(self._sock, deadline, f"sending to {self._peer}")
-            # Since Python 3.5 the socket timeout bounds the whole sendall, not each chunk.
-            self._sock.sendall(buf)
+        send_all_parts(self._sock, buffers, deadline)
 
     def close(self) -> None:
         pass
@@ -179,15 +258,10 @@ class Connection:
         if max_frame_bytes < HANDSHAKE_MAX_BYTES:
             raise ValueError(f"max_frame_bytes must be >= {HANDSHAKE_MAX_BYTES}")
         self._sock = sock
-        # A second descriptor for the same socket: the Python-level timeout is per socket object,
-        # so a sending thread and a receiving thread each keep their own deadline.
-        self._send_sock = sock.dup()
         self.peer = peer
         self.max_frame_bytes = max_frame_bytes
         self._sender: _Sender = (
-            shaper.attach(self._send_sock, peer=peer)
-            if shaper is not None
-            else _DirectSender(self._send_sock, peer)
+            shaper.attach(sock, peer=peer) if shaper is not None else _DirectSender(sock, peer)
         )
         self._closed = threading.Event()
         self._close_lock = threading.Lock()
@@ -283,6 +357,24 @@ class Connection:
         mv = memoryview(view).cast("B")
         self._recv_exact(mv, time.monotonic() + timeout_s, in_frame=True)
 
+    def recv_frame_into(self, view: Buffer, *, timeout_s: float) -> FrameHeader:
+        """Reads one frame whose payload must be exactly ``len(view)`` bytes: header and payload
+        arrive in one system call, the payload straight into ``view``. A frame of another length
+        raises ``ProtocolError`` (bytes past it may have been consumed, so the connection is
+        closed). For bulk data whose size both sides know."""
+        mv = memoryview(view).cast("B")
+        self._recv_exact(
+            [memoryview(self._header_buf), mv], time.monotonic() + timeout_s, in_frame=False
+        )
+        header = self._parse_header(self.max_frame_bytes)
+        if header.length != mv.nbytes:
+            self._fail(f"frame of {header.length} bytes where {mv.nbytes} were expected")
+            raise ProtocolError(
+                f"{self.peer} sent a frame of {header.length} bytes where {mv.nbytes} were "
+                "expected: the two sides disagree on the size of the data"
+            )
+        return header
+
     def recv_frame(self, *, timeout_s: float) -> Frame:
         """Reads one whole frame (header and payload, at most ``max_frame_bytes``)."""
         return self._recv_frame(time.monotonic() + timeout_s, self.max_frame_bytes)
@@ -307,9 +399,11 @@ class Connection:
         return Frame(header.kind, header.tag, bytes(payload), header.seq)
 
     def _recv_header(self, deadline: float, bound: int) -> FrameHeader:
-        buf = self._header_buf
-        self._recv_exact(memoryview(buf), deadline, in_frame=False)
-        magic, version, kind, _flags, seq, tag, length = HEADER.unpack(buf)
+        self._recv_exact(memoryview(self._header_buf), deadline, in_frame=False)
+        return self._parse_header(bound)
+
+    def _parse_header(self, bound: int) -> FrameHeader:
+        magic, version, kind, _flags, seq, tag, length = HEADER.unpack(self._header_buf)
         if magic != MAGIC:
             self._fail(f"bad magic {bytes(magic)!r} from {self.peer}")
             raise ProtocolError(
@@ -330,27 +424,21 @@ class Connection:
             )
         return FrameHeader(kind, seq, tag, length)
 
-    def _recv_exact(self, mv: memoryview, deadline: float, *, in_frame: bool) -> None:
+    def _recv_exact(
+        self, mv: memoryview | list[memoryview], deadline: float, *, in_frame: bool
+    ) -> None:
         if self.closed:
             raise PeerFailureError(f"connection to {self.peer} is closed")
+        views = mv if isinstance(mv, list) else [mv]
         got = 0
-        total = mv.nbytes
-        sock = self._sock
+        total = sum(v.nbytes for v in views)
         try:
-            while got < total:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                sock.settimeout(left)
-                n = sock.recv_into(mv[got:], total - got)
-                if n == 0:
-                    break
-                got += n
+            got = recv_exact(self._sock, views, deadline)
         except TimeoutError as exc:
             self._fail(f"receive from {self.peer} timed out")
             raise CommTimeoutError(
-                f"receiving from {self.peer} timed out ({got} of {total} bytes arrived): the "
-                "peer stopped sending (stalled, or out of step with this one)"
+                f"receiving from {self.peer} timed out: the peer stopped sending (stalled, or "
+                "out of step with this one)"
             ) from exc
         except OSError as exc:
             self._fail(f"receive from {self.peer} failed: {exc}")
@@ -397,18 +485,16 @@ class Connection:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
-        self._send_sock.close()
 
 
 # ----- handshake -----------------------------------------------------------------------------
 
 
 def _configure(sock: socket.socket) -> None:
+    sock.settimeout(None)  # blocking mode; deadlines are kernel timeouts (see send_all)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # Large kernel buffers keep a pipelined sender busy while the receiver reduces a sub-chunk.
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+    # Kernel buffer sizes are left to TCP autotuning: fixing SO_SNDBUF/SO_RCVBUF disables it,
+    # which halved loopback throughput here and would cap a long, fat WAN link.
 
 
 def _expect(conn: Connection, frame: Frame, kind: int, what: str) -> Any:

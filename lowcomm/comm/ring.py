@@ -64,6 +64,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A sender waits for its next sub-chunk at most this long past the deadline before giving up on
 # the receiving thread (which is itself bounded by the deadline).
 _GRACE_S = 2.0
+_MIN_SUBCHUNKS = 8
+_MIN_SUBCHUNK_BYTES = 256 * 1024
 
 
 class _Codec(Protocol):
@@ -387,7 +389,12 @@ def _split(total: int, parts: int, index: int) -> tuple[int, int]:
 
 def _reduce(dst: torch.Tensor, other: torch.Tensor, op: str) -> None:
     """``dst = dst (op) other`` in place, in fp32 (``other`` may be fp16/bf16)."""
-    if op in ("sum", "avg"):
+    if op in ("sum", "avg") and other.dtype == torch.float32:
+        # numpy: single-threaded and releases the GIL, so it overlaps the other ring threads
+        # instead of competing with them through torch's intra-op pool.
+        d = dst.numpy()
+        np.add(d, other.numpy(), out=d)
+    elif op in ("sum", "avg"):
         torch.add(dst, other, out=dst)
     elif op == "min":
         torch.minimum(dst, other, out=dst)
@@ -420,12 +427,18 @@ class _Op:
         self.n = n
         self.numel = src.numel()
         max_chunk = -(-self.numel // n)
-        self.k = max(1, -(-max_chunk * 4 // ring.subchunk_bytes))
+        # Sub-chunks of about subchunk_bytes, but at least a few per chunk (down to 256 KiB each)
+        # so that even a mid-sized tensor is pipelined.
+        self.k = max(
+            1,
+            -(-max_chunk * 4 // ring.subchunk_bytes),
+            min(_MIN_SUBCHUNKS, -(-max_chunk * 4 // _MIN_SUBCHUNK_BYTES)),
+        )
         self.num_messages = 2 * (n - 1) * self.k
         # The op and the codec ride in the top byte of each frame's seq, so peers that disagree on
         # what they are doing fail with a ProtocolError instead of computing garbage.
         self.desc = (_OPS.index(op) | (0x10 if codec is not None else 0)) << 24
-        self.queues: list[queue.SimpleQueue[tuple[int, int, bytes | None] | None]] = [
+        self.queues: list[queue.SimpleQueue[tuple[int, int, bytes | bytearray | None] | None]] = [
             queue.SimpleQueue() for _ in range(c)
         ]
         self.res_bytes = res.numpy().view(np.uint8) if codec is None else None
@@ -466,7 +479,7 @@ class _Op:
             q.put(None)
         self.ring._abort()
 
-    def push(self, step: int, sub: int, blob: bytes | None) -> None:
+    def push(self, step: int, sub: int, blob: bytes | bytearray | None) -> None:
         m = step * self.k + sub
         self.queues[m % len(self.queues)].put((step, sub, blob))
 
@@ -502,8 +515,11 @@ class _Op:
                 return
             step, sub, blob = item
             m = step * self.k + sub
+            hook = self.ring.before_send
+            if hook is not None:
+                hook(step, sub)
             a, b = self.bounds(self.send_chunk(step), sub)
-            payload: bytes | memoryview
+            payload: bytes | bytearray | memoryview
             if self.codec is None:
                 if step == 0 and self.src_bytes is not None:
                     payload = self.src_bytes[4 * a : 4 * b].data
@@ -528,30 +544,28 @@ class _Op:
         for m in range(index, self.num_messages, len(self.queues)):
             if self.error is not None:
                 return
-            header = conn.recv_header(timeout_s=max(self.left(), 1e-3))
             step, sub = divmod(m, self.k)
-            self.check_header(conn, header, m)
             a, b = self.bounds(self.recv_chunk(step), sub)
             region = self.res[a:b]
-            blob: bytes | None = None
+            blob: bytes | bytearray | None = None
             if self.codec is None:
-                if header.length != 4 * (b - a):
-                    raise ProtocolError(
-                        f"{conn.peer} sent a sub-chunk of {header.length} bytes where "
-                        f"{4 * (b - a)} were expected: the peers reduce tensors of different sizes"
-                    )
+                # Header and payload in one system call, the payload straight into place.
                 assert self.res_bytes is not None
-                conn.recv_into(self.res_bytes[4 * a : 4 * b].data, timeout_s=max(self.left(), 1e-3))
+                header = conn.recv_frame_into(
+                    self.res_bytes[4 * a : 4 * b].data, timeout_s=max(self.left(), 1e-3)
+                )
+                self.check_header(conn, header, m)
             else:
+                header = conn.recv_header(timeout_s=max(self.left(), 1e-3))
+                self.check_header(conn, header, m)
                 bound = 2 * 4 * (b - a) + 65536
                 if header.length > bound:
                     raise ProtocolError(
                         f"{conn.peer} sent a quantized sub-chunk of {header.length} bytes for "
                         f"{b - a} values (bound {bound})"
                     )
-                received = bytearray(header.length)
-                conn.recv_into(received, timeout_s=max(self.left(), 1e-3))
-                blob = bytes(received)
+                blob = bytearray(header.length)
+                conn.recv_into(blob, timeout_s=max(self.left(), 1e-3))
                 self.decode_into(blob, region)
             if step <= last_rs:
                 _reduce(region, self.src[a:b], self.op)
@@ -619,6 +633,9 @@ class Ring:
         self._lock = threading.Lock()
         self._closed = False
         self._scratch: torch.Tensor | None = None
+        # Fault-injection seam for tests: called on a sending thread as ``before_send(step, sub)``
+        # before each sub-chunk leaves (steps 0..n-2 reduce-scatter, then all-gather).
+        self.before_send: Callable[[int, int], None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -739,11 +756,17 @@ class Ring:
         ]
         for th in threads:
             th.start()
+        # Every blocking call of these threads is bounded by the op's deadline; the grace covers
+        # unwinding. One overall bound, not one per thread.
+        hard_deadline = state.deadline + 2 * _GRACE_S
         for th in threads:
-            th.join(timeout=max(state.left(), 0) + 2 * _GRACE_S)
-            if th.is_alive():
-                state.fail(CommTimeoutError("a ring thread did not finish by the deadline"))
-                th.join(timeout=_GRACE_S)
+            th.join(timeout=max(hard_deadline - time.monotonic(), 0))
+        if any(th.is_alive() for th in threads):
+            state.fail(CommTimeoutError("a ring thread did not finish by the deadline"))
+            for th in threads:
+                th.join(timeout=max(hard_deadline + _GRACE_S - time.monotonic(), 0))
+            # A thread that is still alive may yet write into the scratch buffer: drop it.
+            self._scratch = None
 
     def _bytes(self) -> tuple[int, int]:
         conns = self._send + self._recv

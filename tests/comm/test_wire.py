@@ -182,7 +182,7 @@ def test_oversized_length_claim_after_authentication_closes_the_connection(
     listener: socket.socket,
 ) -> None:
     conn, server = _connected_pair(listener, max_frame_bytes=1 << 20)
-    conn._send_sock.sendall(_raw_frame(64, b"", length=(1 << 20) + 1))
+    conn._sock.sendall(_raw_frame(64, b"", length=(1 << 20) + 1))
     with pytest.raises(ProtocolError, match="over the bound"):
         server.recv_frame(timeout_s=5)
     assert server.closed
@@ -195,7 +195,7 @@ def test_oversized_length_claim_after_authentication_closes_the_connection(
 
 def test_other_wire_version_is_named_in_the_error(listener: socket.socket) -> None:
     conn, server = _connected_pair(listener)
-    conn._send_sock.sendall(_raw_frame(64, b"hi", version=99))
+    conn._sock.sendall(_raw_frame(64, b"hi", version=99))
     with pytest.raises(ProtocolError, match="wire version 99"):
         server.recv_frame(timeout_s=5)
     conn.close()
@@ -217,7 +217,7 @@ def test_malformed_handshake_json_is_a_protocol_error(listener: socket.socket) -
 
 def test_truncated_frame_from_a_peer_closing_mid_frame(listener: socket.socket) -> None:
     conn, server = _connected_pair(listener)
-    conn._send_sock.sendall(_raw_frame(64, b"0123456789", length=100))
+    conn._sock.sendall(_raw_frame(64, b"0123456789", length=100))
     conn.close()
     with pytest.raises(TruncatedFrameError, match="middle of a frame") as info:
         server.recv_frame(timeout_s=5)
@@ -228,7 +228,7 @@ def test_truncated_frame_from_a_peer_closing_mid_frame(listener: socket.socket) 
 
 def test_truncated_header_is_a_truncated_frame(listener: socket.socket) -> None:
     conn, server = _connected_pair(listener)
-    conn._send_sock.sendall(_raw_frame(64, b"")[:10])
+    conn._sock.sendall(_raw_frame(64, b"")[:10])
     conn.close()
     with pytest.raises(TruncatedFrameError):
         server.recv_frame(timeout_s=5)

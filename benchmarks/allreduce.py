@@ -1,0 +1,267 @@
+"""Ring all-reduce: lowcomm against torch.distributed Gloo on loopback, quantized and shaped.
+
+Starts the peers itself (multiprocessing, spawn). In the same processes and interleaved rep by rep,
+it times lowcomm's ring all-reduce and Gloo's ``dist.all_reduce`` on the same tensor, so the ratio
+is taken under the same load. Bus bandwidth = 2 (n - 1) / n * bytes / seconds, best of the reps;
+each rep's time is the slowest peer's.
+
+    .venv/bin/python benchmarks/allreduce.py            # 100 MB fp32, 2 and 4 peers
+    .venv/bin/python benchmarks/allreduce.py --quick    # smaller and fewer reps, same code paths
+
+Last line: one JSON object with the claims (see issue 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+from lowcomm.comm._shaper import Shaper
+from lowcomm.comm.ring import PeerListener, connect_ring
+
+TOKEN = b"benchmark-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get_codec(name: str) -> Any:
+    try:
+        from lowcomm.compression import get_codec  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return get_codec(name)
+
+
+def _worker(rank: int, n: int, cfg: dict[str, Any], addr_q: Any, conn: Any) -> None:
+    torch.set_num_threads(1)
+    shaper = (
+        Shaper(bandwidth_bps=cfg["bandwidth_bps"], latency_ms=cfg.get("latency_ms", 0.0))
+        if cfg.get("bandwidth_bps")
+        else None
+    )
+    listener = PeerListener("127.0.0.1", 0, token=TOKEN, shaper=shaper)
+    addr_q.put((rank, listener.address))
+    addresses = conn.recv()
+    ring = connect_ring(
+        listener=listener,
+        rank=rank,
+        addresses=addresses,
+        ring_id=f"bench-{n}",
+        token=TOKEN,
+        num_connections=cfg["num_connections"],
+        timeout_s=60,
+        shaper=shaper,
+        subchunk_bytes=cfg["subchunk_bytes"],
+    )
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{cfg['gloo_port']}", rank=rank, world_size=n
+    )
+    results: dict[str, Any] = {}
+    numel = cfg["numel"]
+    gen = torch.Generator().manual_seed(1234 + rank)
+    x = torch.randn(numel, generator=gen)
+    out = torch.empty_like(x)
+    work = x.clone()
+    codec = _get_codec("uint8") if cfg.get("uint8") else None
+    variants: list[str] = list(cfg["variants"])
+    if codec is None and "uint8" in variants:
+        variants.remove("uint8")
+        results["uint8_missing"] = True
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, float] = dict.fromkeys(variants, 0.0)
+    for _ in range(cfg["warmup"] + cfg["reps"]):
+        for v in variants:
+            dist.barrier()
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            if v == "gloo":
+                dist.all_reduce(work)
+            elif v == "lowcomm_out":
+                ring.all_reduce(x, "sum", out=out, timeout_s=120)
+            elif v == "lowcomm_inplace":
+                ring.all_reduce(work, "sum", timeout_s=120)
+            elif v == "uint8":
+                ring.all_reduce(x, "sum", out=out, codec=codec, timeout_s=120)
+            times[v].append(time.perf_counter() - t0)
+            cpu[v] += time.process_time() - c0
+    results["times"] = {v: t[cfg["warmup"] :] for v, t in times.items()}
+    results["cpu_s_per_op"] = {v: c / (cfg["warmup"] + cfg["reps"]) for v, c in cpu.items()}
+    if cfg.get("rmse") and codec is not None:
+        # Quantized sum of Gaussian inputs against the exact fp64 sum of the same inputs.
+        g = torch.Generator().manual_seed(99 + rank)
+        y = torch.randn(cfg["rmse_numel"], generator=g)
+        exact = y.double().clone()
+        dist.all_reduce(exact)
+        qout = torch.empty_like(y)
+        ring.all_reduce(y, "sum", out=qout, codec=codec, timeout_s=120)
+        err = qout.double() - exact
+        results["rmse"] = float(err.pow(2).mean().sqrt())
+        results["bias"] = float(err.mean())
+        results["qhash"] = hashlib.sha256(qout.numpy().tobytes()).hexdigest()
+    conn.send(results)
+    dist.barrier()
+    ring.close()
+    listener.close()
+    dist.destroy_process_group()
+
+
+def run_group(n: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Starts ``n`` peers, runs the configured timings, returns each peer's results."""
+    ctx = mp.get_context("spawn")
+    cfg = dict(cfg, gloo_port=_free_port())
+    addr_q = ctx.Queue()
+    pipes = [ctx.Pipe() for _ in range(n)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, n, cfg, addr_q, pipes[r][1]), daemon=True)
+        for r in range(n)
+    ]
+    for p in procs:
+        p.start()
+    addresses: list[Any] = [None] * n
+    for _ in range(n):
+        rank, address = addr_q.get(timeout=120)
+        addresses[rank] = address
+    for parent, _ in pipes:
+        parent.send(addresses)
+    results = []
+    for parent, _ in pipes:
+        if not parent.poll(900):
+            raise RuntimeError("a benchmark peer did not report within 900 s")
+        results.append(parent.recv())
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
+def busbw(n: int, nbytes: int, results: list[dict[str, Any]], variant: str) -> float:
+    """Best-of-reps bus bandwidth in GB/s, each rep timed by its slowest peer."""
+    reps = zip(*(r["times"][variant] for r in results), strict=True)
+    best = min(max(rep) for rep in reps)
+    return 2 * (n - 1) / n * nbytes / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer reps (< 1 min)")
+    parser.add_argument("--num-connections", type=int, default=2)
+    parser.add_argument("--subchunk-mib", type=float, default=4.0)
+    args = parser.parse_args()
+    quick = args.quick
+    numel = 4_000_000 if quick else 25_000_000  # 16 MB or 100 MB of fp32
+    nbytes = numel * 4
+    base = {
+        "numel": numel,
+        "num_connections": args.num_connections,
+        "subchunk_bytes": int(args.subchunk_mib * 1024 * 1024),
+        "warmup": 1,
+        "reps": 2 if quick else 5,
+    }
+    rows: list[tuple[str, str]] = []
+    claims: list[dict[str, Any]] = []
+
+    def claim(
+        name: str, value: float | None, goal: float, *, lower_is_better: bool = False
+    ) -> None:
+        ok = value is not None and (value <= goal if lower_is_better else value >= goal)
+        claims.append({"name": name, "value": value, "goal": goal, "ok": ok})
+
+    print(f"all-reduce of {nbytes / 1e6:.0f} MB fp32 on loopback, {os.cpu_count()} CPUs")
+    for n in (2, 4):
+        cfg = dict(base, variants=["gloo", "lowcomm_out", "lowcomm_inplace", "uint8"], uint8=True)
+        results = run_group(n, cfg)
+        gloo = busbw(n, nbytes, results, "gloo")
+        out = busbw(n, nbytes, results, "lowcomm_out")
+        inplace = busbw(n, nbytes, results, "lowcomm_inplace")
+        rows.append((f"{n} peers  Gloo busbw", f"{gloo:.2f} GB/s"))
+        rows.append(
+            (f"{n} peers  lowcomm busbw (out=)", f"{out:.2f} GB/s  ({out / gloo:.2f}x Gloo)")
+        )
+        rows.append(
+            (
+                f"{n} peers  lowcomm busbw (in place)",
+                f"{inplace:.2f} GB/s  ({inplace / gloo:.2f}x Gloo)",
+            )
+        )
+        if "uint8" in results[0]["times"]:
+            q = busbw(n, nbytes, results, "uint8")
+            rows.append(
+                (
+                    f"{n} peers  lowcomm uint8 (fp32-equiv busbw)",
+                    f"{q:.2f} GB/s  ({q / gloo:.2f}x Gloo)",
+                )
+            )
+        else:
+            rows.append((f"{n} peers  lowcomm uint8", "skipped: lowcomm.compression has no uint8"))
+        claim(f"busbw_vs_gloo_{n}peers", round(out / gloo, 3), 1.05 if n == 4 else 1.3)
+
+    # Quantization error: 3 peers, Gaussian inputs.
+    cfg = dict(
+        base, variants=[], uint8=True, rmse=True, rmse_numel=1_000_000 if quick else 4_000_000
+    )
+    results = run_group(3, cfg)
+    if "rmse" in results[0]:
+        rmse, bias = results[0]["rmse"], results[0]["bias"]
+        identical = len({r["qhash"] for r in results}) == 1
+        rows.append(("3 peers  uint8 sum RMSE vs exact", f"{rmse:.5f} (bias {bias:+.2e})"))
+        rows.append(("3 peers  uint8 results bit-identical", str(identical)))
+        claim("uint8_rmse_3peers", round(rmse, 5), 0.009, lower_is_better=True)
+        claims[-1]["bias"] = bias
+        claims[-1]["ok"] = claims[-1]["ok"] and identical
+    else:
+        claim("uint8_rmse_3peers", None, 0.009, lower_is_better=True)
+
+    # Shaped: every peer's uplink at 1 Gbit/s.
+    rate_bps = 1e9
+    shaped_numel = 2_000_000 if quick else 6_250_000  # 8 MB or 25 MB
+    n = 2
+    cfg = dict(
+        base,
+        numel=shaped_numel,
+        bandwidth_bps=rate_bps,
+        variants=["lowcomm_out", "uint8"],
+        uint8=True,
+        reps=2 if quick else 3,
+    )
+    results = run_group(n, cfg)
+    shaped_bytes = shaped_numel * 4
+    fp32_bw = busbw(n, shaped_bytes, results, "lowcomm_out")
+    util = fp32_bw * 1e9 / (rate_bps / 8)
+    rows.append((f"{n} peers @1 Gbit/s fp32 busbw", f"{fp32_bw:.3f} GB/s = {util:.1%} of the link"))
+    claim("link_utilisation_1gbit", round(util, 3), 0.9)
+    if "uint8" in results[0]["times"]:
+        q_bw = busbw(n, shaped_bytes, results, "uint8")
+        rows.append(
+            (
+                f"{n} peers @1 Gbit/s uint8 effective busbw",
+                f"{q_bw:.3f} GB/s ({q_bw / fp32_bw:.2f}x fp32)",
+            )
+        )
+        claim("uint8_vs_fp32_shaped", round(q_bw / fp32_bw, 3), 3.5)
+    else:
+        claim("uint8_vs_fp32_shaped", None, 3.5)
+
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print(json.dumps({"benchmark": "allreduce", "claims": claims}))
+
+
+if __name__ == "__main__":
+    main()

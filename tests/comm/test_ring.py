@@ -1,0 +1,495 @@
+"""Ring all-reduce: results against a reference, bit-identical peers, quantization, bounded faults."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lowcomm.comm import _wire
+from lowcomm.comm.errors import (
+    AuthenticationError,
+    CommError,
+    CommTimeoutError,
+    PeerFailureError,
+    ProtocolError,
+)
+from lowcomm.comm.ring import PeerListener, Ring, connect_ring
+
+TOKEN = b"ring-test-token"
+PEER_SCRIPT = Path(__file__).with_name("_ring_peer.py")
+
+
+def _run_all(fns: list[Callable[[], Any]], timeout_s: float = 60.0) -> list[Any]:
+    """Runs each fn on its own thread; returns results, or the exception where one raised."""
+    results: list[Any] = [None] * len(fns)
+
+    def wrap(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=wrap, args=(i,), daemon=True) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+        assert not t.is_alive(), "a peer thread hung"
+    return results
+
+
+class Cluster:
+    """``n`` ring peers as threads of this process, each with its own listener."""
+
+    def __init__(self, n: int, *, num_connections: int = 2, subchunk_bytes: int = 1 << 16) -> None:
+        self.listeners = [PeerListener("127.0.0.1", 0, token=TOKEN) for _ in range(n)]
+        addresses = [lst.address for lst in self.listeners]
+        made = _run_all(
+            [
+                lambda r=r: connect_ring(
+                    listener=self.listeners[r],
+                    rank=r,
+                    addresses=addresses,
+                    ring_id=f"test-{n}",
+                    token=TOKEN,
+                    num_connections=num_connections,
+                    timeout_s=20,
+                    subchunk_bytes=subchunk_bytes,
+                )
+                for r in range(n)
+            ]
+        )
+        for ring in made:
+            assert isinstance(ring, Ring), ring
+        self.rings: list[Ring] = made
+
+    def all_reduce(
+        self,
+        tensors: list[torch.Tensor],
+        op: str,
+        *,
+        outs: list[torch.Tensor] | None = None,
+        **kw: Any,
+    ) -> list[Any]:
+        return _run_all(
+            [
+                lambda r=r: self.rings[r].all_reduce(
+                    tensors[r], op, out=None if outs is None else outs[r], **kw
+                )
+                for r in range(len(tensors))
+            ]
+        )
+
+    def close(self) -> None:
+        for ring in self.rings:
+            ring.close()
+        for lst in self.listeners:
+            lst.close()
+
+
+@pytest.fixture
+def cluster3() -> Iterator[Cluster]:
+    c = Cluster(3)
+    yield c
+    c.close()
+
+
+def _reference(inputs: list[torch.Tensor], op: str) -> torch.Tensor:
+    stacked = torch.stack([t.double() for t in inputs])
+    if op == "sum":
+        return stacked.sum(0)
+    if op == "avg":
+        return stacked.mean(0)
+    if op == "min":
+        return stacked.min(0).values
+    return stacked.max(0).values
+
+
+def _inputs(n: int, numel: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(numel, generator=gen).to(dtype) for _ in range(n)]
+
+
+# ----- correctness ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_op_matches_a_reference_and_is_bit_identical_on_every_peer(
+    cluster3: Cluster, dtype: torch.dtype
+) -> None:
+    numel = 30_011  # odd, and split into many 64 KiB sub-chunks striped over 2 connections
+    for seed, op in enumerate(("sum", "avg", "min", "max")):
+        inputs = _inputs(3, numel, dtype, seed=seed)
+        originals = [t.clone() for t in inputs]
+        outs = [torch.empty_like(t) for t in inputs]
+        results = cluster3.all_reduce(inputs, op, outs=outs, tag=7)
+        assert all(not isinstance(r, BaseException) for r in results), results
+        ref = _reference(originals, op)
+        # fp32 accumulation, one rounding to the output dtype at the end.
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(outs[0].double(), ref, rtol=tol, atol=tol)
+        for out in outs[1:]:
+            assert torch.equal(out, outs[0]), f"{op} {dtype}: peers disagree"
+        for t, o in zip(inputs, originals, strict=True):
+            assert torch.equal(t, o), "the input was modified although out= was given"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("numel", [0, 1, 2, 3, 5, 7])
+def test_sizes_smaller_than_the_world_reduce_correctly_in_place(numel: int) -> None:
+    cluster = Cluster(4, num_connections=3)
+    try:
+        inputs = _inputs(4, numel, torch.float32, seed=numel)
+        ref = _reference(inputs, "sum").float()
+        results = cluster.all_reduce(inputs, "sum")
+        assert all(not isinstance(r, BaseException) for r in results), results
+        for t in inputs:
+            torch.testing.assert_close(t, ref)
+            assert torch.equal(t, inputs[0])
+    finally:
+        cluster.close()
+
+
+@pytest.mark.timeout(60)
+def test_large_tensor_with_many_striped_sub_chunks_and_two_dimensional_shape() -> None:
+    cluster = Cluster(2, num_connections=3, subchunk_bytes=4096)
+    try:
+        inputs = [t.view(101, 997) for t in _inputs(2, 101 * 997, torch.float32, seed=3)]
+        ref = _reference(inputs, "avg").float()
+        results = cluster.all_reduce(inputs, "avg")
+        assert all(not isinstance(r, BaseException) for r in results), results
+        torch.testing.assert_close(inputs[0], ref)
+        assert torch.equal(inputs[0], inputs[1])
+        # Stats: every peer sent 2 (n-1)/n of the tensor (plus headers) and received as much.
+        stats = results[0]
+        payload = 101 * 997 * 4
+        assert payload <= stats.tx_bytes < payload * 1.1
+        assert payload <= stats.rx_bytes < payload * 1.1
+    finally:
+        cluster.close()
+
+
+@pytest.mark.timeout(60)
+def test_consecutive_operations_reuse_the_ring(cluster3: Cluster) -> None:
+    for i in range(5):
+        inputs = _inputs(3, 1000 + i, torch.float32, seed=i)
+        ref = _reference(inputs, "max").float()
+        results = cluster3.all_reduce(inputs, "max", tag=i)
+        assert all(not isinstance(r, BaseException) for r in results), results
+        assert torch.equal(inputs[0], ref)
+
+
+def test_world_of_one_copies_into_out() -> None:
+    listener = PeerListener("127.0.0.1", 0, token=TOKEN)
+    try:
+        ring = connect_ring(
+            listener=listener, rank=0, addresses=[listener.address], ring_id="solo", token=TOKEN
+        )
+        x = torch.arange(5.0)
+        out = torch.empty(5)
+        ring.all_reduce(x, "avg", out=out)
+        assert torch.equal(out, x)
+    finally:
+        listener.close()
+
+
+def test_bad_arguments_are_value_errors(cluster3: Cluster) -> None:
+    ring = cluster3.rings[0]
+    with pytest.raises(ValueError, match="op must be"):
+        ring.all_reduce(torch.zeros(3), "prod")
+    with pytest.raises(ValueError, match="dtype"):
+        ring.all_reduce(torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous"):
+        ring.all_reduce(torch.zeros(4, 4).t())
+    with pytest.raises(ValueError, match="out must be"):
+        ring.all_reduce(torch.zeros(3), out=torch.zeros(4))
+    assert not ring.closed  # argument errors do not break the ring
+
+
+# ----- quantized ---------------------------------------------------------------------------
+
+
+def _uint8_codec() -> Any:
+    compression = pytest.importorskip("lowcomm.compression")
+    if not hasattr(compression, "get_codec"):
+        pytest.skip("lowcomm.compression has no get_codec yet")
+    return compression.get_codec("uint8")
+
+
+@pytest.mark.timeout(60)
+def test_uint8_all_reduce_is_bit_identical_unbiased_and_close_to_the_exact_sum(
+    cluster3: Cluster,
+) -> None:
+    codec = _uint8_codec()
+    numel = 300_007
+    inputs = _inputs(3, numel, torch.float32, seed=11)
+    originals = [t.clone() for t in inputs]
+    outs = [torch.empty_like(t) for t in inputs]
+    results = cluster3.all_reduce(inputs, "sum", codec=codec, outs=outs)
+    assert all(not isinstance(r, BaseException) for r in results), results
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0]), "quantized results differ between peers"
+    err = outs[0].double() - _reference(originals, "sum")
+    rmse = err.pow(2).mean().sqrt().item()
+    # Each of the 3 quantizations (two partial sums, one final chunk) rounds to nearest: the
+    # error is small and has no systematic sign (PCCL's truncating quantizer: bias ~ -0.025).
+    assert 0 < rmse < 0.05
+    assert abs(err.mean().item()) < 5 * rmse / math.sqrt(numel)
+    # Fewer bytes travel than for fp32.
+    assert results[0].tx_bytes < 2 * (3 - 1) / 3 * numel * 4 * 0.3
+
+
+@pytest.mark.timeout(60)
+def test_uint8_average_of_bf16_inputs(cluster3: Cluster) -> None:
+    codec = _uint8_codec()
+    inputs = _inputs(3, 5_003, torch.bfloat16, seed=5)
+    ref = _reference(inputs, "avg")
+    results = cluster3.all_reduce(inputs, "avg", codec=codec)
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert inputs[0].dtype == torch.bfloat16
+    assert torch.equal(inputs[0], inputs[1]) and torch.equal(inputs[1], inputs[2])
+    assert (inputs[0].double() - ref).abs().max().item() < 0.1
+
+
+# ----- peers out of step -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_peers_in_different_operations_fail_with_a_protocol_error_not_a_hang() -> None:
+    cluster = Cluster(3)
+    try:
+        inputs = _inputs(3, 10_000, torch.float32)
+        start = time.monotonic()
+        results = _run_all(
+            [
+                lambda r=r: cluster.rings[r].all_reduce(inputs[r], tag=1 if r else 2, timeout_s=20)
+                for r in range(3)
+            ]
+        )
+        assert time.monotonic() - start < 20
+        assert all(isinstance(r, CommError) for r in results), results
+        assert any(
+            isinstance(r, ProtocolError) and "different operations" in str(r) for r in results
+        )
+        assert all(ring.closed for ring in cluster.rings)
+    finally:
+        cluster.close()
+
+
+@pytest.mark.timeout(60)
+def test_peers_that_disagree_on_op_or_size_fail_with_a_protocol_error() -> None:
+    for case in ("op", "size"):
+        cluster = Cluster(2)
+        try:
+            x = [torch.ones(1000), torch.ones(1000 if case == "op" else 2000)]
+            ops = ["sum", "max" if case == "op" else "sum"]
+            results = _run_all(
+                [
+                    lambda r=r, c=cluster, x=x, ops=ops: c.rings[r].all_reduce(
+                        x[r], ops[r], timeout_s=20
+                    )
+                    for r in (0, 1)
+                ]
+            )
+            assert all(isinstance(r, CommError) for r in results), results
+            assert any(isinstance(r, ProtocolError) for r in results), results
+            assert torch.equal(x[0], torch.ones(1000)), "input modified by a failed operation"
+        finally:
+            cluster.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_ring_refuses_further_operations(cluster3: Cluster) -> None:
+    cluster3.rings[1].close()
+    inputs = _inputs(3, 1000, torch.float32)
+    results = cluster3.all_reduce(inputs, "sum", timeout_s=10)
+    assert all(isinstance(r, PeerFailureError) for r in results), results
+    with pytest.raises(PeerFailureError, match="build a new ring"):
+        cluster3.rings[0].all_reduce(inputs[0])
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_sender_thread_makes_every_peer_time_out_within_the_bound(
+    cluster3: Cluster,
+) -> None:
+    stalled = threading.Event()
+    release = threading.Event()
+    victim = cluster3.rings[1]
+
+    def stall(step: int, sub: int) -> None:
+        if step == 1:
+            stalled.set()
+            # The peer stops sending but keeps its sockets open, until its own ring is aborted.
+            while not victim.closed and not release.wait(0.05):
+                pass
+
+    victim.before_send = stall
+    inputs = _inputs(3, 200_000, torch.float32)
+    originals = [t.clone() for t in inputs]
+    start = time.monotonic()
+    results = cluster3.all_reduce(inputs, "sum", timeout_s=2.0)
+    elapsed = time.monotonic() - start
+    release.set()
+    assert stalled.is_set(), "the fault did not fire"
+    assert all(isinstance(r, CommError) for r in results), results
+    assert any(isinstance(r, CommTimeoutError) for r in results), results
+    assert elapsed < 2.0 + 10  # timeout_s plus unwinding, never the stall's 30 s
+    for t, o in zip(inputs, originals, strict=True):
+        assert torch.equal(t, o)
+
+
+# ----- listener ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_listener_survives_garbage_and_wrong_tokens_and_still_routes(cluster3: Cluster) -> None:
+    listener = PeerListener("127.0.0.1", 0, token=TOKEN, handshake_timeout_s=2)
+    try:
+        for junk in (b"\xff" * 100, _wire.HEADER.pack(_wire.MAGIC, 1, 1, 0, 0, 0, 2**50), b""):
+            with socket.create_connection(listener.address) as raw:
+                raw.sendall(junk)
+        with pytest.raises(AuthenticationError, match="run token rejected by"):
+            _wire.connect(listener.address, token=b"wrong", hello={}, timeout_s=5)
+        silent = socket.create_connection(listener.address)  # never speaks; times out alone
+        conn, _ = _wire.connect(
+            listener.address, token=TOKEN, hello={"purpose": "p2p", "key": "a"}, timeout_s=5
+        )
+        [(server, hello)] = listener.wait_for("p2p", "a", count=1, timeout_s=5)
+        assert hello["purpose"] == "p2p"
+        conn.send_frame(64, b"ping", timeout_s=5)
+        assert server.recv_frame(timeout_s=5).payload == b"ping"
+        with pytest.raises(CommTimeoutError, match="1 'p2p' connections"):
+            listener.wait_for("p2p", "a", count=1, timeout_s=0.2)
+        silent.close()
+        conn.close()
+        server.close()
+    finally:
+        listener.close()
+
+
+def test_listener_hands_connections_to_a_registered_handler() -> None:
+    listener = PeerListener("127.0.0.1", 0, token=TOKEN)
+    got: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def handler(conn: _wire.Connection, hello: dict[str, Any]) -> None:
+        got.append(hello)
+        conn.close()
+        done.set()
+
+    try:
+        listener.set_handler("state", handler)
+        conn, _ = _wire.connect(
+            listener.address, token=TOKEN, hello={"purpose": "state", "key": "k"}, timeout_s=5
+        )
+        assert done.wait(10)
+        assert got == [{"purpose": "state", "key": "k"}]
+        conn.close()
+    finally:
+        listener.close()
+
+
+# ----- real processes: killed and stopped peers ------------------------------------------------
+
+
+def _spawn_ring(n: int, **cfg: Any) -> tuple[list[subprocess.Popen[str]], list[dict[str, Any]]]:
+    procs = []
+    for rank in range(n):
+        conf = {"rank": rank, "token": TOKEN.decode(), **cfg}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(PEER_SCRIPT), json.dumps(conf)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    addresses = []
+    for p in procs:
+        assert p.stdout is not None
+        addresses.append(json.loads(p.stdout.readline())["address"])
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(json.dumps(addresses) + "\n")
+        p.stdin.flush()
+    return procs, addresses
+
+
+def _outcome(p: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
+    assert p.stdout is not None
+    out, _ = p.communicate(timeout=timeout_s)
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+@pytest.mark.timeout(90)
+def test_peer_killed_mid_allreduce_fails_fast_on_survivors_with_inputs_untouched() -> None:
+    timeout_s = 30.0
+    procs, _ = _spawn_ring(
+        3,
+        numel=3_000_000,
+        subchunk_bytes=1 << 20,
+        fault="kill",
+        fault_rank=1,
+        fault_step=1,
+        timeout_s=timeout_s,
+    )
+    try:
+        assert procs[1].wait(timeout=60) == 17, "the victim did not die by the injected fault"
+        survivors = [_outcome(procs[r], 60) for r in (0, 2)]
+    finally:
+        for p in procs:
+            p.kill()
+    for res in survivors:
+        # A death is detected as a death (the connection ended), not by waiting out the timeout.
+        assert res["error"] in ("PeerFailureError", "TruncatedFrameError"), res
+        assert res["elapsed_s"] < timeout_s, res
+        assert res["untouched"], "a survivor applied a partial result"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
+def test_sigstopped_peer_makes_survivors_time_out_instead_of_freezing() -> None:
+    timeout_s = 3.0
+    procs, _ = _spawn_ring(
+        3,
+        numel=3_000_000,
+        subchunk_bytes=1 << 20,
+        fault="stop",
+        fault_rank=1,
+        fault_step=1,
+        timeout_s=timeout_s,
+    )
+    try:
+        survivors = [_outcome(procs[r], 60) for r in (0, 2)]
+        with open(f"/proc/{procs[1].pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        assert state == "T", "the victim was not stopped: the fault did not fire"
+    finally:
+        for p in procs:
+            with_suppressed_kill(p)
+    for res in survivors:
+        assert res["error"] in ("CommTimeoutError", "PeerFailureError", "TruncatedFrameError")
+        assert res["elapsed_s"] < timeout_s + 15, res
+        assert res["untouched"]
+    assert any(res["error"] == "CommTimeoutError" for res in survivors), survivors
+
+
+def with_suppressed_kill(p: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
