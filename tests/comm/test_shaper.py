@@ -1,0 +1,136 @@
+"""The user-space WAN shaper really limits lowcomm's throughput and adds latency."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lowcomm.comm import _wire
+from lowcomm.comm._shaper import Shaper
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    yield sock
+    sock.close()
+
+
+def _pair(listener: socket.socket, shaper: Shaper) -> tuple[_wire.Connection, _wire.Connection]:
+    box: dict[str, _wire.Connection] = {}
+
+    def acc() -> None:
+        client, _ = listener.accept()
+        box["server"] = _wire.accept(client, token=b"t", hello={}, timeout_s=10)[0]
+
+    th = threading.Thread(target=acc, daemon=True)
+    th.start()
+    conn, _ = _wire.connect(
+        listener.getsockname(), token=b"t", hello={}, timeout_s=10, shaper=shaper
+    )
+    th.join(10)
+    return conn, box["server"]
+
+
+def _receive(server: _wire.Connection, count: int, arrivals: list[float]) -> None:
+    for _ in range(count):
+        server.recv_frame(timeout_s=30)
+        arrivals.append(time.monotonic())
+
+
+def test_bandwidth_limit_holds_a_2_mb_transfer_at_8_mbit_to_at_least_1_5_s(
+    listener: socket.socket,
+) -> None:
+    shaper = Shaper(bandwidth_bps=8e6)  # 1 MB/s: 2 MB should take 2 s
+    conn, server = _pair(listener, shaper)
+    arrivals: list[float] = []
+    reader = threading.Thread(target=_receive, args=(server, 8, arrivals), daemon=True)
+    reader.start()
+    start = time.monotonic()
+    for _ in range(8):
+        conn.send_frame(64, bytes(250_000), timeout_s=30)
+    reader.join(30)
+    elapsed = arrivals[-1] - start
+    assert len(arrivals) == 8
+    assert elapsed >= 1.5, f"2 MB at 8 Mbit/s arrived in {elapsed:.2f} s: not shaped"
+    assert elapsed < 20  # generous: only proves the transfer completes
+    assert shaper.sent_bytes >= 2_000_000
+    conn.close()
+    server.close()
+
+
+def test_one_shaper_is_shared_by_every_connection_it_is_attached_to(
+    listener: socket.socket,
+) -> None:
+    shaper = Shaper(bandwidth_bps=8e6)
+    (c1, s1), (c2, s2) = _pair(listener, shaper), _pair(listener, shaper)
+    arrivals: list[float] = []
+    readers = [
+        threading.Thread(target=_receive, args=(s, 4, arrivals), daemon=True) for s in (s1, s2)
+    ]
+    for r in readers:
+        r.start()
+    start = time.monotonic()
+    senders = [
+        threading.Thread(
+            target=lambda c=c: [c.send_frame(64, bytes(250_000), timeout_s=30) for _ in range(4)],
+            daemon=True,
+        )
+        for c in (c1, c2)
+    ]
+    for s in senders:
+        s.start()
+    for t in senders + readers:
+        t.join(30)
+    # 2 MB in total over one shared 1 MB/s uplink, although two connections carried it.
+    assert len(arrivals) == 8
+    assert max(arrivals) - start >= 1.5
+    for c in (c1, s1, c2, s2):
+        c.close()
+
+
+def test_latency_delays_each_frame_without_serialising_a_stream(listener: socket.socket) -> None:
+    shaper = Shaper(latency_ms=300)
+    conn, server = _pair(listener, shaper)
+    arrivals: list[float] = []
+    reader = threading.Thread(target=_receive, args=(server, 20, arrivals), daemon=True)
+    reader.start()
+    start = time.monotonic()
+    for _ in range(20):
+        conn.send_frame(64, b"x" * 1000, timeout_s=10)
+    reader.join(30)
+    assert len(arrivals) == 20
+    assert arrivals[0] - start >= 0.25, "the first frame arrived before the one-way latency"
+    # Pipelined like a real link: 20 frames take about one latency, not 20 of them (6 s).
+    assert arrivals[-1] - start < 4.0
+    conn.close()
+    server.close()
+
+
+def test_send_through_the_shaper_times_out_instead_of_blocking() -> None:
+    from lowcomm.comm.errors import CommTimeoutError
+
+    a, b = socket.socketpair()
+    shaper = Shaper(bandwidth_bps=8e3)  # 1 kB/s
+    sender = shaper.attach(a, peer="test")
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError):
+        sender.send([bytes(100_000)], time.monotonic() + 0.5)
+    assert time.monotonic() - start < 5
+    a.close()
+    b.close()
+
+
+def test_bad_shaper_settings_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="bandwidth_bps"):
+        Shaper(bandwidth_bps=0)
+    with pytest.raises(ValueError, match="latency_ms"):
+        Shaper(latency_ms=-1)
