@@ -178,6 +178,22 @@ class BaseCodec:
         return out
 
 
+def div(t: torch.Tensor, c: float) -> torch.Tensor:
+    """``t / c`` by IEEE division on every device.
+
+    CUDA turns a division by a Python scalar into a multiplication by its reciprocal (and
+    ``c / t`` into ``t.reciprocal() * c``), which differs from the CPU in the last bit; dividing
+    by a tensor of the same device divides exactly on both, so CPU and GPU encodings agree.
+    Only used on the small per-block statistics.
+    """
+    return t / torch.full_like(t, c)
+
+
+def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
+    """``c / t`` by IEEE division on every device (see ``div``)."""
+    return torch.full_like(t, c) / t
+
+
 def check_finite(stat: torch.Tensor, codec: str) -> None:
     """Raises ValueError when a reduction over the input (min/max/absmax) is NaN or inf.
 

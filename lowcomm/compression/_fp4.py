@@ -17,7 +17,9 @@ from lowcomm.compression._codec import (
     block_views,
     check_block_size,
     check_finite,
+    div,
     num_blocks,
+    rdiv,
     register_codec,
 )
 
@@ -97,8 +99,8 @@ class Fp4Codec(BaseCodec):
             a = torch.maximum(v.amax(dim=1, keepdim=True), v.amin(dim=1, keepdim=True).neg_())
             check_finite(a, self.name)
             ok = a > TINY
-            inv = torch.where(ok, grid[-1] / a, 0.0)
-            scales[first : first + rows] = torch.where(ok, a / grid[-1], 0.0).view(-1)
+            inv = torch.where(ok, rdiv(grid[-1], a), 0.0)
+            scales[first : first + rows] = torch.where(ok, div(a, grid[-1]), 0.0).view(-1)
             y = torch.mul(v, inv)
             idx = torch.bucketize(y.abs(), bounds, out_int32=True)
             idx.add_((y < 0).to(torch.int32), alpha=8)

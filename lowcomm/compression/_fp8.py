@@ -16,7 +16,9 @@ from lowcomm.compression._codec import (
     block_views,
     check_block_size,
     check_finite,
+    div,
     num_blocks,
+    rdiv,
     register_codec,
 )
 
@@ -90,8 +92,8 @@ class Fp8Codec(BaseCodec):
             a = torch.maximum(v.amax(dim=1, keepdim=True), v.amin(dim=1, keepdim=True).neg_())
             check_finite(a, self.name)
             ok = a > TINY
-            inv = torch.where(ok, E4M3_MAX / a, 0.0)
-            scales[first : first + rows] = torch.where(ok, a / E4M3_MAX, 0.0).view(-1)
+            inv = torch.where(ok, rdiv(E4M3_MAX, a), 0.0)
+            scales[first : first + rows] = torch.where(ok, div(a, E4M3_MAX), 0.0).view(-1)
             y = torch.mul(v, inv)
             # |y| <= 448 * (1 + 2 ulp), which the cast rounds to 448: no saturation needed.
             start = first * (self.block_size or cols)

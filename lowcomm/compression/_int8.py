@@ -16,7 +16,9 @@ from lowcomm.compression._codec import (
     block_views,
     check_block_size,
     check_finite,
+    div,
     num_blocks,
+    rdiv,
     register_codec,
 )
 
@@ -71,8 +73,8 @@ class Int8Codec(BaseCodec):
             a = torch.maximum(hi, lo.neg_())
             check_finite(a, self.name)
             ok = a > TINY
-            inv = torch.where(ok, 127.0 / a, 0.0)
-            scales[first : first + rows] = torch.where(ok, a / 127.0, 0.0).view(-1)
+            inv = torch.where(ok, rdiv(127.0, a), 0.0)
+            scales[first : first + rows] = torch.where(ok, div(a, 127.0), 0.0).view(-1)
             y = torch.mul(v, inv)
             y.round_()
             codes[first * block : first * block + v.numel()].view(v.shape).copy_(y)

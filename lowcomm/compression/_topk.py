@@ -16,7 +16,9 @@ from lowcomm.compression._codec import (
     Layout,
     block_views,
     check_finite,
+    div,
     num_blocks,
+    rdiv,
     register_codec,
 )
 from lowcomm.compression._errors import CodecError
@@ -128,7 +130,7 @@ class TopKCodec(BaseCodec):
             check_finite(hi, self.name)
             span = hi - lo
             ok = span > TINY
-            inv = torch.where(ok, (levels - 1) / span, 0.0)
+            inv = torch.where(ok, rdiv(levels - 1, span), 0.0)
             level = torch.round((mag - lo) * inv).to(torch.int64)
             negative = (v.gather(1, idx) < 0).to(torch.int64)
             ranges[first : first + rows, 0] = lo.view(-1)
@@ -162,7 +164,7 @@ class TopKCodec(BaseCodec):
             code = code_all[slot : slot + rows * kk].view(rows, kk)
             lo = ranges[first : first + rows, 0:1]
             hi = ranges[first : first + rows, 1:2]
-            step = torch.where(hi - lo > TINY, (hi - lo) / max(levels - 1, 1), 0.0)
+            step = torch.where(hi - lo > TINY, div(hi - lo, max(levels - 1, 1)), 0.0)
             mag = (code & (levels - 1)).to(torch.float32) * step + lo
             vals = torch.where((code >> (self.value_bits - 1)) & 1 == 1, -mag, mag)
             o.scatter_(1, idx, vals)

@@ -16,7 +16,9 @@ from lowcomm.compression._codec import (
     block_views,
     check_block_size,
     check_finite,
+    div,
     num_blocks,
+    rdiv,
     register_codec,
 )
 
@@ -80,8 +82,8 @@ class Uint8Codec(BaseCodec):
             rng = hi - lo
             check_finite(rng, self.name)
             ok = rng > TINY
-            inv = torch.where(ok, 255.0 / rng, 0.0)
-            scales[first : first + rows] = torch.where(ok, rng / 255.0, 0.0).view(-1)
+            inv = torch.where(ok, rdiv(255.0, rng), 0.0)
+            scales[first : first + rows] = torch.where(ok, div(rng, 255.0), 0.0).view(-1)
             mins[first : first + rows] = lo.view(-1)
             y = torch.sub(v, lo)
             y.mul_(inv)

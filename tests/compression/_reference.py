@@ -9,6 +9,12 @@ from __future__ import annotations
 import torch
 
 
+def exact_div(a: float | torch.Tensor, b: float | torch.Tensor) -> torch.Tensor:
+    """a / b correctly rounded to fp32: a double division of fp32 operands, then one rounding to
+    fp32, is the IEEE fp32 quotient (53 >= 2 * 24 + 2 bits, so the double rounding is harmless)."""
+    return torch.tensor(float(a) / float(b), dtype=torch.float32)
+
+
 def blocks(x: torch.Tensor, block: int) -> list[torch.Tensor]:
     """The flattened tensor cut into consecutive blocks (the last one may be shorter)."""
     flat = x.reshape(-1).float()
@@ -21,9 +27,9 @@ def uint8_minmax(x: torch.Tensor, block: int) -> torch.Tensor:
         lo, hi = b.min(), b.max()
         rng = hi - lo
         if rng > 2.0**-100:
-            q = torch.round((b - lo) * (255.0 / rng))
+            q = torch.round((b - lo) * exact_div(255.0, rng))
             assert q.min() >= 0 and q.max() <= 255
-            out.append(q * (rng / 255.0) + lo)
+            out.append(q * exact_div(rng, 255.0) + lo)
         else:
             out.append(torch.full_like(b, lo.item()))
     return torch.cat(out) if out else torch.empty(0)
@@ -34,9 +40,9 @@ def int8_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
     for b in blocks(x, block):
         a = b.abs().max()
         if a > 2.0**-100:
-            q = torch.round(b * (127.0 / a))
+            q = torch.round(b * exact_div(127.0, a))
             assert q.abs().max() <= 127
-            out.append(q * (a / 127.0))
+            out.append(q * exact_div(a, 127.0))
         else:
             out.append(torch.zeros_like(b))
     return torch.cat(out) if out else torch.empty(0)
@@ -80,9 +86,9 @@ def fp8_e4m3(x: torch.Tensor, rows: int | None, block: int | None) -> torch.Tens
         if a <= 2.0**-100:
             out.append(torch.zeros_like(b))
             continue
-        y = b * (448.0 / a)
+        y = b * exact_div(448.0, a)
         mag = grid[_nearest_even(y.abs(), grid)].float()
-        out.append(torch.where(y < 0, -mag, mag) * (a / 448.0))
+        out.append(torch.where(y < 0, -mag, mag) * exact_div(a, 448.0))
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -101,7 +107,7 @@ def fp4(x: torch.Tensor, variant: str, block: int) -> torch.Tensor:
         if a <= 2.0**-100:
             out.append(torch.zeros_like(b))
             continue
-        y = b * (top / a)
+        y = b * exact_div(top, a)
         mag = grid[_nearest_even(y.abs(), grid)].float()
-        out.append(torch.where(y < 0, -mag, mag) * (a / top))
+        out.append(torch.where(y < 0, -mag, mag) * exact_div(a, top))
     return torch.cat(out) if out else torch.empty(0)

@@ -7,6 +7,7 @@ import torch
 
 from lowcomm.compression import CodecError, Encoded, ErrorFeedback, get_codec
 from lowcomm.compression._bits import pack_bits, unpack_bits
+from tests.compression import _reference as ref
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 7, 8, 12, 16])
@@ -32,8 +33,8 @@ def topk_reference(x: torch.Tensor, chunk: int, k: int, value_bits: int) -> torc
         mag = c[order].abs()
         lo, hi = mag.min(), mag.max()
         if hi - lo > 2.0**-100:
-            level = torch.round((mag - lo) * ((levels - 1) / (hi - lo)))
-            q = level * ((hi - lo) / (levels - 1)) + lo
+            level = torch.round((mag - lo) * ref.exact_div(levels - 1, hi - lo))
+            q = level * ref.exact_div(hi - lo, levels - 1) + lo
         else:
             q = torch.zeros_like(mag) + lo
         out[start + order] = torch.where(c[order] < 0, -q, q)
