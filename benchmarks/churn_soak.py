@@ -155,6 +155,12 @@ def main() -> int:
     parser.add_argument("--peers", type=int, default=6)
     parser.add_argument("--churn-every", type=float, default=4.0, help="seconds between events")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stop-every",
+        type=int,
+        default=3,
+        help="every Nth victim is frozen with SIGSTOP instead of killed (default 3; 0: never)",
+    )
     args = parser.parse_args()
     seconds = args.seconds or (30.0 if args.quick else 120.0)
     rng = random.Random(args.seed)
@@ -178,6 +184,7 @@ def main() -> int:
         procs[k] = p
 
     start = time.monotonic()
+    adds = stopped = 0
     try:
         for _ in range(args.peers):
             spawn(args.peers)
@@ -185,15 +192,19 @@ def main() -> int:
         while len(master.snapshot()["accepted"]) < args.peers and time.monotonic() - start < 120:
             time.sleep(0.2)
         churn_start = time.monotonic()
-        adds = 0
         while time.monotonic() - churn_start < seconds:
             time.sleep(args.churn_every)
             alive = [k for k, p in procs.items() if p.is_alive() and k not in killed]
             if len(alive) >= args.peers or (len(alive) > 3 and rng.random() < 0.5):
                 victim = rng.choice(alive)
-                os.kill(procs[victim].pid, signal.SIGKILL)
+                # Some victims are frozen (SIGSTOP) instead: they must be evicted by the
+                # heartbeat timeout, the case that froze PCCL's ring for good.
+                stop = args.stop_every > 0 and len(killed) % args.stop_every == args.stop_every - 1
+                os.kill(procs[victim].pid, signal.SIGSTOP if stop else signal.SIGKILL)
                 killed[victim] = time.time()
-                print(f"[{time.monotonic() - churn_start:5.1f} s] killed peer {victim}", flush=True)
+                stopped += int(stop)
+                what = "stopped (SIGSTOP)" if stop else "killed"
+                print(f"[{time.monotonic() - churn_start:5.1f} s] {what} peer {victim}", flush=True)
             else:
                 spawn(0)
                 adds += 1
@@ -210,10 +221,14 @@ def main() -> int:
         master.stop()
     r = _analyse(log_dir, killed)
     r["peers_added"] = adds
+    r["peers_stopped"] = stopped
     rows = [
         ("duration (s)", f"{seconds:.0f}"),
         ("peers at start / max world", f"{args.peers} / {r['max_world']}"),
-        ("peers killed / added", f"{r['peers_killed']} / {r['peers_added']}"),
+        (
+            "peers killed / of them SIGSTOPped / added",
+            f"{r['peers_killed']} / {r['peers_stopped']} / {r['peers_added']}",
+        ),
         ("all-reduces completed (distinct)", r["ops_completed"]),
         ("all-reduces completed (per peer)", r["peer_ops_completed"]),
         ("failed ops (per peer)", r["failed"]),
