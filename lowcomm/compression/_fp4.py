@@ -33,7 +33,7 @@ FP4_GRIDS: dict[str, tuple[float, ...]] = {
 
 
 def _boundaries(grid: tuple[float, ...]) -> torch.Tensor:
-    """Decision thresholds for ``bucketize`` (right=False: a value equal to a threshold goes low).
+    """Decision thresholds: the code of m = |x| * inv is the number of thresholds strictly below m.
 
     A value exactly halfway between codes i and i+1 goes to the even code (round half to even on
     the code, as IEEE does on the mantissa): for odd i the threshold moves one ulp down so the
@@ -88,7 +88,7 @@ class Fp4Codec(BaseCodec):
 
     def _encode_flat(self, x: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         grid = FP4_GRIDS[self.variant]
-        bounds = _boundaries(grid).to(x.device)
+        thresholds = _boundaries(grid).tolist()
         numel = x.numel()
         block = self.block_size
         scales = torch.empty(num_blocks(numel, block), dtype=torch.float32, device=x.device)
@@ -102,9 +102,15 @@ class Fp4Codec(BaseCodec):
             inv = torch.where(ok, rdiv(grid[-1], a), 0.0)
             scales[first : first + rows] = torch.where(ok, div(a, grid[-1]), 0.0).view(-1)
             y = torch.mul(v, inv)
-            idx = torch.bucketize(y.abs(), bounds, out_int32=True)
-            idx.add_((y < 0).to(torch.int32), alpha=8)
-            codes[first * block : first * block + v.numel()].view(v.shape).copy_(idx)
+            # code = 8 * (y < 0) + #{thresholds < |y|}: seven vectorised compares beat
+            # torch.bucketize (a per-element binary search) by ~4x on CPU.
+            idx = codes[first * block : first * block + v.numel()].view(v.shape)
+            hit = torch.lt(y, 0)
+            idx.copy_(hit).mul_(8)
+            y.abs_()
+            for t in thresholds:
+                torch.gt(y, t, out=hit)
+                idx.add_(hit)
         packed = codes[0::2] | (codes[1::2] << 4)
         return {"scales": scales, "codes": packed}
 

@@ -328,3 +328,15 @@ def test_encoded_round_trip_through_bytes_is_bit_exact_for_every_codec() -> None
         back = Encoded.from_bytes(enc.to_bytes())
         assert torch.equal(codec.decode(back), codec.decode(enc))
         assert back.nbytes == enc.nbytes
+
+
+@pytest.mark.parametrize("name", [*ALL, "topk"])
+def test_non_contiguous_and_grad_tracking_inputs_encode_like_their_contiguous_copy(
+    name: str,
+) -> None:
+    base = torch.randn(300, 200, requires_grad=True)
+    x = base.t()  # non-contiguous view of a leaf that requires grad
+    codec = get_codec(name)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == (200, 300) and not y.requires_grad
+    assert torch.equal(y, codec.decode(codec.encode(x.detach().contiguous())))
