@@ -193,9 +193,11 @@ class Communicator:
         self.config = config or CommConfig()
         self.peer_id = uuid.uuid4().hex[:12]
         self._lock = threading.Lock()
-        self._ctl_lock = threading.Lock()
+        # Control connections by channel: "main" for phases and votes (the worker thread and
+        # close()), "watch" for the watcher of a running ring, so neither waits for the other.
+        self._ctl_locks = {"main": threading.Lock(), "watch": threading.Lock()}
         self._cond = threading.Condition(self._lock)
-        self._ctl: _wire.Connection | None = None
+        self._ctls: dict[str, _wire.Connection | None] = {"main": None, "watch": None}
         self._session: _wire.Connection | None = None
         self._epoch: str | None = None
         self._accepted = False
@@ -319,7 +321,7 @@ class Communicator:
             self._tasks_cond.notify_all()
         for task in pending:
             task.future.set_exception(TopologyError("the communicator was closed"))
-        for conn in (self._ctl, self._session):
+        for conn in (*self._ctls.values(), self._session):
             if conn is not None:
                 conn.close()
         self._drop_ring()
@@ -625,32 +627,34 @@ class Communicator:
                     conn.close()
 
     def _request(
-        self, req: dict[str, Any], *, deadline: float, retry: bool = True
+        self, req: dict[str, Any], *, deadline: float, retry: bool = True, channel: str = "main"
     ) -> dict[str, Any]:
         """One request/response on the control connection, reconnecting (and waiting for the
         session to re-register after a master restart) until ``deadline``."""
         last: Exception | None = None
         while True:
-            with self._ctl_lock:
+            with self._ctl_locks[channel]:
+                conn = self._ctls[channel]
                 try:
-                    if self._ctl is None or self._ctl.closed:
-                        self._ctl = None
-                        self._ctl, _ = _wire.connect(
+                    if conn is None or conn.closed:
+                        self._ctls[channel] = conn = None
+                        conn, _ = _wire.connect(
                             self.master_address,
                             token=self._token,
                             hello={"role": "control", "peer_id": self.peer_id},
                             timeout_s=max(0.1, min(5.0, deadline - time.monotonic())),
                             max_frame_bytes=MAX_CONTROL_FRAME_BYTES,
                         )
-                    self._ctl.send_json(KIND_REQUEST, req, timeout_s=10.0)
-                    kind, _tag, resp = self._ctl.recv_json(
+                        self._ctls[channel] = conn
+                    conn.send_json(KIND_REQUEST, req, timeout_s=10.0)
+                    kind, _tag, resp = conn.recv_json(
                         timeout_s=float(req.get("wait_s", 0.0)) + 10.0
                     )
                     if kind != KIND_RESPONSE or not isinstance(resp, dict):
                         raise ProtocolError(f"unexpected frame kind {kind} from the master")
                 except (PeerFailureError, CommTimeoutError, ProtocolError, OSError) as e:
-                    if self._ctl is not None:
-                        self._ctl.close()
+                    if conn is not None:
+                        conn.close()
                     last = e
                     resp = None
             if resp is not None and resp.get("error") != "unknown_peer":
@@ -760,6 +764,32 @@ class Communicator:
         self._ring_id = str(gate["ring_id"])
         return self._ring
 
+    def _watch_op(self, op_id: str, ring: Ring, done: threading.Event, deadline: float) -> None:
+        """While a ring runs longer than a moment, asks the master whether the operation was
+        already aborted (a participant evicted: dead, or silent past the heartbeat timeout) and
+        then closes the ring, so a stalled peer costs the heartbeat timeout, not ``timeout_s``."""
+        if done.wait(0.5):
+            return
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                resp = self._request(
+                    {
+                        "op": "verdict",
+                        "peer_id": self.peer_id,
+                        "op_id": op_id,
+                        "wait_s": self._poll(deadline),
+                    },
+                    deadline=deadline,
+                    retry=False,
+                    channel="watch",
+                )
+            except CommError:
+                return
+            if resp.get("verdict") == "abort" and not done.is_set():
+                logger.warning("aborting the running all-reduce: %s", resp.get("reason", "aborted"))
+                ring.close()
+                return
+
     def _vote(self, op_id: str, ok: bool, deadline: float) -> dict[str, Any]:
         # A peer that finished its ring waits for the others' votes; a stalled participant is
         # evicted after the heartbeat timeout, which aborts the vote, so this wait is bounded.
@@ -816,14 +846,25 @@ class Communicator:
         else:
             try:
                 ring = self._ring_for(gate, deadline)
-                stats = ring.all_reduce(
-                    host,
-                    op=op,
-                    codec=codec,
-                    tag=tag,
-                    timeout_s=max(0.01, deadline - time.monotonic()),
-                    out=scratch,
+                done = threading.Event()
+                watcher = threading.Thread(
+                    target=self._watch_op,
+                    args=(str(gate["op_id"]), ring, done, deadline),
+                    name=f"lowcomm-watch-{self.peer_id}",
+                    daemon=True,
                 )
+                watcher.start()
+                try:
+                    stats = ring.all_reduce(
+                        host,
+                        op=op,
+                        codec=codec,
+                        tag=tag,
+                        timeout_s=max(0.01, deadline - time.monotonic()),
+                        out=scratch,
+                    )
+                finally:
+                    done.set()
                 tx, rx = int(stats.tx_bytes), int(stats.rx_bytes)
             except CommError as e:
                 error = e
@@ -833,14 +874,15 @@ class Communicator:
             self._drop_ring()
             reason = str(verdict.get("reason", ""))
             what = f"all_reduce(tag={tag}) among {len(participants)} peers aborted"
+            detail = f"{error} (master: {reason})" if error is not None else reason
             if isinstance(error, CommTimeoutError):
                 raise CommTimeoutError(
-                    f"{what}: {error}; nothing was applied: retry (all_reduce_with_retry) once "
+                    f"{what}: {detail}; nothing was applied: retry (all_reduce_with_retry) once "
                     "the stalled peer is evicted"
                 ) from error
             raise PeerFailureError(
-                f"{what}: {error or reason}; nothing was applied on any peer: retry with the "
-                "survivors (all_reduce_with_retry)"
+                f"{what}: {detail}; nothing was applied on any peer: retry with the survivors "
+                "(all_reduce_with_retry)"
             ) from error
         target = out if out is not None else tensor
         with torch.no_grad():

@@ -325,6 +325,7 @@ class Master:
             "gate": self._op_gate,
             "leave_gate": self._op_leave_gate,
             "vote": self._op_vote,
+            "verdict": self._op_verdict,
             "sync_done": self._op_sync_done,
             "leave": self._op_leave,
         }.get(str(op))
@@ -538,6 +539,18 @@ class Master:
                     missing = [p for p in op.participants if p not in op.votes]
                     return {"verdict": None, "waiting_for": missing}
                 self._cond.wait(remaining)
+            return {"verdict": op.verdict, "reason": op.reason}
+
+    def _op_verdict(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Waits up to ``wait_s`` for an all-reduce's verdict without voting: participants whose
+        ring is still running use it to abort early when another participant was evicted."""
+        deadline = time.monotonic() + min(float(req.get("wait_s", 0.0)), _MAX_WAIT_S)
+        with self._cond:
+            op = self._ops.get(str(req["op_id"]))
+            if op is None:
+                return {"verdict": "abort", "reason": "unknown operation (master restarted)"}
+            while op.verdict is None and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
             return {"verdict": op.verdict, "reason": op.reason}
 
     def _op_sync_done(self, req: dict[str, Any]) -> dict[str, Any]:

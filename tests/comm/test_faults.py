@@ -47,16 +47,17 @@ def _peer(
         # The fault lands while the all-reduce is on the wire.
         threading.Timer(0.3, os.kill, args=(os.getpid(), sig)).start()
     start = time.monotonic()
-    first_error = ""
+    first_error = message = ""
     try:
         c.all_reduce(x, "sum", timeout_s=op_timeout_s)
     except (PeerFailureError, CommTimeoutError) as e:
-        first_error = type(e).__name__
+        first_error, message = type(e).__name__, str(e)
     failed_after_s = time.monotonic() - start
     untouched = bool(torch.all(x == value))
     info = c.all_reduce_with_retry(x, "sum", timeout_s=30, max_attempts=3)
     out = {
         "first_error": first_error,
+        "message": message,
         "failed_after_s": failed_after_s,
         "untouched": untouched,
         "retry_world": info.world_size,
@@ -99,7 +100,9 @@ def test_sigstopped_peer_is_evicted_after_the_heartbeat_timeout_not_a_hang() -> 
     master = start_master(heartbeat_timeout_s=2.0)
     peers: list[Peer] = []
     try:
-        op_timeout_s = 6.0
+        # The op timeout is far longer than the heartbeat timeout: the survivors' rings are
+        # aborted when the master evicts the stopped peer, not when their own timeout expires.
+        op_timeout_s = 30.0
         peers = [
             Peer(_peer, addr(master), float(v), "stop" if v == 3 else None, op_timeout_s)
             for v in (1, 2, 3)
@@ -110,8 +113,8 @@ def test_sigstopped_peer_is_evicted_after_the_heartbeat_timeout_not_a_hang() -> 
         assert any("no heartbeat" in why for why in evicted.values()), evicted
         for s in survivors:
             assert s["first_error"] in ("CommTimeoutError", "PeerFailureError"), s
-            # Bounded: the op timeout plus the commit vote's wait for the eviction.
-            assert s["failed_after_s"] < op_timeout_s + 2.0 + 10.0, s
+            assert "no heartbeat" in s["message"], s
+            assert s["failed_after_s"] < op_timeout_s, s
             assert s["untouched"], "a partial result was applied"
             assert s["retry_world"] == 2 and s["result"] == 3.0 and s["uniform"], s
     finally:
