@@ -295,9 +295,7 @@ class Encoded:
             raise CodecError(
                 f"parts of {codec!r} do not match shape {shape} and params {params}: got {got}, expected {expected}"
             )
-        raw_bytes = sum(
-            math.prod(shp) * torch.empty((), dtype=dt).element_size() for _, dt, shp in part_specs
-        )
+        raw_bytes = sum(math.prod(shp) * dt.itemsize for _, dt, shp in part_specs)
         if raw_bytes > max_decoded_bytes:
             raise CodecError(
                 f"encoded tensor claims {raw_bytes} payload bytes, over max_decoded_bytes={max_decoded_bytes}"
@@ -321,7 +319,7 @@ class Encoded:
             warnings.simplefilter("ignore", UserWarning)
             for name, dt, shp in part_specs:
                 count = math.prod(shp)
-                size = count * torch.empty((), dtype=dt).element_size()
+                size = count * dt.itemsize
                 if count == 0:
                     t = torch.empty(shp, dtype=dt)
                 else:
@@ -349,7 +347,7 @@ def _parse_header(
 ]:
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting recurses
         raise CodecError(f"encoded header is not valid JSON: {e}") from e
     if not isinstance(header, dict) or set(header) != {
         "codec",

@@ -180,6 +180,14 @@ def test_non_json_header_is_rejected() -> None:
         Encoded.from_bytes(fixed + raw + payload)
 
 
+def test_deeply_nested_header_is_rejected_not_a_recursion_error() -> None:
+    _, payload = split(blob_of())
+    raw = b"[" * 60_000
+    fixed = FIXED.pack(b"LCEN", 1, 0, 0, len(raw), zlib.crc32(raw), len(payload), zlib.crc32(payload))
+    with pytest.raises(CodecError, match="JSON"):
+        Encoded.from_bytes(fixed + raw + payload)
+
+
 def test_payload_shorter_than_the_parts_is_rejected() -> None:
     header, payload = split(blob_of("int8", 1000))
     with pytest.raises(CodecError, match="payload is"):
