@@ -573,6 +573,7 @@ class Communicator:
             "peer_group": self.peer_group,
             "address": list(self._advertised()),
             "accepted": rejoin and self._accepted,
+            "rejoin": rejoin,
             "revision": self.revision,
             "join_seq": self._join_seq,
             "world": world if rejoin else [],

@@ -356,7 +356,10 @@ class Master:
         group = int(req["peer_group"])
         host, port = req["address"]
         peer_id = str(req.get("peer_id") or secrets.token_hex(6))
-        rejoin = bool(req.get("accepted", False))
+        rejoin = bool(req.get("accepted", False))  # was accepted by an earlier master
+        # A peer re-registering after a restart while still pending must stay pending even if
+        # it is the first one back: only a fresh run's first peer is accepted unasked.
+        returning = bool(req.get("rejoin", False))
         with self._cond:
             if peer_id in self._evicted:
                 return {
@@ -375,7 +378,7 @@ class Master:
             else:
                 # After a restart, re-registering peers come back accepted; on a fresh run only
                 # the first peer of an empty world is (nobody else could admit it).
-                accepted = rejoin or not self._accepted()
+                accepted = rejoin or (not returning and not self._accepted())
                 self._peers[peer_id] = _Peer(
                     peer_id=peer_id,
                     peer_group=group,
