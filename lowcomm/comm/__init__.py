@@ -3,18 +3,41 @@
 from __future__ import annotations
 
 from lowcomm.comm._pccl_backend import BackendUnavailableError, PcclMaster
+from lowcomm.comm._shaper import Shaper
 from lowcomm.comm.communicator import AllReduceInfo, CommConfig, Communicator, Handle
+from lowcomm.comm.errors import (
+    AuthenticationError,
+    CommError,
+    CommTimeoutError,
+    PeerFailureError,
+    ProtocolError,
+    TopologyError,
+    TruncatedFrameError,
+)
 from lowcomm.comm.master import Master
+from lowcomm.comm.ring import PeerListener, Ring, RingStats, connect_ring
 from lowcomm.comm.shared_state import SharedState, SyncInfo
 
 __all__: list[str] = [
     "AllReduceInfo",
+    "AuthenticationError",
     "BackendUnavailableError",
     "CommConfig",
+    "CommError",
+    "CommTimeoutError",
     "Communicator",
     "Handle",
     "Master",
     "PcclMaster",
+    "PeerFailureError",
+    "PeerListener",
+    "ProtocolError",
+    "Ring",
+    "RingStats",
+    "Shaper",
     "SharedState",
     "SyncInfo",
+    "TopologyError",
+    "TruncatedFrameError",
+    "connect_ring",
 ]

@@ -487,10 +487,15 @@ class _Op:
         assert self.codec is not None
         return bytes(self.codec.encode(values).to_bytes())
 
-    def decode_into(self, blob: bytes | bytearray | memoryview, out: torch.Tensor) -> None:
+    def decode_into(self, blob: Any, out: torch.Tensor) -> None:
+        """Decodes received bytes (or an ``Encoded`` this peer just made) into ``out``."""
         assert self.codec is not None
         try:
-            enc = self.encoded_cls.from_bytes(blob)
+            enc = (
+                self.encoded_cls.from_bytes(blob)
+                if isinstance(blob, bytes | bytearray | memoryview)
+                else blob
+            )
             decoded = self.codec.decode(enc, out=out)
         except ValueError as exc:  # CodecError is a ValueError
             raise ProtocolError(f"a quantized sub-chunk did not decode: {exc}") from exc
@@ -573,8 +578,10 @@ class _Op:
                     if self.op == "avg":
                         region.div_(n)
                     if self.codec is not None:
-                        blob = self.encode(region)
-                        self.decode_into(blob, region)
+                        # Encode once; this peer keeps exactly what the others will decode.
+                        enc = self.codec.encode(region)
+                        blob = bytes(enc.to_bytes())
+                        self.decode_into(enc, region)
                 else:
                     blob = None  # the sender encodes the new partial sum
             if step < 2 * n - 3:
