@@ -243,7 +243,9 @@ def main() -> int:
     width = max(len(a) for a, _ in rows)
     for a, b in rows:
         print(f"  {a:<{width}}  {b}")
-    stall_goal = HEARTBEAT_TIMEOUT_S + 2 * OP_TIMEOUT_S
+    # A frozen peer is evicted after the heartbeat timeout and the running rings are aborted
+    # then; one frozen while a ring is being built still costs that ring's op timeout.
+    stall_goal = HEARTBEAT_TIMEOUT_S + OP_TIMEOUT_S
     claims = [
         {
             "name": "wrong_results",
@@ -266,7 +268,7 @@ def main() -> int:
         {
             "name": "longest_stall_s",
             "value": r["longest_stall_s"],
-            "goal": f"<= {stall_goal:g} (heartbeat timeout + two op timeouts)",
+            "goal": f"<= {stall_goal:g} (heartbeat timeout + one op timeout)",
             "ok": r["longest_stall_s"] <= stall_goal,
         },
     ]
