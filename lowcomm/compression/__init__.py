@@ -6,8 +6,14 @@
     blob = enc.to_bytes()                    # versioned, checksummed, self-describing
     out = codec.decode(Encoded.from_bytes(blob), out=buffer)
 
+    ef = ErrorFeedback(get_codec("topk"))   # residual per name; sum of decoded -> sum of inputs
+    enc = ef.encode("layer0.weight", pseudogradient)
+
+Codecs: "fp16", "bf16", "uint8" (min-max per chunk), "int8" (absmax per block), "fp8" (e4m3,
+row or block scales), "fp4" (E2M1/E3M0, block scales), "topk" (packed indices, low-bit values).
 Every codec rounds to nearest, documents its error bound in its docstring, and refuses NaN/inf
 input with a ValueError. ``Encoded.from_bytes`` raises ``CodecError`` on anything it cannot trust.
+CPU and CUDA tensors alike; the encodings are computed with the same IEEE operations on both.
 """
 
 from __future__ import annotations
