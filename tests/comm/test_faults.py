@@ -97,7 +97,7 @@ def _proc_state(pid: int) -> str:
 
 @pytest.mark.timeout(120)
 def test_sigstopped_peer_is_evicted_after_the_heartbeat_timeout_not_a_hang() -> None:
-    master = start_master(heartbeat_timeout_s=2.0)
+    master = start_master(heartbeat_timeout_s=3.0)
     peers: list[Peer] = []
     try:
         # The op timeout is far longer than the heartbeat timeout: the survivors' rings are
