@@ -752,6 +752,10 @@ class Communicator:
             return self._ring
         self._drop_ring()
         assert self._listener is not None
+        # Every participant left the same gate within a poll interval, so building the ring
+        # takes connection set-up time only. A neighbour frozen meanwhile is evicted after the
+        # heartbeat timeout; waiting much longer than that for it would only delay the retry.
+        build_s = min(deadline - time.monotonic(), 2 * self.heartbeat_timeout_s + 5.0)
         self._ring = connect_ring(
             listener=self._listener,
             rank=int(gate["rank"]),
@@ -759,7 +763,7 @@ class Communicator:
             ring_id=str(gate["ring_id"]),
             token=self._token,
             num_connections=self.config.num_connections,
-            timeout_s=max(0.1, deadline - time.monotonic()),
+            timeout_s=max(0.1, build_s),
             shaper=self.config.shaper,
         )
         self._ring_id = str(gate["ring_id"])
