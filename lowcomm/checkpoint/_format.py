@@ -200,6 +200,35 @@ def unb64(text: str) -> bytes:
     return base64.b64decode(text.encode())
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+_libc: Any = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a just-written range to disk now (Linux ``sync_file_range``).
+
+    Why: left alone, dirty pages pile up until the final fsync, and in a memory-limited container
+    the writer is throttled long before that. Measured here for 1.2 GB in 16 MB chunks on 4 threads:
+    pwrite + fsync 0.16-0.24 GB/s, pwrite + sync_file_range per chunk + fsync 1.1-1.6 GB/s. It is
+    only a hint; durability still comes from the fsync. A no-op where unavailable.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(None, use_errno=True)
+            _libc = lib if hasattr(lib, "sync_file_range") else False
+        except OSError:
+            _libc = False
+    if _libc:
+        import ctypes
+
+        _libc.sync_file_range(
+            fd, ctypes.c_longlong(offset), ctypes.c_longlong(length), _SYNC_FILE_RANGE_WRITE
+        )
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

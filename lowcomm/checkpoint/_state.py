@@ -122,8 +122,14 @@ def copy_into(template: Any, restored: Any, *, path: str = "") -> Any:
                 f"{path or '<root>'}: template is {tuple(dst.shape)} {dst.dtype}, checkpoint is "
                 f"{tuple(restored.shape)} {restored.dtype} (another model, or another sharding?)"
             )
-        with torch.no_grad():
-            dst.copy_(restored)
+        same_memory = (
+            dst.data_ptr() == restored.data_ptr()
+            and dst.stride() == restored.stride()
+            and dst.device == restored.device
+        )
+        if not same_memory:  # restore may have read straight into the template already
+            with torch.no_grad():
+                dst.copy_(restored)
         return template
     if isinstance(template, dict):
         if not isinstance(restored, dict):

@@ -73,6 +73,10 @@ class CheckpointConfig:
         commit_timeout_s: how long a rank waits for others' parts, or a write for its copy.
         raise_on_failure: raise a level's write failure from the next ``save`` or
             ``wait_until_safe_to_mutate`` instead of only logging it.
+        stream_during_copy: write chunks to disk as soon as they are copied (DataStates-style)
+            instead of after the whole copy. Off by default: on a CPU-bound host the writes
+            compete with the copy the training thread may be waiting for (measured here: the
+            barrier grew while durability barely improved).
     """
 
     levels: tuple[str, ...] = ("host://",)
@@ -87,6 +91,7 @@ class CheckpointConfig:
     num_host_buffers: int = 2
     commit_timeout_s: float = 600.0
     raise_on_failure: bool = False
+    stream_during_copy: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, str):
@@ -166,7 +171,7 @@ class SaveHandle:
         if error is not None:
             self._errors[level] = error
         else:
-            self.committed_at[level] = time.monotonic()
+            self.committed_at.setdefault(level, time.monotonic())
         self._events[level].set()
 
     def done(self, level: str) -> bool:
@@ -255,6 +260,7 @@ class Checkpointer:
                 compression=config.compression,
                 zstd_level=config.zstd_level,
                 commit_timeout_s=config.commit_timeout_s,
+                stream_during_copy=config.stream_during_copy,
             )
         if "remote" in urls:
             self.remote = RemoteLevel(
@@ -477,7 +483,7 @@ class Checkpointer:
                 if s not in by_level.get(lvl, []):
                     continue
                 try:
-                    result = (lvl, *self._load(lvl, s))
+                    result = (lvl, *self._load(lvl, s, into))
                     break
                 except (CheckpointCorruptError, OSError, ValueError, KeyError) as e:
                     msg = f"step {s} at {lvl}: {type(e).__name__}: {e}"
@@ -497,25 +503,42 @@ class Checkpointer:
                 step=s, level=lvl, skipped=tuple(skipped), metadata=meta
             )
             logger.info("restored step %d from %s (skipped %d)", s, lvl, len(skipped))
-            return copy_into(into, state) if into is not None else state
+            return state
         reasons = "; ".join(skipped) or "no committed checkpoint found"
         raise NoCheckpointError(f"nothing to restore (levels {sorted(allowed)}): {reasons}")
 
-    def _load(self, level: str, step: int) -> tuple[Any, dict[str, Any]]:
+    def _load(self, level: str, step: int, into: Any) -> tuple[Any, dict[str, Any]]:
+        """Load one (level, step); with ``into``, the result is already copied into it."""
         if level == "host":
             with self._lock:
                 snap = self._host_snap
-            if snap is None or snap.step != step:
-                raise CheckpointCorruptError("the host snapshot was replaced")
-            assert snap.buffer is not None and snap.buffer.data is not None
-            buf = snap.buffer.data[: snap.total_bytes].clone()
-            tensors = [host_tensor(buf, e) for e in snap.entries]
-            return unflatten_state(snap.skeleton, tensors), dict(snap.metadata)
+                if snap is None or snap.step != step:
+                    raise CheckpointCorruptError("the host snapshot was replaced")
+                assert snap.buffer is not None and snap.buffer.data is not None
+                # Keep the buffer from being reused by a newer copy while it is read.
+                self._pool.hold(snap.buffer)
+            try:
+                buf = snap.buffer.data[: snap.total_bytes]
+                if into is None:
+                    buf = buf.clone()
+                tensors = [host_tensor(buf, e) for e in snap.entries]
+                state = unflatten_state(snap.skeleton, tensors)
+                if into is not None:
+                    state = copy_into(into, state)
+            finally:
+                self._pool.release(snap.buffer)
+            return state, dict(snap.metadata)
         source = self.local if level == "local" else self.remote
         assert source is not None
-        body, (buf, entries, skeleton) = source.load(step)
-        tensors = [host_tensor(buf, e) for e in entries]
-        return unflatten_state(skeleton, tensors), dict(body.get("metadata", {}))
+        dests = None
+        if into is not None:
+            # Read straight into the template's own tensors (its parameters, its moments).
+            dests = {ref.key: ref.tensor for ref in flatten_state(into)[1]}
+        body, (tensors, skeleton) = source.load(step, dests=dests)
+        state = unflatten_state(skeleton, tensors)
+        if into is not None:
+            state = copy_into(into, state)
+        return state, dict(body.get("metadata", {}))
 
     def _dist(self) -> bool:
         return (
@@ -608,6 +631,7 @@ class Checkpointer:
                 self._pool.release(snap.buffer)
             if blob is None:
                 continue
+            handle.committed_at["local"] = time.monotonic()
             self._retain_local(snap.step)  # before signalling, so wait() sees the pruned level
             handle._finish("local")
             if "remote" in snap.levels:
@@ -632,6 +656,7 @@ class Checkpointer:
                 )
                 self._fail(handle, "remote", err)
                 continue
+            handle.committed_at["remote"] = time.monotonic()
             self._retain_remote(step)
             handle._finish("remote")
 

@@ -72,6 +72,32 @@ class HostBufferPool:
             self.num_allocations += 1
         return buf
 
+    def prepare(self, nbytes: int, *, pin: bool) -> None:
+        """Allocate and touch every free buffer too small for ``nbytes`` (copier thread, between
+        copies): later checkpoints then reuse warm memory instead of faulting in fresh pages,
+        which under memory pressure took seconds here."""
+        with self._cond:
+            todo = [
+                b
+                for b in self._buffers
+                if b.holders == 0 and (b.data is None or b.data.numel() < nbytes)
+            ]
+            for b in todo:
+                b.holders += 1  # hold while preparing outside the lock
+        for b in todo:
+            b.data = None
+            b.data = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+            b.data.zero_()
+            self.num_allocations += 1
+            self.release(b)
+
+    def hold(self, buf: HostBuffer) -> None:
+        """Add a holder to a buffer that already has one (a reader of the host snapshot)."""
+        with self._cond:
+            if buf.holders <= 0:
+                raise RuntimeError("cannot hold a free host buffer")
+            buf.holders += 1
+
     def release(self, buf: HostBuffer) -> None:
         with self._cond:
             if buf.holders <= 0:
@@ -209,6 +235,17 @@ class Stager:
                 self._on_copied(snap)
             except BaseException:
                 logger.exception("checkpoint step %d: post-copy hook failed", snap.step)
+            if snap.copy_error is None and snap.buffer is not None:
+                with self._cond:
+                    idle = not self._queue
+                if idle:  # never delays a queued copy
+                    try:
+                        self._pool.prepare(
+                            snap.total_bytes,
+                            pin=snap.buffer.data is not None and snap.buffer.data.is_pinned(),
+                        )
+                    except RuntimeError as e:  # out of memory: allocate on demand later
+                        logger.warning("could not pre-allocate host buffers: %s", e)
 
     def _copy(self, snap: Snapshot) -> None:
         assert snap.refs is not None

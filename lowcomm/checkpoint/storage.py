@@ -10,6 +10,7 @@ a valid manifest is a checkpoint.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -17,6 +18,7 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,7 +33,7 @@ from lowcomm.checkpoint.errors import (
     CheckpointWriteError,
 )
 from lowcomm.checkpoint.faults import FaultInjector
-from lowcomm.checkpoint.staging import Snapshot
+from lowcomm.checkpoint.staging import Snapshot, host_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +49,130 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         offset += n
 
 
-def decode_part(
-    part: dict[str, Any], read: Callable[[int, int], bytes | memoryview], pool: ThreadPoolExecutor
-) -> tuple[torch.Tensor, list[fmt.TensorEntry], bytes]:
-    """Read and verify one rank's data: a fresh host buffer, its tensor entries, and the skeleton.
+def _preadv_all(fd: int, dest: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(dest):
+        n = os.preadv(fd, [dest[done:]], offset + done)
+        if n == 0:
+            break  # end of file: the caller reports the short read
+        done += n
+    return done
 
-    ``read(offset, length)`` returns stored bytes of the data file. Every chunk's crc32 is checked;
-    any mismatch, short read or malformed chunk raises ``CheckpointCorruptError``.
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory."""
+    return t.detach().reshape(-1).view(torch.uint8).numpy().data
+
+
+def _usable_dest(t: torch.Tensor | None, entry: fmt.TensorEntry) -> bool:
+    return (
+        isinstance(t, torch.Tensor)
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and str(t.dtype) == entry.dtype
+        and list(t.shape) == entry.shape
+    )
+
+
+def decode_part(
+    part: dict[str, Any],
+    read: Callable[[int, int], bytes | memoryview],
+    pool: ThreadPoolExecutor,
+    *,
+    read_into: Callable[[memoryview, int], int] | None = None,
+    dests: dict[str, torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], bytes]:
+    """Read and verify one rank's data; returns its tensors (in entry order) and its skeleton.
+
+    ``read(offset, length)`` returns stored bytes of the data file; ``read_into(view, offset)``
+    (local files) reads straight into memory. With ``dests`` (key -> tensor, e.g. the model's own
+    parameters), uncompressed data is read directly into those tensors when dtype and shape match,
+    with no intermediate buffer and no extra copy; if verification then fails they hold partial
+    data. Every chunk's crc32 is checked; any mismatch, short read or malformed chunk raises
+    ``CheckpointCorruptError``.
     """
     total = int(part["total_bytes"])
+    chunks = [fmt.ChunkEntry.from_json(c) for c in part["chunks"]]
+    entries = [fmt.TensorEntry.from_json(e) for e in part["tensors"]]
+    if read_into is not None and all(c.codec == "none" for c in chunks):
+        tensors = _read_direct(total, chunks, entries, read_into, pool, dests or {})
+    else:
+        tensors = _read_buffered(total, chunks, entries, read, pool)
+    skeleton = fmt.unb64(part["skeleton"])
+    if fmt.crc32(skeleton) != int(part["skeleton_crc32"]):
+        raise CheckpointCorruptError("skeleton checksum mismatch")
+    return tensors, skeleton
+
+
+def _run_all(
+    pool: ThreadPoolExecutor, fn: Callable[[fmt.ChunkEntry], None], chunks: list[fmt.ChunkEntry]
+) -> None:
+    futures = [pool.submit(fn, c) for c in chunks]
+    error: BaseException | None = None
+    for f in futures:  # wait for every read before the file is closed
+        try:
+            f.result()
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
+
+
+def _read_direct(
+    total: int,
+    chunks: list[fmt.ChunkEntry],
+    entries: list[fmt.TensorEntry],
+    read_into: Callable[[memoryview, int], int],
+    pool: ThreadPoolExecutor,
+    dests: dict[str, torch.Tensor],
+) -> list[torch.Tensor]:
+    # The layout as segments (start, end, destination bytes): tensors, and padding to a scratch.
+    segs: list[tuple[int, int, memoryview]] = []
+    tensors: list[torch.Tensor] = []
+    pos = 0
+    for e in entries:
+        if e.offset > pos:
+            segs.append((pos, e.offset, memoryview(bytearray(e.offset - pos))))
+        d = dests.get(e.key)
+        t = d if d is not None and _usable_dest(d, e) else torch.empty(e.shape, dtype=_dtype(e))
+        tensors.append(t)
+        if e.nbytes:
+            segs.append((e.offset, e.offset + e.nbytes, _byte_view(t)))
+        pos = max(pos, e.offset + e.nbytes)
+    if total > pos:
+        segs.append((pos, total, memoryview(bytearray(total - pos))))
+    starts = [s[0] for s in segs]
+
+    def one(c: fmt.ChunkEntry) -> None:
+        lo_c, hi_c = c.raw_offset, c.raw_offset + c.raw_len
+        crc = 0
+        i = max(0, bisect.bisect_right(starts, lo_c) - 1)
+        while i < len(segs) and segs[i][0] < hi_c:
+            start, end, view = segs[i]
+            lo, hi = max(start, lo_c), min(end, hi_c)
+            if hi > lo:
+                piece = view[lo - start : hi - start]
+                got = read_into(piece, c.file_offset + (lo - lo_c))
+                if got != len(piece):
+                    raise CheckpointCorruptError(f"chunk at {c.file_offset} is truncated")
+                crc = zlib.crc32(piece, crc)  # releases the GIL on large pieces
+            i += 1
+        if crc & 0xFFFFFFFF != c.crc32:
+            raise CheckpointCorruptError(f"checksum mismatch in the chunk at byte {c.file_offset}")
+
+    _run_all(pool, one, chunks)
+    return tensors
+
+
+def _read_buffered(
+    total: int,
+    chunks: list[fmt.ChunkEntry],
+    entries: list[fmt.TensorEntry],
+    read: Callable[[int, int], bytes | memoryview],
+    pool: ThreadPoolExecutor,
+) -> list[torch.Tensor]:
     buf = torch.empty(max(total, 1), dtype=torch.uint8)
     host = buf.numpy().data
-    chunks = [fmt.ChunkEntry.from_json(c) for c in part["chunks"]]
 
     def one(c: fmt.ChunkEntry) -> None:
         stored = read(c.file_offset, c.stored_len)
@@ -71,13 +185,15 @@ def decode_part(
         raw = fmt.decode_chunk(stored, c.codec, c.raw_len)
         host[c.raw_offset : c.raw_offset + c.raw_len] = raw
 
-    for f in [pool.submit(one, c) for c in chunks]:
-        f.result()
-    skeleton = fmt.unb64(part["skeleton"])
-    if fmt.crc32(skeleton) != int(part["skeleton_crc32"]):
-        raise CheckpointCorruptError("skeleton checksum mismatch")
-    entries = [fmt.TensorEntry.from_json(e) for e in part["tensors"]]
-    return buf, entries, skeleton
+    _run_all(pool, one, chunks)
+    return [host_tensor(buf, e) for e in entries]
+
+
+def _dtype(entry: fmt.TensorEntry) -> torch.dtype:
+    dtype = getattr(torch, entry.dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointCorruptError(f"unknown dtype {entry.dtype!r} in checkpoint")
+    return dtype
 
 
 class LocalLevel:
@@ -102,8 +218,10 @@ class LocalLevel:
         compression: str,
         zstd_level: int,
         commit_timeout_s: float,
+        stream_during_copy: bool = False,
     ) -> None:
         self.root = root
+        self._stream_during_copy = stream_during_copy
         self.rank = rank
         self.world_size = world_size
         self._pool = pool
@@ -140,6 +258,9 @@ class LocalLevel:
             )
         data_path = self.data_path(snap.step, self.rank)
         try:
+            if not self._stream_during_copy:
+                # Let the copy finish alone: it is what the training thread may be waiting for.
+                snap.wait_copied(snap.total_bytes, timeout_s=self._commit_timeout_s)
             os.makedirs(step_dir, exist_ok=True)
             self._faults.hit("local.open")
             fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -205,6 +326,7 @@ class LocalLevel:
             crc = fmt.crc32(stored)
             self._faults.hit("local.write")
             _pwrite_all(fd, memoryview(stored), file_offset)
+            fmt.start_writeback(fd, file_offset, len(stored))
             return fmt.ChunkEntry(raw_offset, raw_len, file_offset, len(stored), codec, crc)
 
         futures = [
@@ -272,9 +394,11 @@ class LocalLevel:
         return sorted(out)
 
     def load(
-        self, step: int
-    ) -> tuple[dict[str, Any], tuple[torch.Tensor, list[fmt.TensorEntry], bytes]]:
-        """Read, verify and decode this rank's part of ``step``. ``CheckpointCorruptError`` if bad."""
+        self, step: int, *, dests: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, Any], tuple[list[torch.Tensor], bytes]]:
+        """Read, verify and decode this rank's part of ``step`` (into ``dests`` where they fit).
+
+        Raises ``CheckpointCorruptError`` if anything fails verification."""
         with open(self.manifest_path(step), "rb") as f:
             body = fmt.load_manifest_bytes(f.read())
         part = _my_part(body, step=step, rank=self.rank, world_size=self.world_size)
@@ -285,7 +409,13 @@ class LocalLevel:
                 raise CheckpointCorruptError(
                     f"{path} has {os.fstat(fd).st_size} bytes, manifest says {part['data_bytes']}"
                 )
-            return body, decode_part(part, lambda off, n: os.pread(fd, n, off), self._pool)
+            return body, decode_part(
+                part,
+                lambda off, n: os.pread(fd, n, off),
+                self._pool,
+                read_into=lambda dest, off: _preadv_all(fd, dest, off),
+                dests=dests,
+            )
         finally:
             os.close(fd)
 
@@ -408,8 +538,10 @@ class RemoteLevel:
         return sorted(out)
 
     def load(
-        self, step: int
-    ) -> tuple[dict[str, Any], tuple[torch.Tensor, list[fmt.TensorEntry], bytes]]:
+        self, step: int, *, dests: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, Any], tuple[list[torch.Tensor], bytes]]:
+        """Download, verify and decode this rank's part of ``step`` (``dests`` is not used: remote
+        data goes through a host buffer)."""
         body = fmt.load_manifest_bytes(self.fs.cat_file(self._path(step, fmt.MANIFEST_NAME)))
         part = _my_part(body, step=step, rank=self.rank, world_size=self.world_size)
         path = self._path(step, part["data_file"])

@@ -62,6 +62,17 @@ def test_round_trip_is_bit_exact_at_host_local_and_remote_levels(
         )
 
 
+def test_streaming_writes_behind_a_slow_copy_still_round_trip_bit_exact(tmp_path: Path) -> None:
+    faults = FaultInjector()
+    faults.inject("copy", delay_s=0.05, times=None)  # every tensor: writes overtake nothing
+    state = make_state(5, scale=8)
+    with _ckpt(str(tmp_path / "local"), faults=faults, stream_during_copy=True) as ck:
+        ck.save(5, state).wait("local", timeout_s=60)
+        assert faults.fired("copy") == 8  # the eight tensors of make_state
+        assert faults.hits("local.write") > 1
+        assert_same(state, ck.restore())
+
+
 def test_remote_level_on_a_real_s3_server_restores_after_the_local_dir_is_deleted(
     tmp_path: Path, s3_server: dict[str, Any]
 ) -> None:
@@ -124,6 +135,26 @@ def test_corrupt_local_copy_falls_back_to_the_remote_copy_of_the_same_step(tmp_p
         assert (ck.last_restore.step, ck.last_restore.level) == (4, "remote")
         assert "manifest checksum mismatch" in ck.last_restore.skipped[0]
         assert_same(make_state(4), restored)
+
+
+def test_restore_into_a_template_fills_its_own_tensors_and_survives_a_corrupt_newest_step(
+    tmp_path: Path,
+) -> None:
+    local = tmp_path / "local"
+    with _ckpt(str(local)) as ck:
+        for step in (1, 2):
+            ck.save(step, make_state(step)).wait("local", timeout_s=60)
+    path = _data_file(local, 2)
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0x10  # in the last chunk: the earlier ones were already read into the template
+    path.write_bytes(bytes(blob))
+    template = make_state(9)
+    ptr = template["model"]["w"].data_ptr()
+    with _ckpt(str(local)) as ck:
+        restored = ck.restore(into=template)
+        assert ck.last_restore is not None and ck.last_restore.step == 1
+    assert restored is template and template["model"]["w"].data_ptr() == ptr
+    assert_same(make_state(1), template)
 
 
 def test_truncated_data_file_is_rejected(tmp_path: Path) -> None:
