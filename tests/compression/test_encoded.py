@@ -183,7 +183,9 @@ def test_non_json_header_is_rejected() -> None:
 def test_deeply_nested_header_is_rejected_not_a_recursion_error() -> None:
     _, payload = split(blob_of())
     raw = b"[" * 60_000
-    fixed = FIXED.pack(b"LCEN", 1, 0, 0, len(raw), zlib.crc32(raw), len(payload), zlib.crc32(payload))
+    fixed = FIXED.pack(
+        b"LCEN", 1, 0, 0, len(raw), zlib.crc32(raw), len(payload), zlib.crc32(payload)
+    )
     with pytest.raises(CodecError, match="JSON"):
         Encoded.from_bytes(fixed + raw + payload)
 
@@ -224,3 +226,29 @@ def test_zstd_bomb_claiming_more_than_the_parts_is_rejected() -> None:
     bomb = zstd_compress(bytes(10_000_000), 3)
     with pytest.raises(CodecError, match="claims"):
         Encoded.from_bytes(reseal(header, bomb, flags=1))
+
+
+@pytest.mark.parametrize("name", ["uint8", "int8", "fp8", "fp4", "topk", "bf16"])
+@pytest.mark.parametrize("zstd_level", [None, 3])
+def test_random_mutations_always_raise_codec_error_and_nothing_else(
+    name: str, zstd_level: int | None
+) -> None:
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(4))
+    x[::7] = 0.0  # something zstd can shrink
+    blob = get_codec(name, zstd_level=zstd_level).encode(x).to_bytes()
+    g = torch.Generator().manual_seed(5)
+    for trial in range(150):
+        bad = bytearray(blob)
+        kind = trial % 3
+        pos = int(torch.randint(0, len(bad), (1,), generator=g))
+        if kind == 0:  # overwrite a short run with random bytes
+            run = torch.randint(0, 256, (8,), dtype=torch.uint8, generator=g).tolist()
+            bad[pos : pos + 8] = bytes(run)[: len(bad) - pos]
+            if bytes(bad) == blob:
+                continue
+        elif kind == 1:  # delete a byte
+            del bad[pos]
+        else:  # insert a byte
+            bad.insert(pos, int(torch.randint(0, 256, (1,), generator=g)))
+        with pytest.raises(CodecError):
+            Encoded.from_bytes(bytes(bad))
