@@ -189,7 +189,8 @@ def sync(comm: Communicator, state: SharedState, strategy: str, deadline: float)
 def _report_done(
     comm: Communicator, op_id: str, ok: bool, deadline: float, server: _Server | None
 ) -> dict[str, Any]:
-    """Tells the master this peer is finished and, while others are not, keeps serving."""
+    """Tells the master this peer is finished; waits until all are (``server``, if any, keeps
+    serving chunks on its own threads meanwhile)."""
     while True:
         try:
             resp = comm._request(
@@ -208,8 +209,6 @@ def _report_done(
             raise
         if resp.get("verdict") or time.monotonic() >= deadline:
             return resp
-        if server is not None:
-            server.check()
 
 
 def _fetch(
@@ -329,9 +328,6 @@ class _Server:
             target=self._accept_loop, daemon=True, name="lowcomm-state-serve"
         )
         self._acceptor.start()
-
-    def check(self) -> None:
-        pass
 
     def _accept_loop(self) -> None:
         listener = self._comm._listener
