@@ -64,7 +64,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A sender waits for its next sub-chunk at most this long past the deadline before giving up on
 # the receiving thread (which is itself bounded by the deadline).
 _GRACE_S = 2.0
-_MIN_SUBCHUNKS = 8
+_MIN_SUBCHUNKS = 4
 _MIN_SUBCHUNK_BYTES = 256 * 1024
 
 
