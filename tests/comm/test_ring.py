@@ -493,3 +493,21 @@ def with_suppressed_kill(p: subprocess.Popen[str]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_uint8_all_reduce_of_sizes_smaller_than_the_world() -> None:
+    codec = _uint8_codec()
+    cluster = Cluster(4, num_connections=3)
+    try:
+        for numel in (0, 2, 5):
+            inputs = _inputs(4, numel, torch.float32, seed=numel)
+            ref = _reference(inputs, "sum")
+            results = cluster.all_reduce(inputs, "sum", codec=codec)
+            assert all(not isinstance(r, BaseException) for r in results), results
+            for t in inputs:
+                assert torch.equal(t, inputs[0])
+            if numel:
+                assert (inputs[0].double() - ref).abs().max().item() < 0.1
+    finally:
+        cluster.close()
