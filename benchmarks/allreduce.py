@@ -162,7 +162,7 @@ def busbw(n: int, nbytes: int, results: list[dict[str, Any]], variant: str) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer reps (< 1 min)")
-    parser.add_argument("--num-connections", type=int, default=2)
+    parser.add_argument("--num-connections", type=int, default=4)
     parser.add_argument("--subchunk-mib", type=float, default=4.0)
     args = parser.parse_args()
     quick = args.quick
