@@ -134,3 +134,57 @@ def test_bad_shaper_settings_are_value_errors() -> None:
         Shaper(bandwidth_bps=0)
     with pytest.raises(ValueError, match="latency_ms"):
         Shaper(latency_ms=-1)
+
+
+def test_ring_all_reduce_over_shaped_links_is_exact_and_rate_limited() -> None:
+    import torch
+
+    from lowcomm.comm.ring import PeerListener, Ring, connect_ring
+
+    n, numel = 2, 250_000  # each peer sends 2 (n-1)/n * 1 MB = 1 MB through its uplink
+    shapers = [Shaper(bandwidth_bps=16e6, latency_ms=20) for _ in range(n)]  # 2 MB/s each
+    listeners = [PeerListener("127.0.0.1", 0, token=b"t", shaper=s) for s in shapers]
+    addresses = [lst.address for lst in listeners]
+    rings: dict[int, Ring] = {}
+    inputs = [torch.randn(numel, generator=torch.Generator().manual_seed(r)) for r in range(n)]
+    ref = inputs[0] + inputs[1]
+
+    def connect(r: int) -> None:
+        rings[r] = connect_ring(
+            listener=listeners[r],
+            rank=r,
+            addresses=addresses,
+            ring_id="shaped",
+            token=b"t",
+            num_connections=2,
+            shaper=shapers[r],
+        )
+
+    threads = [threading.Thread(target=connect, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    errors: list[BaseException] = []
+
+    def reduce(r: int) -> None:
+        try:
+            rings[r].all_reduce(inputs[r], "sum", timeout_s=30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=reduce, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    elapsed = time.monotonic() - start
+    assert not errors, errors
+    torch.testing.assert_close(inputs[0], ref)
+    assert torch.equal(inputs[0], inputs[1])
+    assert elapsed >= 0.35, f"1 MB per 2 MB/s uplink took {elapsed:.2f} s: not shaped"
+    for ring in rings.values():
+        ring.close()
+    for lst in listeners:
+        lst.close()
