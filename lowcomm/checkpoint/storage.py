@@ -18,7 +18,6 @@ import os
 import shutil
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -40,6 +39,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["LocalLevel", "RemoteLevel", "decode_part"]
 
 _POLL_S = 0.02
+RECYCLE_DIR = ".recycle"  # data files of deleted checkpoints, rewritten by the next ones
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -94,10 +94,11 @@ def decode_part(
     total = int(part["total_bytes"])
     chunks = [fmt.ChunkEntry.from_json(c) for c in part["chunks"]]
     entries = [fmt.TensorEntry.from_json(e) for e in part["tensors"]]
+    check = fmt.checksum_fn(part.get("checksum", "crc32"))
     if read_into is not None and all(c.codec == "none" for c in chunks):
-        tensors = _read_direct(total, chunks, entries, read_into, pool, dests or {})
+        tensors = _read_direct(total, chunks, entries, read_into, pool, dests or {}, check)
     else:
-        tensors = _read_buffered(total, chunks, entries, read, pool)
+        tensors = _read_buffered(total, chunks, entries, read, pool, check)
     skeleton = fmt.unb64(part["skeleton"])
     if fmt.crc32(skeleton) != int(part["skeleton_crc32"]):
         raise CheckpointCorruptError("skeleton checksum mismatch")
@@ -125,6 +126,7 @@ def _read_direct(
     read_into: Callable[[memoryview, int], int],
     pool: ThreadPoolExecutor,
     dests: dict[str, torch.Tensor],
+    check: Callable[..., int],
 ) -> list[torch.Tensor]:
     # The layout as segments (start, end, destination bytes): tensors, and padding to a scratch.
     segs: list[tuple[int, int, memoryview]] = []
@@ -155,7 +157,7 @@ def _read_direct(
                 got = read_into(piece, c.file_offset + (lo - lo_c))
                 if got != len(piece):
                     raise CheckpointCorruptError(f"chunk at {c.file_offset} is truncated")
-                crc = zlib.crc32(piece, crc)  # releases the GIL on large pieces
+                crc = check(piece, crc)  # releases the GIL on large pieces
             i += 1
         if crc & 0xFFFFFFFF != c.crc32:
             raise CheckpointCorruptError(f"checksum mismatch in the chunk at byte {c.file_offset}")
@@ -170,6 +172,7 @@ def _read_buffered(
     entries: list[fmt.TensorEntry],
     read: Callable[[int, int], bytes | memoryview],
     pool: ThreadPoolExecutor,
+    check: Callable[..., int],
 ) -> list[torch.Tensor]:
     buf = torch.empty(max(total, 1), dtype=torch.uint8)
     host = buf.numpy().data
@@ -180,7 +183,7 @@ def _read_buffered(
             raise CheckpointCorruptError(
                 f"chunk at {c.file_offset} is truncated ({len(stored)} of {c.stored_len} bytes)"
             )
-        if fmt.crc32(stored) != c.crc32:
+        if check(stored) != c.crc32:
             raise CheckpointCorruptError(f"checksum mismatch in the chunk at byte {c.file_offset}")
         raw = fmt.decode_chunk(stored, c.codec, c.raw_len)
         host[c.raw_offset : c.raw_offset + c.raw_len] = raw
@@ -263,9 +266,13 @@ class LocalLevel:
                 snap.wait_copied(snap.total_bytes, timeout_s=self._commit_timeout_s)
             os.makedirs(step_dir, exist_ok=True)
             self._faults.hit("local.open")
-            fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            if not os.path.exists(data_path):
+                self._take_recycled(data_path)
+            # No O_TRUNC: every byte up to data_bytes is rewritten, then the file is cut there.
+            fd = os.open(data_path, os.O_WRONLY | os.O_CREAT, 0o644)
             try:
                 chunks, data_bytes = self._write_chunks(fd, snap)
+                os.ftruncate(fd, data_bytes)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -276,6 +283,7 @@ class LocalLevel:
                 "total_bytes": snap.total_bytes,
                 "skeleton": fmt.b64(snap.skeleton),
                 "skeleton_crc32": fmt.crc32(snap.skeleton),
+                "checksum": fmt.CHUNK_CHECKSUM,
                 "tensors": [e.to_json() for e in snap.entries],
                 "chunks": [c.to_json() for c in chunks],
             }
@@ -311,6 +319,7 @@ class LocalLevel:
         lock = threading.Lock()
         next_file_offset = [0]
         timeout_s = self._commit_timeout_s
+        check = fmt.checksum_fn(fmt.CHUNK_CHECKSUM)
 
         def one(raw_offset: int) -> fmt.ChunkEntry:
             raw_len = min(self._chunk_bytes, snap.total_bytes - raw_offset)
@@ -323,7 +332,7 @@ class LocalLevel:
                 with lock:
                     file_offset = next_file_offset[0]
                     next_file_offset[0] += len(stored)
-            crc = fmt.crc32(stored)
+            crc = check(stored)
             self._faults.hit("local.write")
             _pwrite_all(fd, memoryview(stored), file_offset)
             fmt.start_writeback(fd, file_offset, len(stored))
@@ -422,12 +431,41 @@ class LocalLevel:
     # ---- retention -----------------------------------------------------------------------------
 
     def delete(self, step: int) -> None:
-        """Delete a checkpoint: the manifest first (so it stops existing at once), then its data."""
+        """Delete a checkpoint: the manifest first (so it stops existing at once), then its data.
+
+        Up to ``world_size`` data files are kept in ``.recycle/`` and overwritten by the next
+        checkpoints: rewriting blocks and cached pages that a file already owns cost 0.18 s of CPU
+        per 600 MB here, against 1-1.8 s for a fresh file (block and page allocation).
+        """
+        step_dir = self.step_dir(step)
         manifest = self.manifest_path(step)
         if os.path.exists(manifest):
             os.remove(manifest)
-            fmt.fsync_dir(self.step_dir(step))
-        shutil.rmtree(self.step_dir(step), ignore_errors=True)
+            fmt.fsync_dir(step_dir)
+        recycle = os.path.join(self.root, RECYCLE_DIR)
+        with contextlib.suppress(OSError):
+            os.makedirs(recycle, exist_ok=True)
+            kept = len(os.listdir(recycle))
+            for name in sorted(os.listdir(step_dir)):
+                if kept >= self.world_size or not name.endswith(".data"):
+                    continue
+                os.replace(os.path.join(step_dir, name), os.path.join(recycle, f"{step}-{name}"))
+                kept += 1
+        shutil.rmtree(step_dir, ignore_errors=True)
+
+    def _take_recycled(self, dest: str) -> bool:
+        recycle = os.path.join(self.root, RECYCLE_DIR)
+        try:
+            names = sorted(os.listdir(recycle))
+        except FileNotFoundError:
+            return False
+        for name in names:
+            try:
+                os.rename(os.path.join(recycle, name), dest)
+                return True
+            except FileNotFoundError:  # another rank took it first
+                continue
+        return False
 
     def uncommitted_steps(self) -> list[int]:
         """Step directories without a manifest: in flight, or left by a crashed writer."""

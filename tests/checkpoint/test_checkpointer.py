@@ -185,7 +185,24 @@ def test_retention_keeps_the_last_n_per_level_plus_every_kth_step(tmp_path: Path
             for level in info.levels:
                 by_level[level].append(info.step)
     assert by_level == {"host": [10], "local": [3, 6, 9, 10], "remote": [3, 6, 8, 9, 10]}
-    assert sorted(p.name for p in local.iterdir()) == [f"step_{s:012d}" for s in (3, 6, 9, 10)]
+    steps = sorted(p.name for p in local.iterdir() if not p.name.startswith("."))
+    assert steps == [f"step_{s:012d}" for s in (3, 6, 9, 10)]
+    assert len(list((local / ".recycle").iterdir())) == 1  # one data file kept for reuse
+
+
+def test_recycled_data_files_of_deleted_checkpoints_are_rewritten_exactly(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    with _ckpt(str(local), keep_last_local=1) as ck:
+        ck.save(1, make_state(1, scale=8)).wait("local", timeout_s=60)  # a large file
+        ck.save(2, make_state(2, scale=1)).wait("local", timeout_s=60)  # step 1 -> .recycle
+        recycled = list((local / ".recycle").iterdir())
+        assert (
+            len(recycled) == 1 and recycled[0].stat().st_size > _data_file(local, 2).stat().st_size
+        )
+        inode = recycled[0].stat().st_ino
+        ck.save(3, make_state(3, scale=2)).wait("local", timeout_s=60)  # rewrites it, smaller
+        assert _data_file(local, 3).stat().st_ino == inode  # the very same file, reused
+        assert_same(make_state(3, scale=2), ck.restore())
 
 
 def test_remote_keeps_its_own_count(tmp_path: Path) -> None:
