@@ -411,6 +411,7 @@ class _Op:
         *,
         src: torch.Tensor,
         res: torch.Tensor,
+        stage: torch.Tensor,
         op: str,
         codec: _Codec | None,
         tag: int,
@@ -420,6 +421,10 @@ class _Op:
         self.ring = ring
         self.src = src
         self.res = res
+        # Where the all-gather lands: `res` itself (fp32, or any quantized op), or a buffer of the
+        # tensor's own fp16/bf16 dtype, so the all-gather moves half the bytes.
+        self.stage = stage
+        self.stage_esz = stage.element_size()
         self.op = op
         self.codec = codec
         self.tag = tag
@@ -441,10 +446,9 @@ class _Op:
         self.queues: list[queue.SimpleQueue[tuple[int, int, bytes | bytearray | None] | None]] = [
             queue.SimpleQueue() for _ in range(c)
         ]
-        self.res_bytes = res.numpy().view(np.uint8) if codec is None else None
-        self.src_bytes = (
-            src.numpy().view(np.uint8) if codec is None and src.dtype == torch.float32 else None
-        )
+        self.res_bytes = _byte_view(res) if codec is None else None
+        self.stage_bytes = _byte_view(stage) if codec is None else None
+        self.src_bytes = _byte_view(src) if codec is None and src.dtype == torch.float32 else None
         self.error: BaseException | None = None
         self.error_lock = threading.Lock()
         self.encoded_cls: Any = None
@@ -528,6 +532,10 @@ class _Op:
             if self.codec is None:
                 if step == 0 and self.src_bytes is not None:
                     payload = self.src_bytes[4 * a : 4 * b].data
+                elif step >= self.n - 1:
+                    assert self.stage_bytes is not None
+                    e = self.stage_esz
+                    payload = self.stage_bytes[e * a : e * b].data
                 else:
                     assert self.res_bytes is not None
                     payload = self.res_bytes[4 * a : 4 * b].data
@@ -555,10 +563,12 @@ class _Op:
             blob: bytes | bytearray | None = None
             if self.codec is None:
                 # Header and payload in one system call, the payload straight into place.
-                assert self.res_bytes is not None
-                header = conn.recv_frame_into(
-                    self.res_bytes[4 * a : 4 * b].data, timeout_s=max(self.left(), 1e-3)
-                )
+                assert self.res_bytes is not None and self.stage_bytes is not None
+                if step <= last_rs:
+                    into = self.res_bytes[4 * a : 4 * b].data
+                else:
+                    into = self.stage_bytes[self.stage_esz * a : self.stage_esz * b].data
+                header = conn.recv_frame_into(into, timeout_s=max(self.left(), 1e-3))
                 self.check_header(conn, header, m)
             else:
                 header = conn.recv_header(timeout_s=max(self.left(), 1e-3))
@@ -577,6 +587,8 @@ class _Op:
                 if step == last_rs:  # this peer owns the chunk now: finish it once, here
                     if self.op == "avg":
                         region.div_(n)
+                    if self.stage is not self.res:
+                        self.stage[a:b].copy_(region)  # rounded once, here, for everyone
                     if self.codec is not None:
                         # Encode once; this peer keeps exactly what the others will decode.
                         enc = self.codec.encode(region)
@@ -640,6 +652,7 @@ class Ring:
         self._lock = threading.Lock()
         self._closed = False
         self._scratch: torch.Tensor | None = None
+        self._stage: torch.Tensor | None = None
         # Fault-injection seam for tests: called on a sending thread as ``before_send(step, sub)``
         # before each sub-chunk leaves (steps 0..n-2 reduce-scatter, then all-gather).
         self.before_send: Callable[[int, int], None] | None = None
@@ -727,21 +740,33 @@ class Ring:
                 res = dest_flat
             else:
                 res = self._scratch_for(flat.numel())
+            stage = res
             if flat.dtype != torch.float32 and codec is None:
                 # Only the chunk this peer sends first is read from `res` before it is written.
                 lo, hi = _split(flat.numel(), self.world_size, self.rank)
                 res[lo:hi].copy_(flat[lo:hi])
+                if dest is not tensor and not _overlaps(dest_flat, flat):
+                    stage = dest_flat
+                else:
+                    stage = self._stage_for(flat.numel(), flat.dtype)
             tx0, rx0 = self._bytes()
             state = _Op(
-                self, src=flat, res=res, op=op, codec=codec, tag=tag, deadline=start + timeout_s
+                self,
+                src=flat,
+                res=res,
+                stage=stage,
+                op=op,
+                codec=codec,
+                tag=tag,
+                deadline=start + timeout_s,
             )
             for sub in range(state.k):
                 state.push(0, sub, None)
             self._run_threads(state)
             if state.error is not None:
                 raise _with_context(state.error, self, tag)
-            if res.data_ptr() != dest_flat.data_ptr():
-                dest_flat.copy_(res)
+            if stage.data_ptr() != dest_flat.data_ptr():
+                dest_flat.copy_(stage)
             tx1, rx1 = self._bytes()
             return RingStats(tx1 - tx0, rx1 - rx0, time.monotonic() - start)
         finally:
@@ -772,12 +797,17 @@ class Ring:
             state.fail(CommTimeoutError("a ring thread did not finish by the deadline"))
             for th in threads:
                 th.join(timeout=max(hard_deadline + _GRACE_S - time.monotonic(), 0))
-            # A thread that is still alive may yet write into the scratch buffer: drop it.
-            self._scratch = None
+            # A thread that is still alive may yet write into the scratch buffers: drop them.
+            self._scratch = self._stage = None
 
     def _bytes(self) -> tuple[int, int]:
         conns = self._send + self._recv
         return sum(c.tx_bytes for c in conns), sum(c.rx_bytes for c in conns)
+
+    def _stage_for(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if self._stage is None or self._stage.numel() < numel or self._stage.dtype != dtype:
+            self._stage = torch.empty(numel, dtype=dtype)
+        return self._stage[:numel]
 
     def _scratch_for(self, numel: int) -> torch.Tensor:
         # Kept between calls: a fresh 100 MB buffer costs page faults on first touch.
@@ -809,6 +839,11 @@ class Ring:
             raise ValueError(
                 "out must be a contiguous CPU tensor with the shape and dtype of tensor"
             )
+
+
+def _byte_view(t: torch.Tensor) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """The bytes of a contiguous 1-D tensor as a numpy array (no copy; works for bf16 too)."""
+    return t.view(torch.uint8).numpy()
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

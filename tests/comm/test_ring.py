@@ -147,6 +147,10 @@ def test_every_op_matches_a_reference_and_is_bit_identical_on_every_peer(
             assert torch.equal(out, outs[0]), f"{op} {dtype}: peers disagree"
         for t, o in zip(inputs, originals, strict=True):
             assert torch.equal(t, o), "the input was modified although out= was given"
+        # Partial sums travel as fp32; the all-gather carries fp16/bf16 results at 2 bytes each.
+        fp32_bytes = 2 * 2 / 3 * numel * 4
+        bound = 1.05 if dtype == torch.float32 else 0.8
+        assert results[0].tx_bytes < fp32_bytes * bound
 
 
 @pytest.mark.timeout(60)
@@ -182,6 +186,18 @@ def test_large_tensor_with_many_striped_sub_chunks_and_two_dimensional_shape() -
         assert payload <= stats.rx_bytes < payload * 1.1
     finally:
         cluster.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_in_place_all_reduce(cluster3: Cluster, dtype: torch.dtype) -> None:
+    inputs = _inputs(3, 4_099, dtype, seed=21)
+    ref = _reference(inputs, "sum")
+    results = cluster3.all_reduce(inputs, "sum")
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert inputs[0].dtype == dtype
+    torch.testing.assert_close(inputs[0].double(), ref, rtol=1.6e-2, atol=1.6e-2)
+    assert torch.equal(inputs[0], inputs[1]) and torch.equal(inputs[1], inputs[2])
 
 
 @pytest.mark.timeout(60)
