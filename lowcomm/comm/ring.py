@@ -12,7 +12,9 @@ the local values and queues it for the next hop at once, while sending threads d
 Sub-chunk ``m`` of the operation travels on connection ``m % num_connections``, so one operation
 stripes over every connection to the right-hand neighbour; data flows right, so each peer sends and
 receives at the same time (full duplex). In the all-gather phase every peer receives the bytes the
-owner of each chunk produced, so results are bit-identical on every peer.
+owner of each chunk produced, so results are bit-identical on every peer. fp16/bf16 tensors are
+accumulated in fp32 (partial sums travel as fp32); the owner rounds each finished chunk to the
+tensor's dtype once and the all-gather carries those 2-byte values.
 
 Quantized (``codec=``): what travels is encoded, what is accumulated is fp32; the owner of each
 reduced chunk encodes it once for the all-gather and replaces its own copy by the decoded value, and
