@@ -203,12 +203,15 @@ class DiLoCo:
         self._last_speed = 0.0
         self._codec: Any = None
         self._quantization: Any = None if config.quantization == "none" else config.quantization
-        self._error: torch.Tensor | None = None
+        self._ef: Any = None
         if config.quantization == "topk":
-            self._error = torch.zeros_like(self._theta)
-            from lowcomm.compression import get_codec
+            from lowcomm.compression import ErrorFeedback, get_codec
 
+            # Top-k drops most of each pseudo-gradient: error feedback re-sends what was left
+            # out in later rounds (mandatory: ALGORITHMS.md section 6). It covers this peer's own
+            # compression; the ring re-sparsifies partial sums with the same codec.
             self._codec = get_codec("topk", fraction=config.topk_fraction)
+            self._ef = ErrorFeedback(self._codec)
             self._quantization = self._codec
         if initial_sync:
             self._sync_state("receive_only" if joining else "enforce_popular")
@@ -272,6 +275,18 @@ class DiLoCo:
     @property
     def outer_momentum(self) -> torch.Tensor:
         return self._momentum
+
+    @torch.no_grad()
+    def copy_outer_to(self, model: nn.Module) -> None:
+        """Copies theta into ``model``, another instance of the wrapped model's class (for eval).
+
+        Plain (unsharded) models only; parameters are matched by name.
+        """
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        target = dict(model.named_parameters())
+        for p, a, b in zip(self._params, self._offsets, self._offsets[1:], strict=False):
+            dst = target[names[id(p)]]
+            dst.copy_(self._theta[a:b].view(dst.shape))
 
     def outer_hash(self) -> str:
         """A hash of the shared outer state (theta, momentum, counters); equal on in-sync peers."""
@@ -349,7 +364,7 @@ class DiLoCo:
             "offset_momentum": None
             if self._offset_momentum is None
             else self._offset_momentum.clone(),
-            "error": None if self._error is None else self._error.clone(),
+            "error": None if self._ef is None else self._ef.state_dict(),
             "carry": None if self._carry is None else self._carry.clone(),
             "flights": flights,
             "round_steps": self._round_steps,
@@ -383,10 +398,12 @@ class DiLoCo:
                     f"DiLoCo.load_state_dict: outer state {name!r} is missing or misshapen"
                 )
         self._load_shared(outer)
-        for attr in ("offset", "offset_momentum", "error"):
+        for attr in ("offset", "offset_momentum"):
             mine = getattr(self, f"_{attr}")
             if mine is not None and state[attr] is not None:
                 mine.copy_(state[attr])
+        if self._ef is not None and state["error"] is not None:
+            self._ef.load_state_dict(state["error"])
         self._carry = None if state["carry"] is None else state["carry"].clone()
         self._round_steps = int(state["round_steps"])
         self._local_steps = int(state["local_steps"])
@@ -441,11 +458,8 @@ class DiLoCo:
     # ---------------------------------------------------------------- collectives
     def _launch(self, delta: torch.Tensor, tag: int) -> _InFlight:
         sent = delta.clone()
-        if self._error is not None:
-            # top-k with error feedback: send the compressed (error + delta), keep what was left out.
-            self._error.add_(delta)
-            kept = self._codec.decode(self._codec.encode(self._error)).to(torch.float32)
-            self._error.sub_(kept)
+        if self._ef is not None:
+            kept = self._ef.decode(self._ef.encode(f"tag{tag}", delta)).to(torch.float32)
             delta.copy_(kept)
             sent = kept.clone()
         handle = self._start(delta, tag)

@@ -73,12 +73,14 @@ def simulate(
     num_replicas: int,
     outer: OuterConfig | None,
     seed: int = 0,
-    log_every: int = 0,
+    eval_every: int = 0,
 ) -> RunResult:
     """Trains and returns the validation loss of the final (outer) parameters.
 
     ``outer=None`` trains one model with batch ``num_replicas * batch_size`` (``num_replicas=1``:
     one worker; more: data-parallel). Otherwise ``num_replicas`` replicas run ``outer``.
+    ``eval_every`` (a multiple of ``sync_every``) records ``(step, validation loss)`` of the
+    model (of the outer parameters, for DiLoCo) in ``RunResult.curve``.
     """
     start = time.perf_counter()
     if outer is None:
@@ -100,12 +102,15 @@ def simulate(
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if log_every and step % log_every == 0:
-                curve.append((step, float(loss)))
-        return RunResult(name, evaluate(model, corpus), time.perf_counter() - start, curve=curve)
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                curve.append((step + 1, evaluate(model, corpus, num_batches=8)))
+        final = evaluate(model, corpus)
+        curve.append((steps, final))
+        return RunResult(name, final, time.perf_counter() - start, curve=curve)
 
     group = LocalGroup(num_replicas)
     models = [_model(gpt, seed) for _ in range(num_replicas)]  # seeded here: global RNG
+    probe = _model(gpt, seed)
     trainers: list[DiLoCo | None] = [None] * num_replicas
     errors: list[BaseException] = []
     curve = []
@@ -124,8 +129,9 @@ def simulate(
                 loss = model(x, y)
                 loss.backward()
                 trainer.step()
-                if rank == 0 and log_every and step % log_every == 0:
-                    curve.append((step, float(loss)))
+                if rank == 0 and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                    trainer.copy_outer_to(probe)
+                    curve.append((step + 1, evaluate(probe, corpus, num_batches=8)))
             trainer.finish()
         except BaseException as exc:  # re-raised in the calling thread
             errors.append(exc)
@@ -145,9 +151,11 @@ def simulate(
         assert other is not None and torch.equal(other.outer_params, first.outer_params), (
             "replicas' outer parameters diverged"
         )
+    final = evaluate(models[0], corpus)
+    curve.append((steps, final))
     return RunResult(
         name,
-        evaluate(models[0], corpus),
+        final,
         time.perf_counter() - start,
         tx_bytes_per_peer=first.stats.tx_bytes,
         curve=curve,

@@ -41,6 +41,12 @@ class PeerSpec:
     batch_size: int = 16
     lr: float = 2e-3
     outer_steps: int = 10  # stop once this many outer steps are applied (same point on every peer)
+    # ... and, past that, go on (up to max_outer_steps, default 3x outer_steps) until this many
+    # peers take part: the demo and the tests wait this way for a rejoining peer. World size and
+    # outer steps change only at outer steps, identically on every peer, so all still stop at the
+    # same point (a wall-clock limit would not: peers would disagree on when it passed).
+    min_final_world: int = 0
+    max_outer_steps: int | None = None
     bandwidth_bps: float | None = None
     latency_ms: float = 0.0
     die_at_inner_step: int | None = None
@@ -92,6 +98,11 @@ def _run(spec: PeerSpec, events: Any) -> None:
         shaper=shaper,
         heartbeat_interval_s=spec.heartbeat_interval_s,
     )
+    # Everything slow happens before connecting, so that a joiner admitted by the running peers
+    # is ready for the shared-state sync at once (they wait for it there).
+    torch.manual_seed(spec.seed)
+    model = GPT(spec.gpt)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     comm = Communicator(spec.master, peer_group=0, token=spec.token, config=config)
     comm.connect(timeout_s=spec.timeout_s * 4)
     if not spec.joining:
@@ -101,9 +112,6 @@ def _run(spec: PeerSpec, events: Any) -> None:
         events.put(("late", spec.index, {}))
         comm.close()
         return
-    torch.manual_seed(spec.seed)
-    model = GPT(spec.gpt)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     if spec.mode == "ddp":
         _run_ddp(spec, events, comm, model, opt, corpus)
         return
@@ -113,7 +121,15 @@ def _run(spec: PeerSpec, events: Any) -> None:
     t_start = time.perf_counter()
     last_t, last_step = t_start, 0
     step = 0
-    while trainer.stats.outer_steps < spec.outer_steps:
+
+    def more() -> bool:
+        done = trainer.stats.outer_steps
+        if done < spec.outer_steps:
+            return True
+        cap = spec.max_outer_steps or 3 * spec.outer_steps
+        return comm.world_size < spec.min_final_world and done < cap
+
+    while more():
         x, y = sample_batch(
             corpus.train, batch_size=spec.batch_size, context=spec.gpt.context, generator=gen
         )

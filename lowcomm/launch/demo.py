@@ -179,6 +179,7 @@ def _progress(
     tok_s = sum(p["tokens_per_s"] for p in latest.values())
     step = payload["step"]
     if total_steps:
+        total_steps = max(total_steps, step)  # runs on while waiting for a rejoining peer
         done = min(1.0, step / total_steps)
         bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
         where = f"[{bar}] step {step}/{total_steps}"
@@ -209,7 +210,9 @@ def _plot(path: str, phases: list[_Phase]) -> str | None:
             acc = 0.8 * acc + 0.2 * v
             smooth.append(acc)
         ax_t.plot(t, smooth, label=phase.name)
-        ax_b.plot([max(x, 1.0) / 1e6 for x in b], smooth, label=phase.name)
+        sent = [(x / 1e6, v) for x, v in zip(b, smooth, strict=True) if x > 0]
+        if sent:
+            ax_b.plot(*zip(*sent, strict=True), label=phase.name)
     ax_t.set_xlabel("wall-clock time (s)")
     ax_b.set_xlabel("bytes sent per peer (MB, log)")
     ax_b.set_xscale("log")
@@ -265,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     )
     master = Master(("127.0.0.1", 0), token=token, heartbeat_timeout_s=5.0).start()
     address = "{}:{}".format(*master.address)
-    num_outer = args.steps // args.sync_every
+    # The one-step-delayed methods apply round k's average at the end of round k+1.
+    num_outer = max(1, args.steps // args.sync_every - (1 if outer.is_pipelined else 0))
     base: dict[str, Any] = dict(
         master=address,
         token=token,
@@ -286,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
                 outer=outer,
                 outer_steps=num_outer,
                 die_at_inner_step=(args.steps // 2 if kill and i == args.peers - 1 else None),
+                min_final_world=args.peers if kill else 0,
+                max_outer_steps=20 * num_outer,  # room for the rejoiner to arrive on a busy box
                 evaluate_at_end=(i == 0),
                 **base,
             )

@@ -60,6 +60,7 @@ class _Run:
             except queue.Empty:
                 continue
             assert kind != "error", f"peer {index} failed:\n{payload}"
+            assert kind != "late", f"peer {index} joined after the others had finished"
             if kind == "done":
                 self.done[index] = payload
             elif kind == "progress":
@@ -97,7 +98,10 @@ def test_peer_joining_mid_run_receives_the_outer_state_and_ends_bit_identical() 
     master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=5.0).start()
     run = _Run()
     try:
-        first = [_spec(master, i, num_peers=2, outer_steps=12) for i in range(2)]
+        first = [
+            _spec(master, i, num_peers=2, outer_steps=12, min_final_world=3, max_outer_steps=1000)
+            for i in range(2)
+        ]
         for spec in first:
             run.start(spec)
         # Join once the others are a few outer steps in.
@@ -110,6 +114,7 @@ def test_peer_joining_mid_run_receives_the_outer_state_and_ends_bit_identical() 
         assert run.done[0]["joins"] == run.done[1]["joins"] == 1
         assert run.done[2]["rx_bytes"] > 0  # the joiner really received the state
         assert run.done[2]["inner_steps"] < run.done[0]["inner_steps"]
+        assert run.done[0]["outer_steps"] < 1000  # stopped because the joiner came, not the cap
     finally:
         run.close()
         master.stop()
