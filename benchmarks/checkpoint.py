@@ -13,7 +13,7 @@ same run, so the ratios are taken under the same load. Per method:
   (files were just written, so reads hit the page cache equally for all methods); every restore
   is checked bit for bit against the state at the checkpoint.
 
-    .venv/bin/python benchmarks/checkpoint.py            # 1.2 GB of state, 3 checkpoints each
+    .venv/bin/python benchmarks/checkpoint.py            # 1.2 GB of state, 5 checkpoints each
     .venv/bin/python benchmarks/checkpoint.py --quick    # 0.15 GB, 2 checkpoints, same code paths
     .venv/bin/python benchmarks/checkpoint.py --device cuda --params 700e6 --every-step
                                                          # GPU: >= 8 GB, checkpoint every step
@@ -415,7 +415,7 @@ def main() -> None:
     if args.params is None:
         args.params = 12e6 if args.quick else 100e6
     if args.checkpoints is None:
-        args.checkpoints = 2 if args.quick else 3
+        args.checkpoints = 2 if args.quick else 5
     if args.restores is None:
         args.restores = 2 if args.quick else 3
     if args.quick:

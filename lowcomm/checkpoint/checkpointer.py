@@ -341,10 +341,15 @@ class Checkpointer:
         skeleton, refs = flatten_state(state)
         entries, total = plan_layout(refs)
         event = None
-        if any(r.tensor.is_cuda for r in refs):
+        cuda_devices = {r.tensor.device for r in refs if r.tensor.is_cuda}
+        if len(cuda_devices) > 1:
+            raise ValueError(
+                f"state holds tensors on several GPUs {sorted(map(str, cuda_devices))}"
+            )
+        if cuda_devices:
             # Cheap: marks the point on the training stream the side-stream copies must follow.
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream())
+            event.record(torch.cuda.current_stream(next(iter(cuda_devices))))
         snap = Snapshot(
             step=step,
             skeleton=skeleton,

@@ -257,34 +257,54 @@ class Stager:
         self._on_buffer(snap)
         assert snap.buffer.data is not None
         buf = snap.buffer.data
-        if cuda and self._stream is None:
-            self._stream = torch.cuda.Stream()
         pending: list[tuple[Any, int]] = []  # (cuda event, end offset) not yet published
         if cuda:
+            device = next(r.tensor.device for r in snap.refs if r.tensor.is_cuda)
+            if self._stream is None or self._stream.device != device:
+                self._stream = torch.cuda.Stream(device=device)
             # The copies must see the values as of save(): order them after the saving stream.
             self._stream.wait_event(snap.cuda_event)
+            with torch.cuda.device(device):
+                self._copy_all(snap, buf, pending)
+        else:
+            self._copy_all(snap, buf, pending)
+
+    def _copy_all(self, snap: Snapshot, buf: torch.Tensor, pending: list[tuple[Any, int]]) -> None:
+        """Copy every tensor; CUDA copies are queued on the side stream without waiting, and
+        progress (a copied prefix of the layout) is published as their events complete."""
+        assert snap.refs is not None
         for ref, entry in zip(snap.refs, snap.entries, strict=True):
             self._faults.hit("copy")
             end = entry.offset + entry.nbytes
-            if entry.nbytes:
-                dst = host_tensor(buf, entry)
-                if ref.tensor.is_cuda:
-                    with torch.cuda.stream(self._stream):
-                        dst.copy_(ref.tensor, non_blocking=True)
-                        ev = torch.cuda.Event()
-                        ev.record(self._stream)
-                    pending.append((ev, end))
-                    continue
-                with torch.no_grad():
-                    dst.copy_(ref.tensor)
-            self._drain(snap, pending)
-            self._publish(snap, end)
+            if entry.nbytes and ref.tensor.is_cuda:
+                with torch.cuda.stream(self._stream):
+                    host_tensor(buf, entry).copy_(ref.tensor, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(self._stream)
+                pending.append((ev, end))
+            else:
+                if entry.nbytes:  # CPU tensors (AdamW's step counters): a plain copy
+                    with torch.no_grad():
+                        host_tensor(buf, entry).copy_(ref.tensor)
+                pending.append((None, end))
+            self._poll(snap, pending)
         self._drain(snap, pending)
         self._publish(snap, snap.total_bytes)
 
+    def _poll(self, snap: Snapshot, pending: list[tuple[Any, int]]) -> None:
+        done = 0
+        for ev, _ in pending:
+            if ev is not None and not ev.query():
+                break
+            done += 1
+        if done:
+            self._publish(snap, pending[done - 1][1])
+            del pending[:done]
+
     def _drain(self, snap: Snapshot, pending: list[tuple[Any, int]]) -> None:
         for ev, end in pending:
-            ev.synchronize()
+            if ev is not None:
+                ev.synchronize()
             self._publish(snap, end)
         pending.clear()
 
