@@ -22,7 +22,7 @@ from lowcomm.diloco import DiLoCo, OuterConfig
 from lowcomm.launch._experiments import Corpus, evaluate
 from lowcomm.launch._tinygpt import GPT, GPTConfig, sample_batch
 
-__all__ = ["PeerSpec", "run_peer", "wait_for_world"]
+__all__ = ["PeerSpec", "outer_steps_for", "run_peer", "wait_for_world"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,17 @@ class PeerSpec:
     mode: str = "diloco"  # or "ddp": all-reduce the gradients every step (data-parallel)
     time_budget_s: float | None = None  # ddp: stop (all peers at once) after this long
     max_steps: int | None = None  # ddp: stop after this many steps
+
+
+def outer_steps_for(outer: OuterConfig, inner_steps: int) -> int:
+    """How many outer steps ``inner_steps`` inner steps make for this method (at least 1).
+
+    Streaming counts one outer step per fragment sync; the one-step-delayed methods apply their
+    first average one round late.
+    """
+    if outer.method == "streaming":
+        return max(1, inner_steps // (outer.sync_every // outer.num_fragments))
+    return max(1, inner_steps // outer.sync_every - (1 if outer.is_pipelined else 0))
 
 
 def wait_for_world(comm: Any, num_peers: int, *, timeout_s: float) -> None:

@@ -17,7 +17,12 @@ from lowcomm.launch.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = ("lowcomm.launch.demo", "lowcomm.launch.master_cmd")
+_COMMANDS = (
+    "lowcomm.launch.demo",
+    "lowcomm.launch.master_cmd",
+    "lowcomm.launch.run_cmd",
+    "lowcomm.launch.join_cmd",
+)
 
 
 def _command_modules() -> list[ModuleType]:

@@ -230,7 +230,7 @@ def _plot(path: str, phases: list[_Phase]) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from lowcomm.comm import Master
     from lowcomm.diloco import OuterConfig
-    from lowcomm.launch._peer import PeerSpec
+    from lowcomm.launch._peer import PeerSpec, outer_steps_for
     from lowcomm.launch._tinygpt import GPTConfig
 
     if args.peers < 1:
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     master = Master(("127.0.0.1", 0), token=token, heartbeat_timeout_s=5.0).start()
     address = "{}:{}".format(*master.address)
     # The one-step-delayed methods apply round k's average at the end of round k+1.
-    num_outer = max(1, args.steps // args.sync_every - (1 if outer.is_pipelined else 0))
+    num_outer = outer_steps_for(outer, args.steps)
     base: dict[str, Any] = dict(
         master=address,
         token=token,
