@@ -49,7 +49,7 @@ def test_two_volunteers_join_a_run_and_end_bit_identical(tmp_path: Path) -> None
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
-            )  # fmt: skip
+            )
             for i in range(2)
         ]
         outs = [p.communicate(timeout=200)[0] for p in procs]
