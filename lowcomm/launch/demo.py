@@ -331,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
     for phase in phases:
         r0 = phase.results[0]
         steps = r0["inner_steps"]
-        util = r0["inner_s"] / r0["wall_s"] if r0["wall_s"] else 0.0
+        util = 1.0 - r0["comm_wait_s"] / r0["wall_s"] if r0["wall_s"] else 0.0
         print(
             f"{phase.name:>14}: {steps} steps in {r0['wall_s']:.0f} s, validation loss "
             f"{r0['val_loss']:.3f}, sent {_fmt_bytes(r0['tx_bytes'])} per peer, "
