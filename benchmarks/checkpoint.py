@@ -1,8 +1,11 @@
 """Checkpointing: lowcomm's lazy multi-level Checkpointer against torch.save and DCP async_save.
 
-One process builds the same model + AdamW state (about 1.2 GB: 100M fp32 parameters and two
-moments) for each method in turn, trains it, and checkpoints it; every figure is measured in this
-same run, so the ratios are taken under the same load. Per method:
+One process trains one model + AdamW state (about 1.2 GB: 100M fp32 parameters and two moments)
+and checkpoints it with each method in turn, cycle by cycle (the order rotates), so every ratio is
+taken in the same run under the same load. One uncounted warm-up checkpoint per method first; each
+method keeps one checkpoint on disk (lowcomm: keep_last_local=1, so from its second checkpoint on
+it rewrites the data file of the one it deletes; its first ones write fresh files and are slower).
+Per method:
 
 - blocking: time the training thread spends in checkpointing per checkpoint: the save call plus,
   for the asynchronous methods, the wait right before ``optimizer.step()`` (DCP:
@@ -14,7 +17,7 @@ same run, so the ratios are taken under the same load. Per method:
   is checked bit for bit against the state at the checkpoint.
 
     .venv/bin/python benchmarks/checkpoint.py            # 1.2 GB of state, 5 checkpoints each
-    .venv/bin/python benchmarks/checkpoint.py --quick    # 0.15 GB, 2 checkpoints, same code paths
+    .venv/bin/python benchmarks/checkpoint.py --quick    # 0.15 GB, 3 checkpoints, same code paths
     .venv/bin/python benchmarks/checkpoint.py --device cuda --params 700e6 --every-step
                                                          # GPU: >= 8 GB, checkpoint every step
 
@@ -197,7 +200,7 @@ class Lowcomm:
 
     def __init__(self, root: str, compression: str) -> None:
         self.ck = Checkpointer(
-            CheckpointConfig(levels=("host://", root), compression=compression, keep_last_local=2)
+            CheckpointConfig(levels=("host://", root), compression=compression, keep_last_local=1)
         )
         self.handle: Any = None
 
@@ -328,6 +331,7 @@ def run_all(
             blocking_max_s=max(r["blocking"]),
             next_step_extra_s=statistics.median(r["next"]) - base_s,
             durable_s=statistics.median(r["durable"]),
+            durable_range_s=(min(r["durable"]), max(r["durable"])),
             restore_s=statistics.median(restores[name]),
             restore_exact=exact[name],
         )
@@ -402,7 +406,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="0.15 GB of state, 2 checkpoints")
+    p.add_argument("--quick", action="store_true", help="0.15 GB of state, 3 checkpoints")
     p.add_argument("--params", type=float, default=None, help="model parameters (default 100e6)")
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--batch", type=int, default=32)
@@ -420,7 +424,7 @@ def main() -> None:
     if args.params is None:
         args.params = 12e6 if args.quick else 100e6
     if args.checkpoints is None:
-        args.checkpoints = 2 if args.quick else 5
+        args.checkpoints = 3 if args.quick else 5
     if args.restores is None:
         args.restores = 2 if args.quick else 3
     if args.quick:
@@ -446,13 +450,14 @@ def main() -> None:
         f"\nstate ~{args.params * 12 / 1e9:.2f} GB (params + AdamW moments), device {args.device}, "
         f"{args.checkpoints} checkpoints per method interleaved, medians; bytes of one checkpoint"
     )
-    hdr = f"{'method':30} {'step s':>7} {'blocks s':>9} {'next step +s':>12} {'durable s':>10} {'GB on disk':>10} {'restore s':>9} {'exact':>5}"
+    hdr = f"{'method':30} {'step s':>7} {'blocks s':>9} {'next step +s':>12} {'durable s':>10} {'(min-max)':>11} {'GB on disk':>10} {'restore s':>9} {'exact':>5}"
     print(hdr)
     print("-" * len(hdr))
     for r in results.values():
         print(
             f"{r['method']:30} {r['step_s']:7.3f} {r['blocking_s']:9.4f} {r['next_step_extra_s']:12.3f} "
-            f"{r['durable_s']:10.2f} {r['bytes_on_disk'] / 1e9:10.3f} {r['restore_s']:9.2f} {r['restore_exact']!s:>5}"
+            f"{r['durable_s']:10.2f} {'{:.1f}-{:.1f}'.format(*r.get('durable_range_s', (float('nan'),) * 2)):>11} "
+            f"{r['bytes_on_disk'] / 1e9:10.3f} {r['restore_s']:9.2f} {r['restore_exact']!s:>5}"
         )
     claims = []
     lc = results.get("lowcomm")

@@ -28,6 +28,8 @@ class _Rule:
     delay_s: float
     times: int | None  # None: every hit
     after: int  # let this many hits pass first
+    gate: threading.Event | None  # block until it is set (bounded by gate_timeout_s)
+    gate_timeout_s: float
 
 
 class FaultInjector:
@@ -56,15 +58,25 @@ class FaultInjector:
         delay_s: float = 0.0,
         times: int | None = 1,
         after: int = 0,
+        gate: threading.Event | None = None,
+        gate_timeout_s: float = 60.0,
     ) -> None:
-        """Arm ``point``: its next ``times`` hits (after ``after`` clean ones) sleep ``delay_s``, then
-        raise ``error`` if given. ``times=None`` arms it for every hit."""
+        """Arm ``point``: its next ``times`` hits (after ``after`` clean ones) wait for ``gate`` to
+        be set (at most ``gate_timeout_s``), sleep ``delay_s``, then raise ``error`` if given.
+        ``times=None`` arms it for every hit."""
         if point not in POINTS:
             raise ValueError(f"unknown fault point {point!r}; known points: {', '.join(POINTS)}")
         if delay_s < 0 or (times is not None and times < 1) or after < 0:
             raise ValueError("delay_s and after must be >= 0 and times >= 1 (or None)")
         with self._lock:
-            self._rules[point] = _Rule(error=error, delay_s=delay_s, times=times, after=after)
+            self._rules[point] = _Rule(
+                error=error,
+                delay_s=delay_s,
+                times=times,
+                after=after,
+                gate=gate,
+                gate_timeout_s=gate_timeout_s,
+            )
 
     def clear(self, point: str | None = None) -> None:
         """Disarm one point, or every point."""
@@ -99,6 +111,8 @@ class FaultInjector:
                 if rule.times == 0:
                     del self._rules[point]
             self._fired[point] = self._fired.get(point, 0) + 1
+        if rule.gate is not None:
+            rule.gate.wait(rule.gate_timeout_s)
         if rule.delay_s:
             time.sleep(rule.delay_s)
         if rule.error is not None:

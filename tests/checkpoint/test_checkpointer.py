@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +261,27 @@ def test_save_returns_before_the_copy_and_clones_nothing_on_the_caller(tmp_path:
         assert not handle.done("host")  # returned while the copier still sleeps
         ck.wait_until_safe_to_mutate(timeout_s=30)
         assert handle.done("host")
+
+
+def test_a_slow_disk_applies_back_pressure_to_the_copy_not_to_save(tmp_path: Path) -> None:
+    faults = FaultInjector()
+    gate = threading.Event()
+    faults.inject("local.write", gate=gate, times=None)  # the disk hangs until the gate opens
+    with _ckpt("host://", str(tmp_path / "l"), faults=faults, keep_last_local=3) as ck:
+        handles = [ck.save(step, make_state(step)) for step in (1, 2, 3)]  # none of them blocks
+        handles[1].wait("host", timeout_s=30)  # the second buffer was free: copied
+        time.sleep(0.3)
+        # Both host buffers are held (the writer's and the newest snapshot's): the third copy waits.
+        assert all(b.holders > 0 for b in ck._pool._buffers)
+        assert not handles[2].done("host")
+        assert faults.fired("local.write") >= 1
+        gate.set()
+        ck.wait_until_safe_to_mutate(timeout_s=60)
+        for h in handles:
+            h.wait("local", timeout_s=60)
+        assert ck._pool.num_allocations == 2  # two buffers, reused
+        for step in (1, 2, 3):
+            assert_same(make_state(step), ck.restore(step=step))
 
 
 @pytest.fixture
