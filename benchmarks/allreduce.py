@@ -69,6 +69,7 @@ def _worker(rank: int, n: int, cfg: dict[str, Any], addr_q: Any, conn: Any) -> N
         timeout_s=60,
         shaper=shaper,
         subchunk_bytes=cfg["subchunk_bytes"],
+        thread_per_connection=cfg["thread_per_connection"],
     )
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{cfg['gloo_port']}", rank=rank, world_size=n
@@ -165,6 +166,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer reps (< 1 min)")
     parser.add_argument("--num-connections", type=int, default=4)
     parser.add_argument("--subchunk-mib", type=float, default=4.0)
+    parser.add_argument(
+        "--thread-per-connection",
+        action="store_true",
+        help="one thread per connection (the WAN default); off: two threads per peer",
+    )
     args = parser.parse_args()
     quick = args.quick
     numel = 4_000_000 if quick else 25_000_000  # 16 MB or 100 MB of fp32
@@ -173,6 +179,8 @@ def main() -> None:
         "numel": numel,
         "num_connections": args.num_connections,
         "subchunk_bytes": int(args.subchunk_mib * 1024 * 1024),
+        # Loopback is CPU bound: one sending and one receiving thread for all connections.
+        "thread_per_connection": args.thread_per_connection,
         "warmup": 1,
         "reps": 2 if quick else 8,
     }
@@ -248,6 +256,7 @@ def main() -> None:
         base,
         numel=shaped_numel,
         bandwidth_bps=rate_bps,
+        thread_per_connection=True,  # an emulated WAN link: each stream its own threads
         variants=["lowcomm_out", "uint8"],
         uint8=True,
         reps=2 if quick else 3,

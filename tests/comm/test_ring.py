@@ -55,7 +55,14 @@ def _run_all(fns: list[Callable[[], Any]], timeout_s: float = 60.0) -> list[Any]
 class Cluster:
     """``n`` ring peers as threads of this process, each with its own listener."""
 
-    def __init__(self, n: int, *, num_connections: int = 2, subchunk_bytes: int = 1 << 16) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        num_connections: int = 2,
+        subchunk_bytes: int = 1 << 16,
+        thread_per_connection: bool = True,
+    ) -> None:
         self.listeners = [PeerListener("127.0.0.1", 0, token=TOKEN) for _ in range(n)]
         addresses = [lst.address for lst in self.listeners]
         made = _run_all(
@@ -69,6 +76,7 @@ class Cluster:
                     num_connections=num_connections,
                     timeout_s=20,
                     subchunk_bytes=subchunk_bytes,
+                    thread_per_connection=thread_per_connection,
                 )
                 for r in range(n)
             ]
@@ -170,8 +178,13 @@ def test_sizes_smaller_than_the_world_reduce_correctly_in_place(numel: int) -> N
 
 
 @pytest.mark.timeout(60)
-def test_large_tensor_with_many_striped_sub_chunks_and_two_dimensional_shape() -> None:
-    cluster = Cluster(2, num_connections=3, subchunk_bytes=4096)
+@pytest.mark.parametrize("thread_per_connection", [True, False])
+def test_large_tensor_with_many_striped_sub_chunks_and_two_dimensional_shape(
+    thread_per_connection: bool,
+) -> None:
+    cluster = Cluster(
+        2, num_connections=3, subchunk_bytes=4096, thread_per_connection=thread_per_connection
+    )
     try:
         inputs = [t.view(101, 997) for t in _inputs(2, 101 * 997, torch.float32, seed=3)]
         ref = _reference(inputs, "avg").float()
