@@ -42,8 +42,8 @@ class Shaper:
     Args:
         bandwidth_bps: link rate in bits per second (``None``: unlimited, latency only).
         latency_ms: one-way latency added to every byte, in milliseconds.
-        burst_bytes: how far the bucket may run ahead of the link; default about 2 ms of traffic
-            (at least 64 KiB).
+        burst_bytes: how far the bucket may run ahead of the link; default 0.5 ms of traffic
+            (at least 16 KiB), so that measured throughput cannot exceed the rate noticeably.
         piece_bytes: sends are paced in pieces of at most this size.
     """
 
@@ -66,7 +66,7 @@ class Shaper:
         self.piece_bytes = piece_bytes
         self._rate = bandwidth_bps / 8.0 if bandwidth_bps is not None else None
         if burst_bytes is None:
-            burst_bytes = max(64 * 1024, int(self._rate * 0.002)) if self._rate else 0
+            burst_bytes = max(16 * 1024, int(self._rate * 0.0005)) if self._rate else 0
         if burst_bytes < 0:
             raise ValueError(f"burst_bytes must be >= 0, got {burst_bytes}")
         self.burst_bytes = burst_bytes
