@@ -199,7 +199,10 @@ class DiLoCo:
         self._fragment_flight: dict[int, _InFlight] = {}
         self._carry: torch.Tensor | None = None  # a dropped round's progress, sent with the next
         self._control: tuple[AllReduceHandle, torch.Tensor] | None = None
-        self._round_compute_s = 0.0
+        # DyLU's speed: wall time of the round's inner steps (forward, backward and optimizer,
+        # everything between outer steps) minus the time step() spent blocked on the network.
+        self._round_start = time.perf_counter()
+        self._round_wait_start = 0.0
         self._last_speed = 0.0
         self._codec: Any = None
         self._quantization: Any = None if config.quantization == "none" else config.quantization
@@ -304,7 +307,6 @@ class DiLoCo:
         self.inner_optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         self.stats.inner_s += dt
-        self._round_compute_s += dt
         self.stats.inner_steps += 1
         self._round_steps += 1
         if self.config.method == "streaming":
@@ -620,10 +622,19 @@ class DiLoCo:
         return delta
 
     def _outer_round(self) -> None:
+        try:
+            self._outer_round_inner()
+        finally:
+            self._round_start = time.perf_counter()
+            self._round_wait_start = self.stats.comm_wait_s
+
+    def _outer_round_inner(self) -> None:
         cfg = self.config
         delta = self._pseudogradient()
-        steps_done, compute_s = self._round_steps, self._round_compute_s
-        self._round_steps, self._round_compute_s = 0, 0.0
+        now = time.perf_counter()
+        steps_done = self._round_steps
+        compute_s = (now - self._round_start) - (self.stats.comm_wait_s - self._round_wait_start)
+        self._round_steps = 0
         # Rounded as it travels (fp32), so that the fastest peer sees exactly its own speed.
         own_speed = float(torch.tensor(steps_done / compute_s if compute_s > 0 else 0.0).float())
         if not cfg.is_pipelined:
