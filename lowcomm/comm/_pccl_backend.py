@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowcomm.comm.communicator import AllReduceInfo, CommConfig, Communicator, Handle
+from lowcomm.comm.communicator import (
+    AllReduceInfo,
+    CommConfig,
+    Communicator,
+    Handle,
+    check_all_reduce_args,
+)
 from lowcomm.comm.errors import CommError, PeerFailureError, TopologyError
 from lowcomm.comm.master import parse_address
 from lowcomm.comm.shared_state import SharedState, SyncInfo, validate_strategy
@@ -223,14 +229,7 @@ class PcclCommunicator(Communicator):
         tag: int = 0,
         timeout_s: float | None = None,
     ) -> Handle:
-        if op not in _OPS:
-            raise ValueError(f"op must be one of {tuple(_OPS)}, got {op!r}")
-        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(
-                f"all_reduce needs a float32, float16 or bfloat16 tensor, got {tensor.dtype}"
-            )
-        if out is not None and (out.shape != tensor.shape or out.dtype != tensor.dtype):
-            raise ValueError("out must match tensor's shape and dtype")
+        check_all_reduce_args(tensor, op, out=out, tag=tag)
         if quantization not in (None, "uint8"):
             raise ValueError(
                 f"the pccl backend supports quantization=None or 'uint8' (PCCL's own), got {quantization!r}"

@@ -67,6 +67,28 @@ T = TypeVar("T")
 OPS = ("sum", "avg", "min", "max")
 BACKENDS = ("tcp", "pccl")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_all_reduce_args(
+    tensor: torch.Tensor, op: str, *, out: torch.Tensor | None, tag: int
+) -> None:
+    """Raises ValueError naming the bad argument; shared by every backend's all_reduce."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _DTYPES:
+        raise ValueError(
+            f"all_reduce needs a float32, float16 or bfloat16 tensor, got "
+            f"{getattr(tensor, 'dtype', type(tensor))}"
+        )
+    if out is not None and (out.shape != tensor.shape or out.dtype != tensor.dtype):
+        raise ValueError(
+            f"out must match tensor's shape and dtype: {tuple(out.shape)}/{out.dtype} vs "
+            f"{tuple(tensor.shape)}/{tensor.dtype}"
+        )
+    if not 0 <= tag < 2**63:
+        raise ValueError(f"tag must be in [0, 2**63), got {tag}")
+
+
 # p2p payloads travel in frames of at most this size.
 _P2P_FRAME_BYTES = 16 * 1024 * 1024
 _KIND_P2P_HEADER = 0x48
@@ -390,20 +412,7 @@ class Communicator:
         run one after the other in submission order on the worker thread, so every peer must
         submit them in the same order (tags tell them apart; mismatched tags raise). Do not
         touch ``tensor``/``out`` until ``handle.wait()`` returned."""
-        if op not in OPS:
-            raise ValueError(f"op must be one of {OPS}, got {op!r}")
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _DTYPES:
-            raise ValueError(
-                f"all_reduce needs a float32, float16 or bfloat16 tensor, got "
-                f"{getattr(tensor, 'dtype', type(tensor))}"
-            )
-        if out is not None and (out.shape != tensor.shape or out.dtype != tensor.dtype):
-            raise ValueError(
-                f"out must match tensor's shape and dtype: {tuple(out.shape)}/{out.dtype} vs "
-                f"{tuple(tensor.shape)}/{tensor.dtype}"
-            )
-        if not 0 <= tag < 2**63:
-            raise ValueError(f"tag must be in [0, 2**63), got {tag}")
+        check_all_reduce_args(tensor, op, out=out, tag=tag)
         codec = _resolve_codec(quantization)
 
         def run(deadline: float) -> AllReduceInfo:
