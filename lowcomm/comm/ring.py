@@ -35,12 +35,14 @@ import importlib
 import logging
 import queue
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import crc32c
 import numpy as np
 import torch
 
@@ -67,6 +69,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the receiving thread (which is itself bounded by the deadline).
 _GRACE_S = 2.0
 _MIN_SUBCHUNKS = 4
+_MIN_QUANT_SUBCHUNKS = 8
+_CRC = struct.Struct("<I")
+# What a sending thread sends: one buffer, or several that travel as one frame.
+_Payload = bytes | bytearray | memoryview | list[Any]
 _MIN_SUBCHUNK_BYTES = 256 * 1024
 
 
@@ -412,6 +418,28 @@ def _reduce(dst: torch.Tensor, other: torch.Tensor, op: str) -> None:
         torch.maximum(dst, other, out=dst)
 
 
+class _Layout:
+    """What the raw wire form of one quantized sub-chunk of ``numel`` values looks like: the
+    ``Encoded`` parts of the codec, in order, then a crc32c of them (4 bytes, little endian).
+
+    A codec's part layout depends only on its parameters and the shape (``Encoded.from_bytes``
+    relies on the same), so both sides derive it from a template encoding of zeros; the frame
+    then carries nothing but the parts' bytes and the checksum, and the receiver reads them
+    straight into place and decodes views of them (no header parsing, no copies)."""
+
+    __slots__ = ("codec_name", "nbytes", "params", "parts")
+
+    def __init__(self, codec: _Codec, numel: int) -> None:
+        template = codec.encode(torch.zeros(numel, dtype=torch.float32))
+        self.codec_name: str = template.codec
+        self.params: dict[str, Any] = dict(template.params)
+        self.parts: list[tuple[str, torch.dtype, tuple[int, ...], int]] = [
+            (name, t.dtype, tuple(t.shape), t.numel() * t.element_size())
+            for name, t in template.parts.items()
+        ]
+        self.nbytes = sum(p[3] for p in self.parts) + _CRC.size
+
+
 class _Op:
     """The state of one all-reduce in flight: buffers, queues, the first failure."""
 
@@ -442,12 +470,16 @@ class _Op:
         self.n = n
         self.numel = src.numel()
         max_chunk = -(-self.numel // n)
-        # Sub-chunks of about subchunk_bytes, but at least a few per chunk (down to 256 KiB each)
-        # so that even a mid-sized tensor is pipelined.
+        # Sub-chunks of about subchunk_bytes of fp32 values, but at least a few per chunk (down
+        # to 256 KiB each) so that even a mid-sized tensor is pipelined. Quantized sub-chunks are
+        # cut smaller (their encode and decode are the pipeline's slow stages; at least
+        # _MIN_QUANT_SUBCHUNKS per chunk), so that the first bytes leave, and the last are decoded,
+        # soon after the op starts and the wire goes quiet.
+        min_k = _MIN_SUBCHUNKS if codec is None else _MIN_QUANT_SUBCHUNKS
         self.k = max(
             1,
             -(-max_chunk * 4 // ring.subchunk_bytes),
-            min(_MIN_SUBCHUNKS, -(-max_chunk * 4 // _MIN_SUBCHUNK_BYTES)),
+            min(min_k, -(-max_chunk * 4 // _MIN_SUBCHUNK_BYTES)),
         )
         self.num_messages = 2 * (n - 1) * self.k
         # The op and the codec ride in the top byte of each frame's seq, so peers that disagree on
@@ -457,7 +489,7 @@ class _Op:
         # of each walking all connections in message order: same wire traffic, fewer threads.
         self.num_threads = c if ring.thread_per_connection else 1
         self.num_connections = c
-        self.queues: list[queue.SimpleQueue[tuple[int, int, bytes | bytearray | None] | None]] = [
+        self.queues: list[queue.SimpleQueue[tuple[int, int, _Payload | None] | None]] = [
             queue.SimpleQueue() for _ in range(self.num_threads)
         ]
         self.res_bytes = _byte_view(res) if codec is None else None
@@ -466,8 +498,28 @@ class _Op:
         self.error: BaseException | None = None
         self.error_lock = threading.Lock()
         self.encoded_cls: Any = None
+        # Quantized sub-chunks travel raw (see _Layout) unless the codec compresses its output
+        # (zstd): those travel in the codec's own self-describing, checksummed form.
+        self.raw = codec is not None and getattr(codec, "zstd_level", None) is None
+        self.arena: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+        self.recv_offsets: list[int] = []
         if codec is not None:
             self.encoded_cls = importlib.import_module("lowcomm.compression").Encoded
+        if self.raw:
+            # Every received quantized sub-chunk gets its own slot in one reused buffer: it is
+            # decoded from there and, in the all-gather, forwarded from there without a copy.
+            offset = 0
+            for m in range(self.num_messages):
+                step, sub = divmod(m, self.k)
+                a, b = self.bounds(self.recv_chunk(step), sub)
+                self.recv_offsets.append(offset)
+                offset += -(-self.layout(b - a).nbytes // 8) * 8
+            self.recv_offsets.append(offset)
+            self.arena = ring._arena_for(offset)
+
+    def layout(self, numel: int) -> _Layout:
+        assert self.codec is not None
+        return self.ring._layout_for(self.codec, numel)
 
     def bounds(self, chunk: int, sub: int) -> tuple[int, int]:
         lo, hi = _split(self.numel, self.n, chunk)
@@ -497,13 +549,56 @@ class _Op:
             q.put(None)
         self.ring._abort()
 
-    def push(self, step: int, sub: int, blob: bytes | bytearray | None) -> None:
+    def push(self, step: int, sub: int, payload: _Payload | None) -> None:
         m = step * self.k + sub
-        self.queues[m % self.num_connections % self.num_threads].put((step, sub, blob))
+        self.queues[m % self.num_connections % self.num_threads].put((step, sub, payload))
 
-    def encode(self, values: torch.Tensor) -> bytes:
+    def encode(self, values: torch.Tensor) -> _Payload:
+        """What travels for ``values``: the raw parts plus checksum, or the codec's bytes."""
         assert self.codec is not None
-        return bytes(self.codec.encode(values).to_bytes())
+        enc = self.codec.encode(values)
+        return self.pack(enc, values.numel()) if self.raw else bytes(enc.to_bytes())
+
+    def pack(self, enc: Any, numel: int) -> list[Any]:
+        """The raw wire form of ``enc`` (see ``_Layout``) as buffers that view its parts."""
+        layout = self.layout(numel)
+        views: list[Any] = []
+        crc = 0
+        for name, dtype, shape, _nbytes in layout.parts:
+            t = enc.parts.get(name)
+            if t is None or t.dtype != dtype or tuple(t.shape) != shape:
+                raise CommError(
+                    f"codec {layout.codec_name!r} produced part {name!r} unlike its layout for "
+                    f"{numel} values: its layout must depend on the shape and parameters only"
+                )
+            view = memoryview(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
+            crc = crc32c.crc32c(view, crc)
+            views.append(view)
+        views.append(_CRC.pack(crc))
+        return views
+
+    def unpack(self, buf: np.ndarray[Any, np.dtype[np.uint8]], numel: int) -> Any:
+        """Checks the crc32c of a received raw sub-chunk; returns an ``Encoded`` viewing it."""
+        layout = self.layout(numel)
+        body = buf[: -_CRC.size]
+        (expected,) = _CRC.unpack(buf[-_CRC.size :].tobytes())
+        if crc32c.crc32c(body.data) != expected:
+            raise ProtocolError(
+                "a quantized sub-chunk failed its crc32c check: the data was corrupted in transit"
+            )
+        parts: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, dtype, shape, nbytes in layout.parts:
+            raw = torch.from_numpy(body[offset : offset + nbytes])
+            parts[name] = (raw.view(dtype) if nbytes else torch.empty(0, dtype=dtype)).view(shape)
+            offset += nbytes
+        return self.encoded_cls(
+            codec=layout.codec_name,
+            params=layout.params,
+            dtype=torch.float32,
+            shape=(numel,),
+            parts=parts,
+        )
 
     def decode_into(self, blob: Any, out: torch.Tensor) -> None:
         """Decodes received bytes (or an ``Encoded`` this peer just made) into ``out``."""
@@ -526,23 +621,43 @@ class _Op:
 
     # --- threads ---
 
+    def produce_first_step(self) -> None:
+        """Queues the sub-chunks of the first step, in order (called on the op's own thread while
+        the ring threads run). Quantized ones are encoded here, one at a time, so the first can
+        leave as soon as it is ready while the next is being encoded."""
+        for sub in range(self.k):
+            if self.error is not None:
+                return
+            if self.codec is None:
+                self.push(0, sub, None)
+            else:
+                a, b = self.bounds(self.send_chunk(0), sub)
+                self.push(0, sub, self.encode(self.src[a:b]))
+
     def run_sender(self, index: int) -> None:
         q = self.queues[index]
-        for _ in range(index, self.num_messages, self.num_threads):
-            try:
-                item = q.get(timeout=max(self.left(), 0) + _GRACE_S)
-            except queue.Empty:
-                raise CommTimeoutError("no sub-chunk became ready before the deadline") from None
-            if item is None:
-                return
-            step, sub, blob = item
-            m = step * self.k + sub
+        # Items may be queued out of order (the first step is produced while relayed sub-chunks
+        # already arrive); each connection must carry its frames in message order.
+        held: dict[int, tuple[int, int, _Payload | None]] = {}
+        for expected in range(index, self.num_messages, self.num_threads):
+            while expected not in held:
+                try:
+                    item = q.get(timeout=max(self.left(), 0) + _GRACE_S)
+                except queue.Empty:
+                    raise CommTimeoutError(
+                        "no sub-chunk became ready before the deadline"
+                    ) from None
+                if item is None:
+                    return
+                held[item[0] * self.k + item[1]] = item
+            step, sub, blob = held.pop(expected)
+            m = expected
             conn = self.ring._send[m % self.num_connections]
             hook = self.ring.before_send
             if hook is not None:
                 hook(step, sub)
             a, b = self.bounds(self.send_chunk(step), sub)
-            payload: bytes | bytearray | memoryview
+            payload: _Payload
             if self.codec is None:
                 if step == 0 and self.src_bytes is not None:
                     payload = self.src_bytes[4 * a : 4 * b].data
@@ -574,7 +689,7 @@ class _Op:
             step, sub = divmod(m, self.k)
             a, b = self.bounds(self.recv_chunk(step), sub)
             region = self.res[a:b]
-            blob: bytes | bytearray | None = None
+            blob: _Payload | None = None
             if self.codec is None:
                 # Header and payload in one system call, the payload straight into place.
                 assert self.res_bytes is not None and self.stage_bytes is not None
@@ -584,6 +699,15 @@ class _Op:
                     into = self.stage_bytes[self.stage_esz * a : self.stage_esz * b].data
                 header = conn.recv_frame_into(into, timeout_s=max(self.left(), 1e-3))
                 self.check_header(conn, header, m)
+            elif self.raw:
+                assert self.arena is not None
+                slot = self.arena[
+                    self.recv_offsets[m] : self.recv_offsets[m] + self.layout(b - a).nbytes
+                ]
+                header = conn.recv_frame_into(slot.data, timeout_s=max(self.left(), 1e-3))
+                self.check_header(conn, header, m)
+                self.decode_into(self.unpack(slot, b - a), region)
+                blob = [slot.data]
             else:
                 header = conn.recv_header(timeout_s=max(self.left(), 1e-3))
                 self.check_header(conn, header, m)
@@ -606,10 +730,11 @@ class _Op:
                     if self.codec is not None:
                         # Encode once; this peer keeps exactly what the others will decode.
                         enc = self.codec.encode(region)
-                        blob = bytes(enc.to_bytes())
+                        blob = self.pack(enc, b - a) if self.raw else bytes(enc.to_bytes())
                         self.decode_into(enc, region)
-                else:
-                    blob = None  # the sender encodes the new partial sum
+                elif self.codec is not None:
+                    # Encode the new partial sum here, while it is still in cache.
+                    blob = self.encode(region)
             if step < 2 * n - 3:
                 self.push(step + 1, sub, blob)
 
@@ -668,6 +793,9 @@ class Ring:
         self._closed = False
         self._scratch: torch.Tensor | None = None
         self._stage: torch.Tensor | None = None
+        # Reused between quantized operations: sub-chunk layouts and the receive buffer.
+        self._layouts: dict[tuple[Any, int], _Layout] = {}
+        self._arena: np.ndarray[Any, np.dtype[np.uint8]] | None = None
         # Fault-injection seam for tests: called on a sending thread as ``before_send(step, sub)``
         # before each sub-chunk leaves (steps 0..n-2 reduce-scatter, then all-gather).
         self.before_send: Callable[[int, int], None] | None = None
@@ -776,8 +904,6 @@ class Ring:
                 tag=tag,
                 deadline=start + timeout_s,
             )
-            for sub in range(state.k):
-                state.push(0, sub, None)
             self._run_threads(state)
             if state.error is not None:
                 raise _with_context(state.error, self, tag)
@@ -804,6 +930,10 @@ class Ring:
         ]
         for th in threads:
             th.start()
+        try:
+            state.produce_first_step()
+        except BaseException as exc:  # an encode error (NaN input): the op fails like any other
+            state.fail(exc)
         # Every blocking call of these threads is bounded by the op's deadline; the grace covers
         # unwinding. One overall bound, not one per thread.
         hard_deadline = state.deadline + 2 * _GRACE_S
@@ -814,7 +944,7 @@ class Ring:
             for th in threads:
                 th.join(timeout=max(hard_deadline + _GRACE_S - time.monotonic(), 0))
             # A thread that is still alive may yet write into the scratch buffers: drop them.
-            self._scratch = self._stage = None
+            self._scratch = self._stage = self._arena = None
 
     def _bytes(self) -> tuple[int, int]:
         conns = self._send + self._recv
@@ -824,6 +954,25 @@ class Ring:
         if self._stage is None or self._stage.numel() < numel or self._stage.dtype != dtype:
             self._stage = torch.empty(numel, dtype=dtype)
         return self._stage[:numel]
+
+    def _layout_for(self, codec: _Codec, numel: int) -> _Layout:
+        # Keyed by the codec's value (codecs are frozen dataclasses) or, failing that, identity.
+        try:
+            key: tuple[Any, int] = (codec, numel)
+            hash(key)
+        except TypeError:
+            key = (id(codec), numel)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) > 256:
+                self._layouts.clear()
+            layout = self._layouts[key] = _Layout(codec, numel)
+        return layout
+
+    def _arena_for(self, nbytes: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        if self._arena is None or self._arena.nbytes < nbytes:
+            self._arena = np.empty(max(nbytes, 1), dtype=np.uint8)
+        return self._arena[:nbytes]
 
     def _scratch_for(self, numel: int) -> torch.Tensor:
         # Kept between calls: a fresh 100 MB buffer costs page faults on first touch.

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lowcomm.comm import _wire
+from lowcomm.comm import ring as ring_module
 from lowcomm.comm.errors import (
     AuthenticationError,
     CommError,
@@ -293,6 +294,53 @@ def test_uint8_average_of_bf16_inputs(cluster3: Cluster) -> None:
     assert inputs[0].dtype == torch.bfloat16
     assert torch.equal(inputs[0], inputs[1]) and torch.equal(inputs[1], inputs[2])
     assert (inputs[0].double() - ref).abs().max().item() < 0.1
+
+
+@pytest.mark.timeout(60)
+def test_uint8_all_reduce_with_zstd_travels_in_the_codecs_own_format(cluster3: Cluster) -> None:
+    compression = pytest.importorskip("lowcomm.compression")
+    pytest.importorskip("zstandard")
+    codec = compression.get_codec("uint8", zstd_level=1)
+    plain = _uint8_codec()
+    inputs = _inputs(3, 200_003, torch.float32, seed=8)
+    outs = [torch.empty_like(t) for t in inputs]
+    results = cluster3.all_reduce(inputs, "sum", codec=codec, outs=outs)
+    assert all(not isinstance(r, BaseException) for r in results), results
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    # The same values as the raw path (zstd is lossless), bit for bit.
+    raw_outs = [torch.empty_like(t) for t in inputs]
+    results = cluster3.all_reduce(inputs, "sum", codec=plain, outs=raw_outs)
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert torch.equal(raw_outs[0], outs[0])
+
+
+@pytest.mark.timeout(60)
+def test_a_corrupted_quantized_sub_chunk_fails_its_checksum_and_nothing_is_applied(
+    cluster3: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = _uint8_codec()
+    fired = threading.Event()
+    original_pack = ring_module._Op.pack
+
+    def corrupting_pack(self: Any, enc: Any, numel: int) -> list[Any]:
+        views = original_pack(self, enc, numel)
+        if self.ring.rank == 1 and numel and not fired.is_set():
+            fired.set()
+            codes = bytearray(views[-2])  # the last part before the checksum
+            codes[len(codes) // 2] ^= 0x5A
+            views[-2] = memoryview(codes)
+        return views
+
+    monkeypatch.setattr(ring_module._Op, "pack", corrupting_pack)
+    inputs = _inputs(3, 100_000, torch.float32, seed=4)
+    originals = [t.clone() for t in inputs]
+    results = cluster3.all_reduce(inputs, "sum", codec=codec, timeout_s=20)
+    assert fired.is_set(), "the fault did not fire"
+    assert all(isinstance(r, CommError) for r in results), results
+    assert any(isinstance(r, ProtocolError) and "crc32c" in str(r) for r in results), results
+    for t, o in zip(inputs, originals, strict=True):
+        assert torch.equal(t, o), "a failed operation changed its input"
 
 
 # ----- peers out of step -------------------------------------------------------------------
