@@ -233,6 +233,9 @@ class Communicator:
         self._listener: PeerListener | None = None
         self._ring: Ring | None = None
         self._ring_id: str | None = None
+        # Reused between all-reduces (all run on the worker thread, one at a time): a fresh
+        # buffer per op costs a page fault per 4 KiB on first touch (pinned: a slow allocation).
+        self._buffers: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
         self._tasks: list[_Task] = []
         self._tasks_cond = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -748,6 +751,16 @@ class Communicator:
             except BaseException as e:
                 task.future.set_exception(e)
 
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
+        """A 1-D CPU buffer of at least ``numel`` elements, kept for the next op. Worker thread
+        only (the ops that use it run there one at a time)."""
+        key = (name, dtype, pin)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, pin_memory=pin)
+            self._buffers[key] = buf
+        return buf[:numel]
+
     def _drop_ring(self) -> None:
         ring, self._ring, self._ring_id = self._ring, None, None
         if ring is not None:
@@ -850,9 +863,9 @@ class Communicator:
         host = src.reshape(-1) if (src.device.type == "cpu" and src.is_contiguous()) else None
         if host is None:
             pin = src.device.type == "cuda"
-            host = torch.empty(src.numel(), dtype=src.dtype, pin_memory=pin)
+            host = self._buffer("host", src.numel(), src.dtype, pin=pin)
             host.copy_(src.reshape(-1), non_blocking=False)
-        scratch = torch.empty_like(host)
+        scratch = self._buffer("scratch", host.numel(), host.dtype, pin=False)
         error: CommError | None = None
         tx = rx = 0
         if len(participants) == 1:
@@ -883,6 +896,8 @@ class Communicator:
             except CommError as e:
                 error = e
                 self._drop_ring()
+                # A ring thread that outlived the failed op may still write into these.
+                self._buffers.clear()
         verdict = self._vote(str(gate["op_id"]), error is None, deadline)
         if verdict["verdict"] != "commit":
             self._drop_ring()
