@@ -4,12 +4,14 @@ Part A (quality, seeded, CPU, in one process): the calibration GPT (0.47M parame
 on the standard library's text) trained for the same number of inner steps by one worker (batch
 B), data-parallel (batch 4B), and 4 replicas of batch B through the real ``DiLoCo`` wrapper over an
 in-process ``LocalGroup``: sync DiLoCo (fp32 and uint8 pseudo-gradients, outer Nesterov lr 0.7 with
-momentum 0.5; a row with the paper's 0.9 shows why), async DiLoCo (no outer momentum, its default)
+momentum 0.5; a row with the paper's 0.9 shows why), async DiLoCo (eager updates, no outer momentum: its defaults; a row with PCCL's naive delay
+shows what eager buys)
 and Streaming DiLoCo (uint8, 2 fragments, overlap 1, merge 0.5, momentum 0.9). Validation loss of
 the outer parameters every few rounds.
 
 Part B (time over the link, 4 peer processes on loopback, lowcomm's shaper at 100 Mbit/s, 10 ms):
-  1. measured: one inner step of a >= 5M-parameter GPT on this CPU (one process alone);
+  1. measured: one inner step of a >= 5M-parameter GPT on this CPU, or with --inner-device cuda
+     on a GPU (one process alone);
   2. measured: lowcomm all-reduces among 4 real peers through the shaped link: the fp32 gradient
      (data-parallel, every step), the uint8 pseudo-gradient (DiLoCo / async, every H steps) and
      one uint8 Streaming fragment;
@@ -23,6 +25,9 @@ Part B (time over the link, 4 peer processes on loopback, lowcomm's shaper at 10
 
     .venv/bin/python benchmarks/diloco.py            # full (about 30 min on 2 cores)
     .venv/bin/python benchmarks/diloco.py --quick    # same code paths, tiny sizes
+    # part A here, part B's inner step timed on a GPU host, composed there:
+    .venv/bin/python benchmarks/diloco.py --save-part-a a.json
+    python benchmarks/diloco.py --load-part-a a.json --inner-device cuda
 
 Last line: one JSON object with the claims of issue 6.
 """
@@ -75,6 +80,11 @@ def part_a(args: argparse.Namespace) -> dict[str, RunResult]:
         ),
         (f"DiLoCo H={h} uint8", 4, OuterConfig(sync_every=h, outer_momentum=0.5)),
         (f"async DiLoCo H={h} uint8", 4, OuterConfig(method="async", sync_every=h)),
+        (
+            f"async naive H={h} uint8",
+            4,
+            OuterConfig(method="async", sync_every=h, eager=False),
+        ),
         (f"DiLoCo H={h} fp32 mom 0.9", 4, OuterConfig(sync_every=h, quantization="none")),
         (
             f"Streaming H={h} uint8",
@@ -196,19 +206,25 @@ def _measure_allreduce(
     return merged
 
 
-def _compute_step_s(gpt: GPTConfig, batch_size: int, reps: int) -> float:
+def _compute_step_s(gpt: GPTConfig, batch_size: int, reps: int, device: str) -> float:
+    """Median time of one inner step (forward, backward, AdamW) of one peer alone on ``device``."""
     torch.manual_seed(0)
-    model = GPT(gpt)
+    dev = torch.device(device)
+    model = GPT(gpt).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     corpus = Corpus.load(max_bytes=1_000_000)
     gen = torch.Generator().manual_seed(0)
     times = []
     for i in range(reps + 2):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         x, y = sample_batch(corpus.train, batch_size=batch_size, context=gpt.context, generator=gen)
-        model(x, y).backward()
+        model(x.to(dev), y.to(dev)).backward()
         opt.step()
         opt.zero_grad()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
@@ -273,8 +289,8 @@ def part_b(args: argparse.Namespace, runs: dict[str, RunResult]) -> dict[str, An
         f"\n== part B: {numel / 1e6:.2f}M-parameter GPT, 4 peers, link 100 Mbit/s + 10 ms",
         flush=True,
     )
-    t_c = _compute_step_s(gpt, 16, 3 if args.quick else 5)
-    print(f"inner step (one process alone): {t_c * 1e3:.0f} ms", flush=True)
+    t_c = _compute_step_s(gpt, 16, 3 if args.quick else 10, args.inner_device)
+    print(f"inner step (one process alone, {args.inner_device}): {t_c * 1e3:.1f} ms", flush=True)
     comm = _measure_allreduce([numel, numel // 2], bw, reps)
     for label, (s, tx) in comm.items():
         print(f"all-reduce, {label:>22}: {s:7.2f} s, {tx / 1e6:7.2f} MB sent per peer", flush=True)
@@ -297,15 +313,16 @@ def part_b(args: argparse.Namespace, runs: dict[str, RunResult]) -> dict[str, An
         "async DiLoCo": t_c + max(0.0, ar_u8 - h * t_c) / h,
         "Streaming": t_c + 2 * max(0.0, ar_frag - 1 * t_c) / h,  # 2 fragments, overlap 1 step
     }
-    names = [k for k in runs if k.startswith(("DiLoCo H", "async", "Streaming")) and "0.9" not in k]
+    h_a = 20 if args.quick else args.sync_every  # part A's H, which names its runs
     target = runs["one worker (B)"].val_loss
     print(f"\ntarget loss: {target:.4f} (one worker's final validation loss)")
     rows = []
     for name, key in (
         ("data-parallel (4B)", "data-parallel (4B)"),
-        (names[1], "DiLoCo"),
-        (names[2], "async DiLoCo"),
-        (names[3], "Streaming"),
+        (f"DiLoCo H={h_a} uint8", "DiLoCo"),
+        (f"async DiLoCo H={h_a} uint8", "async DiLoCo"),
+        (f"async naive H={h_a} uint8", "async DiLoCo"),
+        (f"Streaming H={h_a} uint8", "Streaming"),
     ):
         steps = steps_to(runs[name].curve, target)
         seconds = None if steps is None else steps * per_step[key]
@@ -335,13 +352,32 @@ def main() -> None:
     parser.add_argument("--sync-every", type=int, default=20, help="H (20)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per part A run")
     parser.add_argument("--jobs", type=int, default=1, help="part A runs in parallel processes")
+    parser.add_argument("--save-part-a", metavar="JSON", help="write part A's runs to this file")
+    parser.add_argument("--load-part-a", metavar="JSON", help="reuse part A's runs from this file")
+    parser.add_argument(
+        "--inner-device",
+        default="cpu",
+        help="where part B times the inner step (cpu; cuda on a GPU host: the hardware lowcomm is "
+        "for, where data-parallel is far more communication-bound)",
+    )
     args = parser.parse_args()
     import logging
 
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    runs = part_a(args)
+    if args.load_part_a:
+        # Part A is seeded CPU work: its curves can be computed on one host and composed with
+        # part B's timings on another (a GPU host) without changing what they mean.
+        saved = json.loads(Path(args.load_part_a).read_text())
+        runs = {
+            r["name"]: RunResult(**{**r, "curve": [tuple(c) for c in r["curve"]]}) for r in saved
+        }
+        print(f"== part A: loaded {len(runs)} runs from {args.load_part_a}", flush=True)
+    else:
+        runs = part_a(args)
+    if args.save_part_a:
+        Path(args.save_part_a).write_text(json.dumps([vars(r) for r in runs.values()]))
     h = 20 if args.quick else args.sync_every
     one, ddp = runs["one worker (B)"].val_loss, runs["data-parallel (4B)"].val_loss
     sync32, sync8 = runs[f"DiLoCo H={h} fp32"].val_loss, runs[f"DiLoCo H={h} uint8"].val_loss
@@ -385,6 +421,7 @@ def main() -> None:
             {
                 "benchmark": "diloco",
                 "quick": args.quick,
+                "inner_device": args.inner_device,
                 "bytes_per_peer": b["bytes"],
                 "claims": claims,
             }
