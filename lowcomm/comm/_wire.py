@@ -178,36 +178,63 @@ def send_all_parts(sock: socket.socket, buffers: Sequence[Buffer], deadline: flo
                 sent = 0
 
 
-def recv_exact(sock: socket.socket, views: Sequence[memoryview], deadline: float) -> int:
+_SO_RCVLOWAT: int | None = getattr(socket, "SO_RCVLOWAT", None)
+
+
+def recv_exact(
+    sock: socket.socket, views: Sequence[memoryview], deadline: float, *, lowat: int = 0
+) -> int:
     """Fills ``views`` in order from a blocking socket by ``deadline`` (one ``recvmsg_into`` with
     MSG_WAITALL when nothing goes wrong); returns the bytes received, which is fewer than their
     total only if the peer closed the connection.
 
+    ``lowat`` > 0 (bulk data): instead of MSG_WAITALL, each call sets SO_RCVLOWAT to
+    ``min(lowat, half the bytes still missing)``, so the kernel wakes this thread once that much
+    has arrived rather than for every segment. On loopback that cuts the sending side's CPU (its
+    softirq does the wake-ups) and some on this side. Why half: within one call the kernel keeps
+    the mark after a partial copy (it copies early when the receive window fills), and wakes
+    again only once another ``mark`` bytes are buffered. The call returns as soon as it has
+    copied ``mark`` bytes, so a stall would need more than ``missing - mark`` bytes copied but
+    fewer than ``mark``, impossible while ``mark <= missing / 2``. The mark is reset to 1 on
+    return, so that later small reads on the socket are woken as usual.
+
     Raises ``TimeoutError`` past the deadline and ``OSError`` if the connection fails."""
     pending = [v for v in views if v.nbytes]
     got = 0
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"received {got} bytes before the deadline")
-        _set_kernel_timeout(sock, socket.SO_RCVTIMEO, left)
-        try:
-            if len(pending) == 1:
-                n = sock.recv_into(pending[0], pending[0].nbytes, socket.MSG_WAITALL)
-            else:
-                n = sock.recvmsg_into(pending, 0, socket.MSG_WAITALL)[0]
-        except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
-            continue
-        if n == 0:
-            break
-        got += n
-        while n and pending:
-            if n >= pending[0].nbytes:
-                n -= pending[0].nbytes
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][n:]
-                n = 0
+    use_lowat = lowat > 0 and _SO_RCVLOWAT is not None
+    flags = 0 if use_lowat else socket.MSG_WAITALL
+    try:
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"received {got} bytes before the deadline")
+            _set_kernel_timeout(sock, socket.SO_RCVTIMEO, left)
+            if use_lowat:
+                assert _SO_RCVLOWAT is not None
+                missing = sum(v.nbytes for v in pending)
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, max(1, min(lowat, missing // 2)))
+            try:
+                if len(pending) == 1:
+                    n = sock.recv_into(pending[0], pending[0].nbytes, flags)
+                else:
+                    n = sock.recvmsg_into(pending, 0, flags)[0]
+            except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
+                continue
+            if n == 0:
+                break
+            got += n
+            while n and pending:
+                if n >= pending[0].nbytes:
+                    n -= pending[0].nbytes
+                    pending.pop(0)
+                else:
+                    pending[0] = pending[0][n:]
+                    n = 0
+    finally:
+        if use_lowat:
+            assert _SO_RCVLOWAT is not None
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, 1)
     return got
 
 
@@ -357,14 +384,17 @@ class Connection:
         mv = memoryview(view).cast("B")
         self._recv_exact(mv, time.monotonic() + timeout_s, in_frame=True)
 
-    def recv_frame_into(self, view: Buffer, *, timeout_s: float) -> FrameHeader:
+    def recv_frame_into(self, view: Buffer, *, timeout_s: float, lowat: int = 0) -> FrameHeader:
         """Reads one frame whose payload must be exactly ``len(view)`` bytes: header and payload
         arrive in one system call, the payload straight into ``view``. A frame of another length
         raises ``ProtocolError`` (bytes past it may have been consumed, so the connection is
-        closed). For bulk data whose size both sides know."""
+        closed). For bulk data whose size both sides know; ``lowat``: see ``recv_exact``."""
         mv = memoryview(view).cast("B")
         self._recv_exact(
-            [memoryview(self._header_buf), mv], time.monotonic() + timeout_s, in_frame=False
+            [memoryview(self._header_buf), mv],
+            time.monotonic() + timeout_s,
+            in_frame=False,
+            lowat=lowat,
         )
         header = self._parse_header(self.max_frame_bytes)
         if header.length != mv.nbytes:
@@ -425,7 +455,12 @@ class Connection:
         return FrameHeader(kind, seq, tag, length)
 
     def _recv_exact(
-        self, mv: memoryview | list[memoryview], deadline: float, *, in_frame: bool
+        self,
+        mv: memoryview | list[memoryview],
+        deadline: float,
+        *,
+        in_frame: bool,
+        lowat: int = 0,
     ) -> None:
         if self.closed:
             raise PeerFailureError(f"connection to {self.peer} is closed")
@@ -433,7 +468,7 @@ class Connection:
         got = 0
         total = sum(v.nbytes for v in views)
         try:
-            got = recv_exact(self._sock, views, deadline)
+            got = recv_exact(self._sock, views, deadline, lowat=lowat)
         except TimeoutError as exc:
             self._fail(f"receive from {self.peer} timed out")
             raise CommTimeoutError(

@@ -70,6 +70,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GRACE_S = 2.0
 _MIN_SUBCHUNKS = 4
 _MIN_QUANT_SUBCHUNKS = 8
+# Bulk receives wake once this much has arrived (see _wire.recv_exact), not per segment.
+_RCVLOWAT = 1 << 20
 _CRC = struct.Struct("<I")
 # What a sending thread sends: one buffer, or several that travel as one frame.
 _Payload = bytes | bytearray | memoryview | list[Any]
@@ -682,11 +684,17 @@ class _Op:
 
     def run_receiver(self, index: int) -> None:
         n, last_rs = self.n, self.n - 2
+        # The owner's decode of its own encoding (see below) is needed by nobody before the op
+        # ends, so it waits for the all-gather: there it runs while the next frame is arriving,
+        # instead of in the reduce-scatter, whose encodes and decodes keep the CPU busiest.
+        deferred: list[tuple[Any, torch.Tensor]] = []
         for m in range(index, self.num_messages, self.num_threads):
             conn = self.ring._recv[m % self.num_connections]
             if self.error is not None:
                 return
             step, sub = divmod(m, self.k)
+            if step > last_rs and deferred:
+                self.decode_into(*deferred.pop())
             a, b = self.bounds(self.recv_chunk(step), sub)
             region = self.res[a:b]
             blob: _Payload | None = None
@@ -697,14 +705,18 @@ class _Op:
                     into = self.res_bytes[4 * a : 4 * b].data
                 else:
                     into = self.stage_bytes[self.stage_esz * a : self.stage_esz * b].data
-                header = conn.recv_frame_into(into, timeout_s=max(self.left(), 1e-3))
+                header = conn.recv_frame_into(
+                    into, timeout_s=max(self.left(), 1e-3), lowat=_RCVLOWAT
+                )
                 self.check_header(conn, header, m)
             elif self.raw:
                 assert self.arena is not None
                 slot = self.arena[
                     self.recv_offsets[m] : self.recv_offsets[m] + self.layout(b - a).nbytes
                 ]
-                header = conn.recv_frame_into(slot.data, timeout_s=max(self.left(), 1e-3))
+                header = conn.recv_frame_into(
+                    slot.data, timeout_s=max(self.left(), 1e-3), lowat=_RCVLOWAT
+                )
                 self.check_header(conn, header, m)
                 self.decode_into(self.unpack(slot, b - a), region)
                 blob = [slot.data]
@@ -731,12 +743,14 @@ class _Op:
                         # Encode once; this peer keeps exactly what the others will decode.
                         enc = self.codec.encode(region)
                         blob = self.pack(enc, b - a) if self.raw else bytes(enc.to_bytes())
-                        self.decode_into(enc, region)
+                        deferred.append((enc, region))
                 elif self.codec is not None:
                     # Encode the new partial sum here, while it is still in cache.
                     blob = self.encode(region)
             if step < 2 * n - 3:
                 self.push(step + 1, sub, blob)
+        while deferred and self.error is None:
+            self.decode_into(*deferred.pop())
 
     def check_header(self, conn: _wire.Connection, header: _wire.FrameHeader, m: int) -> None:
         if header.kind != KIND_RING_DATA:

@@ -215,6 +215,47 @@ def test_malformed_handshake_json_is_a_protocol_error(listener: socket.socket) -
         assert "nonce" in str(acc.error)
 
 
+def test_bulk_receive_with_a_low_water_mark_gets_every_frame_of_a_trickling_stream(
+    listener: socket.socket,
+) -> None:
+    from lowcomm.comm._shaper import Shaper
+
+    # A paced sender with latency: data trickles in, the receive window fills before the mark is
+    # reached and the kernel copies early. The last frame has nothing after it, so a mark left
+    # above what it still owes would wait out the whole timeout (it did, before the mark was
+    # capped at half the missing bytes); the generous timeout only catches that hang.
+    shaper = Shaper(bandwidth_bps=16e6, latency_ms=20)
+    conn, server = _connected_pair(listener, shaper=shaper)
+    frames = [bytes([i]) * 250_000 for i in range(4)]
+    sender = _in_thread(
+        lambda: [conn.send_frame(80, f, seq=i, timeout_s=20) for i, f in enumerate(frames)]
+    )
+    for i, expected in enumerate(frames):
+        out = bytearray(len(expected))
+        start = time.monotonic()
+        header = server.recv_frame_into(out, timeout_s=10, lowat=1 << 20)
+        assert header.seq == i and out == expected
+        # A stalled wake-up completes only when the timeout cuts the read short (~10 s); the
+        # frame itself needs ~0.15 s, so half the timeout separates the two on any machine.
+        assert time.monotonic() - start < 5, f"frame {i} waited out its receive timeout"
+    assert sender.done.wait(10) and sender.error is None
+    # The mark was reset: a small frame after the bulk ones is still woken for.
+    conn.send_frame(81, b"tail", timeout_s=5)
+    assert server.recv_frame(timeout_s=10).payload == b"tail"
+    conn.close()
+    server.close()
+
+
+def test_bulk_receive_with_a_low_water_mark_reports_a_peer_closing_mid_frame(
+    listener: socket.socket,
+) -> None:
+    conn, server = _connected_pair(listener)
+    conn._sock.sendall(_raw_frame(64, b"x" * 1000, length=100_000))
+    conn.close()
+    with pytest.raises(TruncatedFrameError):
+        server.recv_frame_into(bytearray(100_000), timeout_s=5, lowat=1 << 20)
+
+
 def test_truncated_frame_from_a_peer_closing_mid_frame(listener: socket.socket) -> None:
     conn, server = _connected_pair(listener)
     conn._sock.sendall(_raw_frame(64, b"0123456789", length=100))
