@@ -18,7 +18,14 @@ tensor's dtype once and the all-gather carries those 2-byte values.
 
 Quantized (``codec=``): what travels is encoded, what is accumulated is fp32; the owner of each
 reduced chunk encodes it once for the all-gather and replaces its own copy by the decoded value, and
-the other peers forward those same bytes, so every peer ends bit-identical.
+the other peers forward those same bytes, so every peer ends bit-identical. A quantized sub-chunk
+travels as the codec's raw parts followed by their crc32c (``_Layout``; a zstd codec's output in
+its own checksummed format instead): received into one reused buffer, checked, decoded from views
+of it and forwarded from it, without copies. The calling thread encodes the first step's
+sub-chunks in order while the ring threads already send, so the wire starts after one encode.
+
+Receiving threads wake on a low-water mark (``_wire.recv_exact``), not per TCP segment: on
+loopback the wake-ups were a good part of the sending side's CPU.
 
 Failure: every socket operation runs against the operation's deadline. A dead neighbour raises
 ``PeerFailureError``, a stalled one ``CommTimeoutError``, peers in different operations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import queue
 import socket
 import struct
@@ -398,6 +406,9 @@ def connect_ring(
     )
 
 
+_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
+
+
 def _split(total: int, parts: int, index: int) -> tuple[int, int]:
     """Bounds of part ``index`` when ``total`` items are cut into ``parts`` near-equal parts."""
     base, rem = divmod(total, parts)
@@ -499,6 +510,8 @@ class _Op:
         self.src_bytes = _byte_view(src) if codec is None and src.dtype == torch.float32 else None
         self.error: BaseException | None = None
         self.error_lock = threading.Lock()
+        # Set once the calling thread has queued the whole first step (or the op failed).
+        self.first_step_done = threading.Event()
         self.encoded_cls: Any = None
         # Quantized sub-chunks travel raw (see _Layout) unless the codec compresses its output
         # (zstd): those travel in the codec's own self-describing, checksummed form.
@@ -544,6 +557,7 @@ class _Op:
             if self.error is not None:
                 return
             self.error = exc
+        self.first_step_done.set()
         # Wake every thread of this op and tell both neighbours at once: they see the connection
         # end and fail in turn, so the failure travels around the ring instead of waiting out
         # everyone's timeout.
@@ -627,14 +641,20 @@ class _Op:
         """Queues the sub-chunks of the first step, in order (called on the op's own thread while
         the ring threads run). Quantized ones are encoded here, one at a time, so the first can
         leave as soon as it is ready while the next is being encoded."""
-        for sub in range(self.k):
-            if self.error is not None:
-                return
-            if self.codec is None:
-                self.push(0, sub, None)
-            else:
-                a, b = self.bounds(self.send_chunk(0), sub)
-                self.push(0, sub, self.encode(self.src[a:b]))
+        try:
+            for sub in range(self.k):
+                if self.error is not None:
+                    return
+                if self.codec is None:
+                    self.push(0, sub, None)
+                else:
+                    a, b = self.bounds(self.send_chunk(0), sub)
+                    self.push(0, sub, self.encode(self.src[a:b]))
+                    # Let the sending thread take the core now: on a busy host it otherwise
+                    # waits for this thread's time slice to end, and the wire idles meanwhile.
+                    _yield()
+        finally:
+            self.first_step_done.set()
 
     def run_sender(self, index: int) -> None:
         q = self.queues[index]
@@ -718,6 +738,7 @@ class _Op:
                     slot.data, timeout_s=max(self.left(), 1e-3), lowat=_RCVLOWAT
                 )
                 self.check_header(conn, header, m)
+                self.wait_for_first_step(step)
                 self.decode_into(self.unpack(slot, b - a), region)
                 blob = [slot.data]
             else:
@@ -731,6 +752,7 @@ class _Op:
                     )
                 blob = bytearray(header.length)
                 conn.recv_into(blob, timeout_s=max(self.left(), 1e-3))
+                self.wait_for_first_step(step)
                 self.decode_into(blob, region)
             if step <= last_rs:
                 _reduce(region, self.src[a:b], self.op)
@@ -751,6 +773,15 @@ class _Op:
                 self.push(step + 1, sub, blob)
         while deferred and self.error is None:
             self.decode_into(*deferred.pop())
+
+    def wait_for_first_step(self, step: int) -> None:
+        """Holds a receiving thread's reduce-scatter work (decode, reduce, encode) until the
+        calling thread has encoded the first step. That work is needed only once every first-step
+        frame has left (frames leave in order), while each first-step encode gates the wire
+        right away: on a CPU-bound host, doing it first keeps the wire busy. It cannot deadlock:
+        the first step depends on no other thread or peer."""
+        if step <= self.n - 2 and not self.first_step_done.is_set():
+            self.first_step_done.wait(max(self.left(), 0))
 
     def check_header(self, conn: _wire.Connection, header: _wire.FrameHeader, m: int) -> None:
         if header.kind != KIND_RING_DATA:
