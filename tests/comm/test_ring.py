@@ -285,6 +285,32 @@ def test_uint8_all_reduce_is_bit_identical_unbiased_and_close_to_the_exact_sum(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("thread_per_connection", [True, False])
+def test_uint8_all_reduce_of_four_peers_with_many_sub_chunks_per_chunk(
+    thread_per_connection: bool,
+) -> None:
+    # Four peers, so partial sums are re-encoded on the way (two reduce-scatter hops before the
+    # owner), many sub-chunks over three connections: relayed sub-chunks arrive while the first
+    # step is still being encoded, and each connection must still carry its frames in order.
+    codec = _uint8_codec()
+    cluster = Cluster(
+        4, num_connections=3, subchunk_bytes=1 << 16, thread_per_connection=thread_per_connection
+    )
+    try:
+        inputs = _inputs(4, 400_003, torch.float32, seed=12)
+        ref = _reference(inputs, "avg")
+        outs = [torch.empty_like(t) for t in inputs]
+        results = cluster.all_reduce(inputs, "avg", codec=codec, outs=outs)
+        assert all(not isinstance(r, BaseException) for r in results), results
+        for out in outs[1:]:
+            assert torch.equal(out, outs[0]), "quantized results differ between peers"
+        rmse = (outs[0].double() - ref).pow(2).mean().sqrt().item()
+        assert 0 < rmse < 0.02
+    finally:
+        cluster.close()
+
+
+@pytest.mark.timeout(60)
 def test_uint8_average_of_bf16_inputs(cluster3: Cluster) -> None:
     codec = _uint8_codec()
     inputs = _inputs(3, 5_003, torch.bfloat16, seed=5)
