@@ -24,7 +24,11 @@ class OuterConfig:
         ``"async"``: one-step-delayed DiLoCo (PCCL/prime): round k's all-reduce runs while round
             k+1's inner steps do; its result is applied at the end of round k+1. With eager updates
             (``eager``, on by default) each peer's own fresh pseudo-gradient replaces its stale
-            share; ``eager=False`` is PCCL's naive delay.
+            share; ``eager=False`` is PCCL's naive delay. ``apply_after_steps=tau`` applies round
+            k's average after tau inner steps of round k+1 instead of at its end (waiting there if
+            the all-reduce is still running) and shifts the local parameters by the change of the
+            round's starting point, so no inner progress is lost: staleness drops from H inner
+            steps to tau. Pick tau just above the all-reduce time over the inner-step time.
             Its outer momentum defaults to 0 (see ``outer_momentum``).
         ``"streaming"``: Streaming DiLoCo; the parameters are split into ``num_fragments``
             fragments, one synced every ``sync_every / num_fragments`` inner steps, each all-reduce
@@ -57,6 +61,7 @@ class OuterConfig:
     # None: True for async. Measured (benchmarks/diloco.py setting, 4 peers, H=20, 1000 steps):
     # eager 1.906 against naive delay's 2.131 and sync's 1.809 validation loss.
     eager: bool | None = None
+    apply_after_steps: int | None = None
     # streaming
     num_fragments: int = 3
     overlap_steps: int = 1
@@ -101,6 +106,14 @@ class OuterConfig:
             )
         if self.eager is None:
             object.__setattr__(self, "eager", self.method == "async")
+        if self.apply_after_steps is not None:
+            if self.method != "async":
+                raise ValueError("OuterConfig.apply_after_steps applies to method='async' only")
+            if not 1 <= self.apply_after_steps < self.sync_every:
+                raise ValueError(
+                    f"OuterConfig.apply_after_steps must be in [1, sync_every = {self.sync_every}),"
+                    f" got {self.apply_after_steps}"
+                )
         if self.eager and self.method != "async":
             raise ValueError("OuterConfig.eager applies to method='async' only")
         if self.num_fragments < 1:

@@ -313,6 +313,8 @@ class DiLoCo:
             self._streaming_tick()
         elif self._round_steps >= self._local_steps:
             self._outer_round()
+        elif self._round_steps == self.config.apply_after_steps and self._in_flight is not None:
+            self._apply_early()
 
     def finish(self, *, timeout_s: float | None = None) -> None:
         """Waits for and applies whatever is in flight, then loads theta into the model.
@@ -697,6 +699,30 @@ class DiLoCo:
         self._last_speed = own_speed
         self._in_flight = self._launch(delta, _TAG_DELTA)
         self._start_control(own_speed)
+
+    def _apply_early(self) -> None:
+        """Applies last round's average now, tau steps into this round (``apply_after_steps``).
+
+        The local parameters move by exactly as much as the round's starting point does (theta
+        plus any eager offset before, the new theta after), so the inner progress made since the
+        round began is kept, and the next pseudo-gradient, measured from the new theta, carries it.
+        """
+        assert self._in_flight is not None
+        flight, self._in_flight = self._in_flight, None
+        avg = self._complete(flight, timeout_s=self.config.timeout_s)
+        if avg is None:
+            # Dropped: theta and the starting point stay; this peer's share rides with the next.
+            self._carry = flight.sent.clone() if self._carry is None else self._carry + flight.sent
+            return
+        local = self._gather(torch.empty_like(self._theta))
+        old_start = self._theta.clone()
+        if self._offset is not None and self._offset_momentum is not None:
+            old_start.add_(self._offset)
+            self._offset.zero_()
+            self._offset_momentum.zero_()
+        self._apply(avg)
+        local.add_(self._theta).sub_(old_start)
+        self._scatter(local)
 
     def _admit(self) -> None:
         """Admits pending peers at this outer step: topology update, then shared-state sync."""

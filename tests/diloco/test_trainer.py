@@ -115,6 +115,54 @@ def test_async_diloco_applies_each_round_one_round_late() -> None:
     assert trainer.outer_params[0].item() == -10.25 == model.ps[0].item()
 
 
+def test_async_early_application_shifts_local_params_and_loses_no_progress() -> None:
+    # H=3, tau=1, outer lr 0.5, no momentum; each inner step moves the parameter by -2.
+    config = OuterConfig(
+        method="async", eager=False, apply_after_steps=1, sync_every=3, outer_lr=0.5, **FP32
+    )
+    model, trainer = toy_trainer(SoloCommunicator(), config)
+    for _ in range(3):
+        toy_step(model, trainer, 2.0)  # round 1: 0 -> -6, pseudo-gradient 6 in flight
+    assert trainer.outer_params[0].item() == 0.0 and model.ps[0].item() == 0.0
+    toy_step(model, trainer, 2.0)  # local -2; theta <- 0 - 0.5*6 = -3; local shifted by -3
+    assert trainer.outer_params[0].item() == -3.0 and model.ps[0].item() == -5.0
+    for _ in range(2):
+        toy_step(model, trainer, 2.0)  # local -9; pseudo-gradient -3 - (-9) = 6, back to theta
+    assert model.ps[0].item() == -3.0
+    toy_step(model, trainer, 2.0)
+    assert trainer.outer_params[0].item() == -6.0 and model.ps[0].item() == -8.0
+    for _ in range(2):
+        toy_step(model, trainer, 2.0)  # local -12; pseudo-gradient 6 in flight
+    trainer.finish()
+    assert trainer.stats.outer_steps == 3 and trainer.outer_params[0].item() == -9.0
+
+
+def test_async_early_application_that_fails_carries_the_round_to_the_next() -> None:
+    config = OuterConfig(
+        method="async",
+        eager=False,
+        apply_after_steps=1,
+        sync_every=3,
+        outer_lr=0.5,
+        on_failure="drop",
+        **FP32,
+    )
+    comm = FailingComm(SoloCommunicator(), fail={0})
+    model, trainer = toy_trainer(comm, config)
+    for _ in range(4):
+        toy_step(model, trainer, 2.0)  # the early application of round 1 fails: no shift
+    assert comm.fired == 1 and trainer.stats.dropped_rounds == 1
+    assert trainer.outer_params[0].item() == 0.0 and model.ps[0].item() == -2.0
+    for _ in range(2):
+        toy_step(model, trainer, 2.0)  # pseudo-gradient 6 + the carried 6
+    toy_step(model, trainer, 2.0)  # theta <- 0 - 0.5*12 = -6; local -2 shifted to -8
+    assert trainer.outer_params[0].item() == -6.0 and model.ps[0].item() == -8.0
+    for _ in range(2):
+        toy_step(model, trainer, 2.0)
+    trainer.finish()
+    assert trainer.outer_params[0].item() == -9.0  # 3 rounds x 6 x 0.5: nothing lost
+
+
 def test_eager_updates_with_one_peer_track_synchronous_diloco() -> None:
     sync = OuterConfig(sync_every=2, outer_lr=0.5, outer_momentum=0.5, **FP32)
     eager = OuterConfig(
@@ -342,6 +390,8 @@ def test_load_state_dict_rejects_a_different_config() -> None:
             "overlap",
         ),
         ({"eager": True}, "eager"),
+        ({"apply_after_steps": 1}, "apply_after_steps"),
+        ({"method": "async", "sync_every": 4, "apply_after_steps": 4}, "apply_after_steps"),
         ({"co2_gap_penalty": 0.5}, "co2_gap_penalty"),
         ({"co2_clip": -1.0}, "co2_clip"),
         ({"dynamic_local_steps": True}, "dynamic_local_steps"),
