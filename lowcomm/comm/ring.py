@@ -483,6 +483,11 @@ class _Op:
         self.n = n
         self.numel = src.numel()
         max_chunk = -(-self.numel // n)
+        # A codec that quantizes in blocks (``block_size``, e.g. uint8's 65536 values) encodes a
+        # sub-chunk of whole blocks in one pass per operation, where a ragged one takes a second
+        # pass for its partial block: quantized sub-chunks are cut on block boundaries.
+        block = getattr(codec, "block_size", None) if codec is not None else None
+        self.align = block if isinstance(block, int) and block > 1 else 1
         # Sub-chunks of about subchunk_bytes of fp32 values, but at least a few per chunk (down
         # to 256 KiB each) so that even a mid-sized tensor is pipelined. Quantized sub-chunks are
         # cut smaller (their encode and decode are the pipeline's slow stages; at least
@@ -538,6 +543,11 @@ class _Op:
 
     def bounds(self, chunk: int, sub: int) -> tuple[int, int]:
         lo, hi = _split(self.numel, self.n, chunk)
+        if self.align > 1:
+            # Whole codec blocks per sub-chunk (the chunk's last one takes the remainder).
+            units = -(-(hi - lo) // self.align)
+            ua, ub = _split(units, self.k, sub)
+            return lo + min(ua * self.align, hi - lo), lo + min(ub * self.align, hi - lo)
         a, b = _split(hi - lo, self.k, sub)
         return lo + a, lo + b
 
