@@ -163,6 +163,32 @@ def test_async_early_application_that_fails_carries_the_round_to_the_next() -> N
     assert trainer.outer_params[0].item() == -9.0  # 3 rounds x 6 x 0.5: nothing lost
 
 
+def test_async_early_application_keeps_peers_outer_params_bit_identical() -> None:
+    config = OuterConfig(method="async", apply_after_steps=1, sync_every=3)  # eager, uint8
+    group = LocalGroup(3)
+    models = [_mlp(0) for _ in range(3)]
+    trainers: list[DiLoCo] = []
+
+    def peer(rank: int) -> None:
+        model = models[rank]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        trainer = DiLoCo(model, opt, group.communicator(rank), config=config)
+        trainers.append(trainer)
+        gen = torch.Generator().manual_seed(rank)  # different data on every peer
+        for _ in range(11):
+            x, y = _batch(gen)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            trainer.step()
+        trainer.finish()
+
+    run_threads([lambda r=r: peer(r) for r in range(3)])  # type: ignore[misc]
+    assert [t.stats.outer_steps for t in trainers] == [3, 3, 3]
+    assert len({t.outer_hash() for t in trainers}) == 1
+    for model in models[1:]:
+        for a, b in zip(models[0].parameters(), model.parameters(), strict=True):
+            assert torch.equal(a, b)  # finish() loads theta everywhere
+
+
 def test_eager_updates_with_one_peer_track_synchronous_diloco() -> None:
     sync = OuterConfig(sync_every=2, outer_lr=0.5, outer_momentum=0.5, **FP32)
     eager = OuterConfig(
