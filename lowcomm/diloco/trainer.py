@@ -385,11 +385,13 @@ class DiLoCo:
         avg = self._complete(flight, timeout_s=timeout_s)
         if avg is None:
             if carry:
-                self._carry = (
-                    flight.sent.clone() if self._carry is None else self._carry + flight.sent
-                )
+                self._carry_over(flight.sent)
             return None
         return _InFlight(_Ready(), flight.buf, flight.sent)
+
+    def _carry_over(self, sent: torch.Tensor) -> None:
+        """Keeps a dropped round's contribution to travel with the next pseudo-gradient."""
+        self._carry = sent.clone() if self._carry is None else self._carry + sent
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores ``state_dict()``'s output into this trainer and its model (same layout)."""
@@ -712,7 +714,7 @@ class DiLoCo:
         avg = self._complete(flight, timeout_s=self.config.timeout_s)
         if avg is None:
             # Dropped: theta and the starting point stay; this peer's share rides with the next.
-            self._carry = flight.sent.clone() if self._carry is None else self._carry + flight.sent
+            self._carry_over(flight.sent)
             return
         local = self._gather(torch.empty_like(self._theta))
         old_start = self._theta.clone()

@@ -9,7 +9,6 @@ only on ``seed`` and the replica index.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,36 +74,18 @@ def simulate(
     outer: OuterConfig | None,
     seed: int = 0,
     eval_every: int = 0,
-    cosine: bool = False,
 ) -> RunResult:
     """Trains and returns the validation loss of the final (outer) parameters.
 
     ``outer=None`` trains one model with batch ``num_replicas * batch_size`` (``num_replicas=1``:
     one worker; more: data-parallel). Otherwise ``num_replicas`` replicas run ``outer``.
     ``eval_every`` (a multiple of ``sync_every``) records ``(step, validation loss)`` of the
-    model (of the outer parameters, for DiLoCo) in ``RunResult.curve``. ``cosine``: the inner
-    learning rate warms up linearly over 5% of the steps, then decays along a cosine to 10% of
-    ``lr`` (the schedule of the DiLoCo papers); otherwise it is constant.
+    model (of the outer parameters, for DiLoCo) in ``RunResult.curve``.
     """
-
-    def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        warmup = max(1, steps // 20)
-
-        def factor(step: int) -> float:
-            if not cosine:
-                return 1.0
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-            return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
-
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
     start = time.perf_counter()
     if outer is None:
         model = _model(gpt, seed)
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
-        sched = schedule(opt)
         gens = [torch.Generator().manual_seed(seed * 1000 + r) for r in range(num_replicas)]
         curve: list[tuple[int, float]] = []
         for step in range(steps):
@@ -121,7 +102,6 @@ def simulate(
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            sched.step()
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                 curve.append((step + 1, evaluate(model, corpus, num_batches=8)))
         final = evaluate(model, corpus)
@@ -139,7 +119,6 @@ def simulate(
         try:
             model = models[rank]
             opt = torch.optim.AdamW(model.parameters(), lr=lr)
-            sched = schedule(opt)
             trainer = DiLoCo(model, opt, group.communicator(rank), config=outer)
             trainers[rank] = trainer
             gen = torch.Generator().manual_seed(seed * 1000 + rank)
@@ -150,7 +129,6 @@ def simulate(
                 loss = model(x, y)
                 loss.backward()
                 trainer.step()
-                sched.step()
                 if rank == 0 and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                     trainer.copy_outer_to(probe)
                     curve.append((step + 1, evaluate(probe, corpus, num_batches=8)))
