@@ -4,11 +4,12 @@ Part A (quality, seeded, CPU, in one process): the calibration GPT (0.47M parame
 on the standard library's text) trained for the same number of inner steps by one worker (batch
 B), data-parallel (batch 4B), and 4 replicas of batch B through the real ``DiLoCo`` wrapper over an
 in-process ``LocalGroup``: sync DiLoCo (fp32 and uint8 pseudo-gradients, outer Nesterov lr 0.7 with
-momentum 0.5; a row with the paper's 0.9 shows why), async DiLoCo (eager updates, no outer momentum: its defaults; a row with PCCL's naive delay
-shows what eager buys, and one applying each average 2 inner steps into the next round,
-``apply_after_steps=2``, which covers part B's measured all-reduce on this CPU)
-and Streaming DiLoCo (uint8, 2 fragments, overlap 1, merge 0.5, momentum 0.9). Validation loss of
-the outer parameters every few rounds.
+momentum 0.5; a row with the paper's 0.9 shows why), async DiLoCo with its defaults (eager
+updates, no outer momentum, each average applied a round late), the same with PCCL's naive delay,
+the same applying each average 2 inner steps into the next round (``apply_after_steps=2``, which
+covers part B's measured all-reduce on this CPU; the async claims use this row), and Streaming
+DiLoCo (uint8, 2 fragments, overlap 1, merge 0.5, momentum 0.9). Validation loss of the outer
+parameters every few rounds.
 
 Part B (time over the link, 4 peer processes on loopback, lowcomm's shaper at 100 Mbit/s, 10 ms):
   1. measured: one inner step of a >= 5M-parameter GPT on this CPU, or with --inner-device cuda
@@ -16,13 +17,13 @@ Part B (time over the link, 4 peer processes on loopback, lowcomm's shaper at 10
   2. measured: lowcomm all-reduces among 4 real peers through the shaped link: the fp32 gradient
      (data-parallel, every step), the uint8 pseudo-gradient (DiLoCo / async, every H steps) and
      one uint8 Streaming fragment;
-  3. measured: a real async DiLoCo run of the 5M model by 4 peers over the link: compute
-     utilisation = 1 - (time step() spent blocked on the network) / wall time;
+  3. measured: a real async DiLoCo run (apply_after_steps=2) of the 5M model by 4 peers over the
+     link: compute utilisation = 1 - (time step() spent blocked on the network) / wall time;
   4. composed: time to the target loss = steps each method needs to reach it (from Part A's
      curves; target = the one-worker run's final loss) x the per-step time from 1-2 (for async,
-     communication counts only where it exceeds the H inner steps it overlaps). This is a model
-     built from measured parts, not an end-to-end run: 4 peers of a 5M model on 2 shared cores
-     would take hours to reach the target through a 100 Mbit/s data-parallel all-reduce.
+     communication counts only where it exceeds the inner steps it overlaps: H, or 2). This is a
+     model built from measured parts, not an end-to-end run: 4 peers of a 5M model on 2 shared
+     cores would take hours to reach the target through a 100 Mbit/s data-parallel all-reduce.
 
     .venv/bin/python benchmarks/diloco.py            # full (about 30 min on 2 cores)
     .venv/bin/python benchmarks/diloco.py --quick    # same code paths, tiny sizes
