@@ -32,10 +32,11 @@ import base64
 import concurrent.futures
 import contextlib
 import logging
+import select
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -240,6 +241,11 @@ class Communicator:
         self._tasks_cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._p2p_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Point-to-point connections kept between messages, by ("out"/"in", peer, tag): a message
+        # then costs one round trip (the ack) instead of TCP and auth handshakes as well. A
+        # per-key lock keeps messages of one key in order; a connection in use is out of the dict.
+        self._p2p_conns: dict[tuple[str, str, int], _wire.Connection] = {}
+        self._p2p_locks: dict[tuple[str, str, int], threading.Lock] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -354,6 +360,10 @@ class Communicator:
             self._listener.close()
         if self._p2p_pool is not None:
             self._p2p_pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            kept, self._p2p_conns = list(self._p2p_conns.values()), {}
+        for conn in kept:
+            conn.close()
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=timeout_s)
@@ -481,7 +491,11 @@ class Communicator:
     ) -> None:
         """Sends ``tensor`` to accepted peer ``to``, which must call ``recv(from_=<this peer>,
         tag=tag)``. Blocks until the receiver acknowledged it. Raises ``PeerFailureError`` if the
-        receiver is gone, ``CommTimeoutError`` past ``timeout_s``."""
+        receiver is gone or refused it, ``CommTimeoutError`` past ``timeout_s``; either way the
+        caller cannot tell whether the receiver got it (the ack may be what was lost).
+
+        Messages of one (peer, tag) go in order over one authenticated connection kept between
+        them; a connection either side dropped is replaced by a fresh one on the next message."""
         self.send_async(tensor, to=to, tag=tag, timeout_s=timeout_s).wait()
 
     def recv(
@@ -933,6 +947,39 @@ class Communicator:
                 )
             return self._p2p_pool
 
+    @contextlib.contextmanager
+    def _p2p_slot(
+        self, key: tuple[str, str, int], deadline: float
+    ) -> Iterator[list[_wire.Connection | None]]:
+        """Holds ``key``'s lock and lends its kept connection (``slot[0]``, None if there is none).
+
+        The body leaves the connection it used in ``slot[0]`` to keep it for the next message,
+        or None once it closed it; an exception closes whatever is in the slot.
+        """
+        with self._lock:
+            lock = self._p2p_locks.setdefault(key, threading.Lock())
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise CommTimeoutError(f"{key[0]} p2p with {key[1]} (tag {key[2]}): still busy")
+        try:
+            with self._lock:
+                slot: list[_wire.Connection | None] = [self._p2p_conns.pop(key, None)]
+            try:
+                yield slot
+            except BaseException:
+                if slot[0] is not None:
+                    slot[0].close()
+                raise
+            conn = slot[0]
+            if conn is not None:
+                with self._lock:
+                    if not self._closed.is_set():
+                        self._p2p_conns[key] = conn
+                        conn = None
+                if conn is not None:
+                    conn.close()
+        finally:
+            lock.release()
+
     def _send_p2p(
         self, data: torch.Tensor, to: str, address: tuple[str, int], tag: int, deadline: float
     ) -> None:
@@ -942,14 +989,25 @@ class Communicator:
                 raise CommTimeoutError(f"send to peer {to} timed out")
             return t
 
-        conn, _ = _wire.connect(
-            address,
-            token=self._token,
-            hello={"purpose": "p2p", "key": f"{self.peer_id}>{to}#{tag}", "peer_id": self.peer_id},
-            timeout_s=left(),
-            shaper=self.config.shaper,
-        )
-        try:
+        with self._p2p_slot(("out", to, tag), deadline) as slot:
+            conn = slot[0]
+            if conn is not None and _readable(conn, 0.0):
+                # An idle connection has nothing to read: this is EOF (the receiver dropped it).
+                conn.close()
+                slot[0] = conn = None
+            if conn is None:
+                conn, _ = _wire.connect(
+                    address,
+                    token=self._token,
+                    hello={
+                        "purpose": "p2p",
+                        "key": f"{self.peer_id}>{to}#{tag}",
+                        "peer_id": self.peer_id,
+                    },
+                    timeout_s=left(),
+                    shaper=self.config.shaper,
+                )
+                slot[0] = conn
             header = {"dtype": str(data.dtype), "shape": list(data.shape)}
             conn.send_json(_KIND_P2P_HEADER, header, tag=tag, timeout_s=left())
             raw = byte_view(data)
@@ -960,16 +1018,11 @@ class Communicator:
             kind, _tag, ack = conn.recv_json(timeout_s=left())
             if kind != _KIND_P2P_ACK or not ack.get("ok"):
                 raise PeerFailureError(f"peer {to} refused the tensor: {ack.get('message')}")
-        finally:
-            conn.close()
 
     def _recv_p2p(self, out: torch.Tensor, from_: str, tag: int, deadline: float) -> torch.Tensor:
         assert self._listener is not None
-        key = f"{from_}>{self.peer_id}#{tag}"
-        conns = self._listener.wait_for(
-            "p2p", key, count=1, timeout_s=max(0.01, deadline - time.monotonic())
-        )
-        conn = conns[0][0]
+        listener = self._listener
+        hello_key = f"{from_}>{self.peer_id}#{tag}"
 
         def left() -> float:
             t = deadline - time.monotonic()
@@ -977,8 +1030,45 @@ class Communicator:
                 raise CommTimeoutError(f"recv from peer {from_} timed out")
             return t
 
-        try:
-            kind, _tag, header = conn.recv_json(timeout_s=left())
+        with self._p2p_slot(("in", from_, tag), deadline) as slot:
+            # The sender opens a new connection only when it has no usable one, so a new one
+            # supersedes the kept one; the kept one is read only once it has bytes (or EOF).
+            header: Any = None
+            while header is None:
+                kept = slot[0]
+                if kept is None:
+                    conns = listener.wait_for(
+                        "p2p", hello_key, count=1, timeout_s=max(0.01, left())
+                    )
+                    slot[0] = conns[0][0]
+                    kind, _tag, header = conns[0][0].recv_json(timeout_s=left())
+                    break
+                with contextlib.suppress(CommTimeoutError):
+                    fresh = listener.wait_for("p2p", hello_key, count=1, timeout_s=0.0)[0][0]
+                    kept.close()
+                    slot[0] = fresh
+                    continue
+                try:
+                    ready = _readable(kept, min(0.05, left()))
+                except CommTimeoutError:
+                    # Nothing of a message was read: the connection stays good for the next recv.
+                    with self._lock:
+                        if self._closed.is_set():
+                            kept.close()
+                        else:
+                            self._p2p_conns.setdefault(("in", from_, tag), kept)
+                    slot[0] = None
+                    raise
+                if not ready:
+                    continue
+                try:
+                    kind, _tag, header = kept.recv_json(timeout_s=left())
+                except (CommError, OSError) as exc:  # EOF: the sender dropped it; wait for a new
+                    logger.debug("kept p2p connection from %s ended: %s", from_, exc)
+                    kept.close()
+                    slot[0] = None
+            conn = slot[0]
+            assert conn is not None
             if kind != _KIND_P2P_HEADER:
                 raise ProtocolError(f"expected a p2p header from {from_}, got kind {kind}")
             if header.get("dtype") != str(out.dtype) or list(header.get("shape", [])) != list(
@@ -1003,8 +1093,15 @@ class Communicator:
                 out.copy_(staging.view(out.shape))
             conn.send_json(_KIND_P2P_ACK, {"ok": True}, timeout_s=left())
             return out
-        finally:
-            conn.close()
+
+
+def _readable(conn: _wire.Connection, timeout_s: float) -> bool:
+    """Whether ``conn`` has bytes (or EOF) to read within ``timeout_s``."""
+    try:
+        ready, _, _ = select.select([conn.fileno()], [], [], timeout_s)
+    except (OSError, ValueError):  # closed under us: reading will report it
+        return True
+    return bool(ready)
 
 
 def _describe(kind: str, key: str) -> str:

@@ -212,6 +212,65 @@ def test_send_and_recv_move_a_tensor_between_accepted_peers(master) -> None:  # 
     _close([a, b])
 
 
+def _wait_until_readable(conn: object) -> None:
+    import select
+
+    assert select.select([conn], [], [], 5.0)[0], "the peer's close never arrived"
+
+
+def _exchange(a: Communicator, b: Communicator, value: float, *, tag: int = 3) -> torch.Tensor:
+    out = torch.zeros(1000)
+    res = run_threads(
+        [
+            lambda: a.send(torch.full((1000,), value), to=b.peer_id, tag=tag, timeout_s=20),
+            lambda: b.recv(out, from_=a.peer_id, tag=tag, timeout_s=20),
+        ]
+    )
+    assert res == [None, out]
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_point_to_point_keeps_one_connection_and_replaces_a_dropped_one(
+    master, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from lowcomm.comm import _wire
+
+    opened: list[str] = []
+    real_connect = _wire.connect
+
+    def counting_connect(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("hello", {}).get("purpose") == "p2p":
+            opened.append(kwargs["hello"]["key"])
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(_wire, "connect", counting_connect)
+    a, b = connect_all(addr(master), 2)
+    for i in range(5):
+        assert torch.equal(_exchange(a, b, float(i)), torch.full((1000,), float(i)))
+    assert len(opened) == 1  # five messages, one TCP + auth handshake
+
+    # A recv that times out with nothing sent keeps the connection for the next message.
+    from lowcomm.comm.errors import CommTimeoutError
+
+    with pytest.raises(CommTimeoutError):
+        b.recv(torch.zeros(1000), from_=a.peer_id, tag=3, timeout_s=0.3)
+    assert torch.equal(_exchange(a, b, 5.0), torch.full((1000,), 5.0))
+    assert len(opened) == 1
+
+    # The receiver drops its end: the sender notices before sending and opens a new one.
+    b._p2p_conns[("in", a.peer_id, 3)].close()
+    _wait_until_readable(a._p2p_conns[("out", b.peer_id, 3)])  # the FIN has reached the sender
+    assert torch.equal(_exchange(a, b, 6.0), torch.full((1000,), 6.0))
+    assert len(opened) == 2
+
+    # The sender drops its end: the receiver takes the new connection instead of the kept one.
+    a._p2p_conns[("out", b.peer_id, 3)].close()
+    assert torch.equal(_exchange(a, b, 7.0), torch.full((1000,), 7.0))
+    assert len(opened) == 3
+    _close([a, b])
+
+
 @pytest.mark.timeout(60)
 def test_calls_before_connect_and_bad_arguments_are_refused_clearly(master) -> None:  # type: ignore[no-untyped-def]
     c = communicator(addr(master))
