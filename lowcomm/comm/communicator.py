@@ -92,6 +92,9 @@ def check_all_reduce_args(
 
 # p2p payloads travel in frames of at most this size.
 _P2P_FRAME_BYTES = 16 * 1024 * 1024
+# Kept point-to-point connections per communicator (both directions): past it the oldest is
+# closed, so a caller that uses a new tag per message does not pile up sockets.
+_P2P_KEEP_MAX = 128
 _KIND_P2P_HEADER = 0x48
 _KIND_P2P_DATA = 0x49
 _KIND_P2P_ACK = 0x4A
@@ -970,13 +973,17 @@ class Communicator:
                     slot[0].close()
                 raise
             conn = slot[0]
+            evicted: list[_wire.Connection] = []
             if conn is not None:
                 with self._lock:
                     if not self._closed.is_set():
                         self._p2p_conns[key] = conn
                         conn = None
-                if conn is not None:
-                    conn.close()
+                        while len(self._p2p_conns) > _P2P_KEEP_MAX:
+                            evicted.append(self._p2p_conns.pop(next(iter(self._p2p_conns))))
+            for old in (conn, *evicted):
+                if old is not None:
+                    old.close()
         finally:
             lock.release()
 

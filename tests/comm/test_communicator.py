@@ -268,6 +268,15 @@ def test_point_to_point_keeps_one_connection_and_replaces_a_dropped_one(
     a._p2p_conns[("out", b.peer_id, 3)].close()
     assert torch.equal(_exchange(a, b, 7.0), torch.full((1000,), 7.0))
     assert len(opened) == 3
+
+    # A new tag per message does not pile up connections: past the cap the oldest is closed.
+    from lowcomm.comm import communicator as communicator_module
+
+    monkeypatch.setattr(communicator_module, "_P2P_KEEP_MAX", 2)
+    for tag in (10, 11, 12, 13):
+        assert torch.equal(_exchange(a, b, 8.0, tag=tag), torch.full((1000,), 8.0))
+    assert len(a._p2p_conns) <= 2 and len(b._p2p_conns) <= 2
+    assert torch.equal(_exchange(a, b, 9.0, tag=10), torch.full((1000,), 9.0))  # reopened
     _close([a, b])
 
 
