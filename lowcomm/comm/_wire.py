@@ -169,13 +169,18 @@ def send_all_parts(sock: socket.socket, buffers: Sequence[Buffer], deadline: flo
             sent = sock.sendmsg(views)
         except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
             continue
-        while sent and views:
-            if sent >= views[0].nbytes:
-                sent -= views[0].nbytes
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+        _advance(views, sent)
+
+
+def _advance(views: list[memoryview], nbytes: int) -> None:
+    """Drops the first ``nbytes`` of ``views`` (in place): what one partial send or recv moved."""
+    while nbytes and views:
+        if nbytes >= views[0].nbytes:
+            nbytes -= views[0].nbytes
+            views.pop(0)
+        else:
+            views[0] = views[0][nbytes:]
+            nbytes = 0
 
 
 _SO_RCVLOWAT: int | None = getattr(socket, "SO_RCVLOWAT", None)
@@ -223,13 +228,7 @@ def recv_exact(
             if n == 0:
                 break
             got += n
-            while n and pending:
-                if n >= pending[0].nbytes:
-                    n -= pending[0].nbytes
-                    pending.pop(0)
-                else:
-                    pending[0] = pending[0][n:]
-                    n = 0
+            _advance(pending, n)
     finally:
         if use_lowat:
             assert _SO_RCVLOWAT is not None
