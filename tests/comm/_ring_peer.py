@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def main() -> None:
                     os._exit(KILLED_EXIT_CODE)  # dies mid-operation, sockets torn down by the OS
                 if fault == "stop":
                     os.kill(os.getpid(), signal.SIGSTOP)
+                    # Never let this frame out, even if the stop reaches this thread late.
+                    threading.Event().wait()
 
         ring.before_send = inject
     start = time.monotonic()
