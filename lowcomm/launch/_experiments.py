@@ -48,12 +48,13 @@ class RunResult:
 def evaluate(model: GPT, corpus: Corpus, *, num_batches: int = 16, batch_size: int = 64) -> float:
     """Mean loss over fixed validation batches (the same for every run)."""
     gen = torch.Generator().manual_seed(1234)
+    device = next(model.parameters()).device
     total = 0.0
     for _ in range(num_batches):
         x, y = sample_batch(
             corpus.val, batch_size=batch_size, context=model.config.context, generator=gen
         )
-        total += float(model(x, y))
+        total += float(model(x.to(device), y.to(device)))
     return total / num_batches
 
 

@@ -2,8 +2,9 @@
 
 Used by ``lowcomm demo``, ``benchmarks/diloco.py`` and the multi-process tests. A peer sends
 events to its parent through a multiprocessing queue: ``("progress", index, {...})`` every
-``report_every`` inner steps, ``("done", index, {...})`` with the hash of its outer state at the
-end, or ``("error", index, traceback)``. ``die_at_inner_step`` makes it exit abruptly at that step
+``report_every`` inner steps, ``("eval", index, {...})`` with a validation loss when
+``eval_batches`` is set (peer 0 only), ``("done", index, {...})`` with the hash of its outer state
+at the end, or ``("error", index, traceback)``. ``die_at_inner_step`` makes it exit abruptly at that step
 (fault injection: no goodbye to the master, sockets just close).
 """
 
@@ -60,6 +61,12 @@ class PeerSpec:
     mode: str = "diloco"  # or "ddp": all-reduce the gradients every step (data-parallel)
     time_budget_s: float | None = None  # ddp: stop (all peers at once) after this long
     max_steps: int | None = None  # ddp: stop after this many steps
+    device: str = "cpu"  # where the model trains ("cuda:0", ...); outer state stays on CPU
+    # Peer 0 measures the validation loss of the model it would ship (the outer parameters; for
+    # ddp, the model) after each outer step, or every ``eval_every`` ddp steps, on this many fixed
+    # batches; the time it spends there is left out of the clock it reports.
+    eval_batches: int = 0
+    eval_every: int = 10
 
 
 def outer_steps_for(outer: OuterConfig, inner_steps: int) -> int:
@@ -111,9 +118,13 @@ def _run(spec: PeerSpec, events: Any) -> None:
     )
     # Everything slow happens before connecting, so that a joiner admitted by the running peers
     # is ready for the shared-state sync at once (they wait for it there).
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(spec.seed)
-    model = GPT(spec.gpt)
+    model = GPT(spec.gpt).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    clock = _EvalClock(spec, corpus, events) if spec.eval_batches and spec.index == 0 else None
     comm = Communicator(spec.master, peer_group=0, token=spec.token, config=config)
     comm.connect(timeout_s=spec.timeout_s * 4)
     if not spec.joining:
@@ -124,7 +135,7 @@ def _run(spec: PeerSpec, events: Any) -> None:
         comm.close()
         return
     if spec.mode == "ddp":
-        _run_ddp(spec, events, comm, model, opt, corpus)
+        _run_ddp(spec, events, comm, model, opt, corpus, clock)
         return
     trainer = DiLoCo(model, opt, comm, config=spec.outer, joining=spec.joining)
     gen = torch.Generator().manual_seed(spec.seed * 1000 + spec.index + 1)
@@ -132,6 +143,11 @@ def _run(spec: PeerSpec, events: Any) -> None:
     t_start = time.perf_counter()
     last_t, last_step = t_start, 0
     step = 0
+    if clock is not None:
+        clock.start(GPT(spec.gpt).to(device))
+    evaluated = 0
+    # The clock starts after the first shared-state sync, so its wait is left out too.
+    wait_before = trainer.stats.comm_wait_s
 
     def more() -> bool:
         done = trainer.stats.outer_steps
@@ -144,10 +160,14 @@ def _run(spec: PeerSpec, events: Any) -> None:
         x, y = sample_batch(
             corpus.train, batch_size=spec.batch_size, context=spec.gpt.context, generator=gen
         )
-        loss = model(x, y)
+        loss = model(x.to(device), y.to(device))
         loss.backward()
         trainer.step()
         step += 1
+        if clock is not None and trainer.stats.outer_steps > evaluated:
+            evaluated = trainer.stats.outer_steps
+            trainer.copy_outer_to(clock.probe)
+            clock.record(step)
         if spec.die_at_inner_step is not None and step >= spec.die_at_inner_step:
             os._exit(17)  # abrupt death: no leave message, sockets close with the process
         if step % spec.report_every == 0:
@@ -169,9 +189,16 @@ def _run(spec: PeerSpec, events: Any) -> None:
                 )
             )
             last_t, last_step = now, step
-    trainer.finish()
-    wall = time.perf_counter() - t_start
+    eval_s = 0.0 if clock is None else clock.eval_s
+    loop_s = time.perf_counter() - t_start - eval_s
+    loop_wait_s = trainer.stats.comm_wait_s - wait_before
+    trainer.finish()  # waits for the last all-reduce in flight: the pipeline's drain
+    wall = time.perf_counter() - t_start - eval_s
     result = {
+        "eval_s": eval_s,
+        # The training loop alone, without the drain: the steady state a long run lives in.
+        "loop_s": loop_s,
+        "loop_wait_s": loop_wait_s,
         "hash": trainer.outer_hash(),
         "outer_steps": trainer.stats.outer_steps,
         "inner_steps": step,
@@ -182,7 +209,7 @@ def _run(spec: PeerSpec, events: Any) -> None:
         "dropped": trainer.stats.dropped_rounds,
         "joins": trainer.stats.joins,
         "inner_s": trainer.stats.inner_s,
-        "comm_wait_s": trainer.stats.comm_wait_s,
+        "comm_wait_s": trainer.stats.comm_wait_s - wait_before,
         "wall_s": wall,
         "val_loss": evaluate(model, corpus, num_batches=4) if spec.evaluate_at_end else None,
     }
@@ -190,8 +217,33 @@ def _run(spec: PeerSpec, events: Any) -> None:
     comm.close()
 
 
+class _EvalClock:
+    """Peer 0's validation curve: (inner step, seconds of training so far, validation loss)."""
+
+    def __init__(self, spec: PeerSpec, corpus: Corpus, events: Any) -> None:
+        self.spec, self.corpus, self.events = spec, corpus, events
+        self.eval_s = 0.0
+
+    def start(self, probe: GPT) -> None:
+        self.probe = probe
+        self.t_start = time.perf_counter()
+
+    def record(self, step: int) -> None:
+        t0 = time.perf_counter()
+        loss = evaluate(self.probe, self.corpus, num_batches=self.spec.eval_batches, batch_size=32)
+        seconds = t0 - self.t_start - self.eval_s
+        self.eval_s += time.perf_counter() - t0
+        self.events.put(("eval", self.spec.index, {"step": step, "seconds": seconds, "loss": loss}))
+
+
 def _run_ddp(
-    spec: PeerSpec, events: Any, comm: Any, model: GPT, opt: torch.optim.Optimizer, corpus: Corpus
+    spec: PeerSpec,
+    events: Any,
+    comm: Any,
+    model: GPT,
+    opt: torch.optim.Optimizer,
+    corpus: Corpus,
+    clock: _EvalClock | None,
 ) -> None:
     """Data-parallel over the same communicator: one fp32 gradient all-reduce per step.
 
@@ -200,10 +252,13 @@ def _run_ddp(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     numel = sum(p.numel() for p in params)
-    buf = torch.zeros(numel + 1)
+    device = params[0].device
+    buf = torch.zeros(numel + 1, device=device)
     gen = torch.Generator().manual_seed(spec.seed * 1000 + spec.index + 1)
     tokens = spec.batch_size * spec.gpt.context
     t_start = time.perf_counter()
+    if clock is not None:
+        clock.start(model)
     last_t, last_step, tx, inner_s = t_start, 0, 0, 0.0
     step = 0
     while True:
@@ -211,7 +266,7 @@ def _run_ddp(
         x, y = sample_batch(
             corpus.train, batch_size=spec.batch_size, context=spec.gpt.context, generator=gen
         )
-        loss = model(x, y)
+        loss = model(x.to(device), y.to(device))
         loss.backward()
         inner_s += time.perf_counter() - t0
         torch.cat([p.grad.reshape(-1) for p in params], out=buf[:numel])  # type: ignore[union-attr]
@@ -232,7 +287,10 @@ def _run_ddp(
         opt.zero_grad(set_to_none=False)
         inner_s += time.perf_counter() - t0
         step += 1
-        if step % spec.report_every == 0 or buf[numel] > 0:
+        stop = bool(buf[numel] > 0)
+        if clock is not None and (step % spec.eval_every == 0 or stop):
+            clock.record(step)
+        if step % spec.report_every == 0 or stop:
             now = time.perf_counter()
             events.put(
                 (
@@ -250,16 +308,19 @@ def _run_ddp(
                 )
             )
             last_t, last_step = now, step
-        if buf[numel] > 0:
+        if stop:
             break
     from lowcomm.comm.shared_state import tensor_hash
 
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    wall = time.perf_counter() - t_start - (0.0 if clock is None else clock.eval_s)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params]).cpu()
     events.put(
         (
             "done",
             spec.index,
             {
+                "eval_s": 0.0 if clock is None else clock.eval_s,
                 "hash": tensor_hash(flat),
                 "outer_steps": step,
                 "inner_steps": step,
@@ -270,8 +331,8 @@ def _run_ddp(
                 "dropped": 0,
                 "joins": 0,
                 "inner_s": inner_s,
-                "comm_wait_s": time.perf_counter() - t_start - inner_s,
-                "wall_s": time.perf_counter() - t_start,
+                "comm_wait_s": wall - inner_s,
+                "wall_s": wall,
                 "val_loss": evaluate(model, corpus, num_batches=4)
                 if spec.evaluate_at_end
                 else None,

@@ -44,6 +44,7 @@ class _Run:
         self.procs: list[Any] = []
         self.done: dict[int, dict[str, Any]] = {}
         self.progress: dict[int, dict[str, Any]] = {}
+        self.evals: list[tuple[int, dict[str, Any]]] = []
 
     def start(self, spec: PeerSpec) -> Any:
         proc = self.ctx.Process(target=run_peer, args=(spec, self.events), daemon=True)
@@ -65,6 +66,8 @@ class _Run:
                 self.done[index] = payload
             elif kind == "progress":
                 self.progress[index] = payload
+            elif kind == "eval":
+                self.evals.append((index, payload))
 
     def close(self) -> None:
         for p in self.procs:
@@ -115,6 +118,44 @@ def test_peer_joining_mid_run_receives_the_outer_state_and_ends_bit_identical() 
         assert run.done[2]["rx_bytes"] > 0  # the joiner really received the state
         assert run.done[2]["inner_steps"] < run.done[0]["inner_steps"]
         assert run.done[0]["outer_steps"] < 1000  # stopped because the joiner came, not the cap
+    finally:
+        run.close()
+        master.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["diloco", "ddp"])
+def test_peer_zero_records_a_validation_curve_of_what_it_would_ship(mode: str) -> None:
+    # The benchmark's time-to-target reads this curve: one point per outer step (ddp: every
+    # eval_every steps), from peer 0 only, on a clock that leaves the evaluations out.
+    master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=5.0).start()
+    run = _Run()
+    try:
+        for i in range(2):
+            run.start(
+                _spec(
+                    master,
+                    i,
+                    num_peers=2,
+                    mode=mode,
+                    outer=OuterConfig(sync_every=5, timeout_s=30.0),
+                    outer_steps=3,
+                    max_steps=9,
+                    eval_batches=1,
+                    eval_every=3,
+                )
+            )
+        run.pump(lambda: len(run.done) == 2, timeout_s=100)
+        assert {index for index, _ in run.evals} == {0}
+        steps = [e["step"] for _, e in run.evals]
+        assert steps == ([5, 10, 15] if mode == "diloco" else [3, 6, 9])
+        seconds = [e["seconds"] for _, e in run.evals]
+        assert seconds == sorted(seconds) and seconds[0] > 0
+        assert all(2.0 < e["loss"] < 6.0 for _, e in run.evals)  # byte-level: ln 256 = 5.5
+        zero, one = run.done[0], run.done[1]
+        assert zero["eval_s"] > 0 and one["eval_s"] == 0
+        assert zero["hash"] == one["hash"]
+        assert seconds[-1] <= zero["wall_s"]
     finally:
         run.close()
         master.stop()
