@@ -6,30 +6,30 @@ B), data-parallel (batch 4B), and 4 replicas of batch B through the real ``DiLoC
 in-process ``LocalGroup``: sync DiLoCo (fp32 and uint8 pseudo-gradients, outer Nesterov lr 0.7 with
 momentum 0.5; a row with the paper's 0.9 shows why), async DiLoCo with its defaults (eager
 updates, no outer momentum, each average applied a round late), the same with PCCL's naive delay,
-the same applying each average 2 inner steps into the next round (``apply_after_steps=2``, which
-covers part B's measured all-reduce on this CPU; the async claims use this row), and Streaming
+the same applying each average 2 inner steps into the next round (``apply_after_steps=2``, the
+async quality claim's row), and Streaming
 DiLoCo (uint8, 2 fragments, overlap 1, merge 0.5, momentum 0.9). Validation loss of the outer
 parameters every few rounds.
 
-Part B (time over the link, 4 peer processes on loopback, lowcomm's shaper at 100 Mbit/s, 10 ms):
-  1. measured: one inner step of a >= 5M-parameter GPT on this CPU, or with --inner-device cuda
-     on a GPU (one process alone);
-  2. measured: lowcomm all-reduces among 4 real peers through the shaped link: the fp32 gradient
-     (data-parallel, every step), the uint8 pseudo-gradient (DiLoCo / async, every H steps) and
-     one uint8 Streaming fragment;
-  3. measured: a real async DiLoCo run (apply_after_steps=2) of the 5M model by 4 peers over the
-     link: compute utilisation = 1 - (time step() spent blocked on the network) / wall time;
-  4. composed: time to the target loss = steps each method needs to reach it (from Part A's
-     curves; target = the one-worker run's final loss) x the per-step time from 1-2 (for async,
-     communication counts only where it exceeds the inner steps it overlaps: H, or 2). This is a
-     model built from measured parts, not an end-to-end run: 4 peers of a 5M model on 2 shared
-     cores would take hours to reach the target through a 100 Mbit/s data-parallel all-reduce.
+Part B (time to a target loss, end to end): every method trains a 5.7M-parameter GPT as 4 real
+peer processes on loopback, each peer's traffic through lowcomm's shaper at 100 Mbit/s + 10 ms,
+on every GPU in turn (or the CPU). Data-parallel all-reduces the fp32 gradient every step for
+--ddp-steps steps; its final validation loss is the target. DiLoCo (H, uint8), async DiLoCo
+(tau=2, and a full round at H=50), and Streaming train 3x as many steps. Peer 0 measures the
+validation loss of the outer parameters after each outer step (data-parallel: every 10 steps),
+off the clock; time to target is interpolated on that (training seconds, loss) curve. The speedup
+is data-parallel's time over the fastest method's. Utilisation is 1 - (time step() spent blocked
+on the network) / wall time, over the training loop: the final drain (finish() waiting for the
+last all-reduce, once per run) is left out of the claim and shown beside it. The claim's row is
+async at H=50, a round long enough to hide the all-reduce behind a GPU's inner steps. On a 2-core
+machine the 4 peers share the cores, so an inner step costs 4 peers' worth of CPU: the CPU run
+understates what separate machines give; the GPU run is the claim's measurement.
 
-    .venv/bin/python benchmarks/diloco.py            # full (about 30 min on 2 cores)
+    .venv/bin/python benchmarks/diloco.py            # full (about 45 min on 2 cores)
     .venv/bin/python benchmarks/diloco.py --quick    # same code paths, tiny sizes
-    # part A here, part B's inner step timed on a GPU host, composed there:
+    # part A here (CPU, seeded), part B on a GPU host:
     .venv/bin/python benchmarks/diloco.py --save-part-a a.json
-    python benchmarks/diloco.py --load-part-a a.json --inner-device cuda
+    python benchmarks/diloco.py --load-part-a a.json
 
 Last line: one JSON object with the claims of issue 6.
 """
@@ -37,11 +37,12 @@ Last line: one JSON object with the claims of issue 6.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
 import sys
-import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ import torch
 
 from lowcomm.diloco import OuterConfig
 from lowcomm.launch._experiments import Corpus, RunResult, simulate
-from lowcomm.launch._tinygpt import GPT, GPTConfig, sample_batch
+from lowcomm.launch._tinygpt import GPT, GPTConfig
 
 TOKEN = b"diloco-benchmark"
 
@@ -61,7 +62,7 @@ def part_a(args: argparse.Namespace) -> dict[str, RunResult]:
     if args.quick:
         corpus = Corpus.load(max_bytes=1_000_000)
         gpt = GPTConfig(num_layers=1, width=32, num_heads=2, context=32)
-        steps, h = 100, 20
+        steps, h = 60, 20
     else:
         corpus = Corpus.load()
         gpt = GPTConfig()  # the calibration model: 2 layers, width 128, context 64
@@ -106,10 +107,8 @@ def part_a(args: argparse.Namespace) -> dict[str, RunResult]:
     )
     if args.jobs > 1:
         # Independent seeded runs: in parallel processes on a many-core host, same results.
-        import concurrent.futures
-
         ctx = mp.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
             futures = [
                 pool.submit(_simulate_job, args.threads, name, reps, outer, common)
                 for name, reps, outer in plan
@@ -140,219 +139,189 @@ def _simulate_job(
     return simulate(name, num_replicas=reps, outer=outer, **common)
 
 
-def steps_to(curve: list[tuple[int, float]], target: float) -> float | None:
-    """First inner step at which the (linearly interpolated) validation curve reaches target."""
-    prev: tuple[int, float] | None = None
-    for step, loss in curve:
-        if loss <= target:
-            if prev is None:
-                return float(step)
-            s0, l0 = prev
-            return s0 + (step - s0) * (l0 - target) / max(l0 - loss, 1e-12)
-        prev = (step, loss)
-    return None
-
-
 # ------------------------------------------------------------------------------------ part B
-def _probe_peer(
-    master: str, index: int, numels: list[int], bandwidth_bps: float, reps: int, out: Any
-) -> None:
-    from lowcomm.comm import CommConfig, Communicator
-    from lowcomm.comm._shaper import Shaper
-    from lowcomm.launch._peer import wait_for_world
-
-    torch.set_num_threads(1)
-    shaper = Shaper(bandwidth_bps=bandwidth_bps, latency_ms=10.0)
-    comm = Communicator(
-        master, token=TOKEN, config=CommConfig(timeout_s=300.0, poll_s=0.2, shaper=shaper)
-    )
-    comm.connect(timeout_s=120)
-    wait_for_world(comm, 4, timeout_s=120)
-    results = {}
-    gen = torch.Generator().manual_seed(index)
-    for label, numel, quant in (
-        ("fp32 gradient", numels[0], None),
-        ("uint8 pseudo-gradient", numels[0], "uint8"),
-        ("uint8 fragment", numels[1], "uint8"),
-    ):
-        x = torch.randn(numel, generator=gen) * 1e-3
-        best, tx = float("inf"), 0
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            info = comm.all_reduce(x, "avg", quantization=quant, timeout_s=300.0)
-            best = min(best, time.perf_counter() - t0)
-            tx = int(info.tx_bytes)
-        results[label] = (best, tx)
-    out.put((index, results))
-    comm.close()
+def _devices() -> list[str]:
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
 
 
-def _measure_allreduce(
-    numels: list[int], bandwidth_bps: float, reps: int
-) -> dict[str, tuple[float, int]]:
-    from lowcomm.comm import Master
-
-    ctx = mp.get_context("spawn")
-    master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=30.0).start()
-    out: Any = ctx.Queue()
-    addr = "{}:{}".format(*master.address)
-    procs = [
-        ctx.Process(target=_probe_peer, args=(addr, i, numels, bandwidth_bps, reps, out))
-        for i in range(4)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        results = [out.get(timeout=900) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-        master.stop()
-    # A collective's time is its slowest peer's; bytes are per peer.
-    merged: dict[str, tuple[float, int]] = {}
-    for label in results[0][1]:
-        merged[label] = (max(r[1][label][0] for r in results), max(r[1][label][1] for r in results))
-    return merged
-
-
-def _compute_step_s(gpt: GPTConfig, batch_size: int, reps: int, device: str) -> float:
-    """Median time of one inner step (forward, backward, AdamW) of one peer alone on ``device``."""
-    torch.manual_seed(0)
-    dev = torch.device(device)
-    model = GPT(gpt).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    corpus = Corpus.load(max_bytes=1_000_000)
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for i in range(reps + 2):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        x, y = sample_batch(corpus.train, batch_size=batch_size, context=gpt.context, generator=gen)
-        model(x.to(dev), y.to(dev)).backward()
-        opt.step()
-        opt.zero_grad()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def _real_async_run(
-    gpt: GPTConfig, h: int, outer_steps: int, bandwidth_bps: float
+def _race_run(
+    name: str,
+    *,
+    gpt: GPTConfig,
+    mode: str,
+    outer: OuterConfig,
+    steps: int,
+    eval_batches: int,
+    devices: list[str],
+    pool: Any,
+    events: Any,
 ) -> dict[str, Any]:
-    from lowcomm.comm import Master
-    from lowcomm.launch._peer import PeerSpec, run_peer
+    """One method end to end: 4 peer processes over the shaped link, peer 0's validation curve.
 
-    ctx = mp.get_context("spawn")
-    master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=30.0).start()
-    events: Any = ctx.Queue()
+    ``pool`` holds 4 worker processes reused from run to run (each run's 4 peers run at once), so
+    a run does not pay for 4 fresh interpreters importing torch and starting CUDA.
+    """
+    from lowcomm.comm import Master
+    from lowcomm.launch._peer import PeerSpec, outer_steps_for, run_peer
+
+    master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=60.0).start()
     spec = dict(
         master="{}:{}".format(*master.address),
         token=TOKEN,
         num_peers=4,
-        outer=OuterConfig(method="async", sync_every=h, apply_after_steps=2, timeout_s=300.0),
+        outer=outer,
         gpt=gpt,
         batch_size=16,
-        outer_steps=outer_steps,
-        bandwidth_bps=bandwidth_bps,
+        outer_steps=outer_steps_for(outer, steps),
+        max_steps=steps,
+        mode=mode,
+        bandwidth_bps=100e6,
         latency_ms=10.0,
         corpus_bytes=2_000_000,
         report_every=10_000,
+        eval_batches=eval_batches,
+        eval_every=10,
         timeout_s=300.0,
     )
-    procs = [
-        ctx.Process(target=run_peer, args=(PeerSpec(index=i, **spec), events)) for i in range(4)
-    ]  # type: ignore[arg-type]
     done: dict[int, dict[str, Any]] = {}
+    curve: list[tuple[int, float, float]] = []
     try:
-        for p in procs:
-            p.start()
+        futures = [
+            pool.submit(
+                run_peer,
+                PeerSpec(index=i, device=devices[i % len(devices)], **spec),  # type: ignore[arg-type]
+                events,
+            )
+            for i in range(4)
+        ]
         while len(done) < 4:
             kind, index, payload = events.get(timeout=1800)
             if kind == "error":
-                raise SystemExit(f"peer {index} failed:\n{payload}")
+                raise SystemExit(f"{name}: peer {index} failed:\n{payload}")
+            if kind == "eval":
+                curve.append((payload["step"], payload["seconds"], payload["loss"]))
             if kind == "done":
                 done[index] = payload
+        for f in futures:
+            f.result(timeout=60)
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
         master.stop()
-    assert len({r["hash"] for r in done.values()}) == 1, "peers' outer parameters differ"
-    return done[0]
+    assert len({r["hash"] for r in done.values()}) == 1, f"{name}: peers' parameters differ"
+    zero = done[0]
+    return {
+        "name": name,
+        "curve": curve,
+        "steps": zero["inner_steps"],
+        "wall_s": zero["wall_s"],
+        "utilisation": 1.0 - zero["comm_wait_s"] / zero["wall_s"],
+        # Without the final drain (finish() waiting for the last all-reduce), a one-off that a
+        # run of thousands of rounds amortises away: the steady state.
+        "loop_utilisation": 1.0
+        - zero.get("loop_wait_s", zero["comm_wait_s"]) / zero.get("loop_s", zero["wall_s"]),
+        "tx_bytes": max(r["tx_bytes"] for r in done.values()),
+    }
 
 
-def part_b(args: argparse.Namespace, runs: dict[str, RunResult]) -> dict[str, Any]:
-    bw = 100e6
+def time_to(curve: list[tuple[int, float, float]], target: float) -> float | None:
+    """Training seconds at which the (linearly interpolated) validation curve reaches target."""
+    prev: tuple[float, float] | None = None
+    for _, seconds, loss in curve:
+        if loss <= target:
+            if prev is None:
+                return seconds
+            s0, l0 = prev
+            return s0 + (seconds - s0) * (l0 - target) / max(l0 - loss, 1e-12)
+        prev = (seconds, loss)
+    return None
+
+
+def part_b(args: argparse.Namespace) -> dict[str, Any]:
+    devices = [args.device] if args.device != "auto" else _devices()
     if args.quick:
         gpt = GPTConfig(num_layers=1, width=64, num_heads=2, context=32)
-        h, outer_steps, reps = 10, 2, 1
+        ddp_steps, h, h_long, eval_batches = 12, 6, 12, 1
     else:
         gpt = GPTConfig(num_layers=7, width=256, num_heads=4, context=64)
-        h, outer_steps, reps = args.sync_every, 3, 2
+        ddp_steps, h, h_long, eval_batches = args.ddp_steps, args.sync_every, 50, 4
+    steps = 3 * ddp_steps
     numel = sum(p.numel() for p in GPT(gpt).parameters())
     print(
-        f"\n== part B: {numel / 1e6:.2f}M-parameter GPT, 4 peers, link 100 Mbit/s + 10 ms",
+        f"\n== part B: {numel / 1e6:.2f}M-parameter GPT, 4 peers on {', '.join(devices)}, "
+        f"link 100 Mbit/s + 10 ms; data-parallel trains {ddp_steps} steps and its final "
+        f"validation loss is the target; the others get {steps}",
         flush=True,
     )
-    t_c = _compute_step_s(gpt, 16, 3 if args.quick else 10, args.inner_device)
-    print(f"inner step (one process alone, {args.inner_device}): {t_c * 1e3:.1f} ms", flush=True)
-    comm = _measure_allreduce([numel, numel // 2], bw, reps)
-    for label, (s, tx) in comm.items():
-        print(f"all-reduce, {label:>22}: {s:7.2f} s, {tx / 1e6:7.2f} MB sent per peer", flush=True)
-    real = _real_async_run(gpt, h, outer_steps, bw)
-    util = 1.0 - real["comm_wait_s"] / real["wall_s"]
-    print(
-        f"real async DiLoCo run: {real['inner_steps']} inner steps in {real['wall_s']:.0f} s, "
-        f"blocked on the network {real['comm_wait_s']:.1f} s -> compute utilisation {util:.3f}, "
-        f"{real['tx_bytes'] / 1e6:.2f} MB sent per peer",
-        flush=True,
-    )
-
-    # Composition. Per-step times of each method, from the measured parts.
-    ar_fp32, ar_u8, ar_frag = (
-        comm[k][0] for k in ("fp32 gradient", "uint8 pseudo-gradient", "uint8 fragment")
-    )
-    per_step = {
-        "data-parallel (4B)": t_c + ar_fp32,
-        "DiLoCo": t_c + ar_u8 / h,
-        "async DiLoCo": t_c + max(0.0, ar_u8 - h * t_c) / h,
-        "async tau=2": t_c + max(0.0, ar_u8 - 2 * t_c) / h,
-        "Streaming": t_c + 2 * max(0.0, ar_frag - 1 * t_c) / h,  # 2 fragments, overlap 1 step
-    }
-    h_a = 20 if args.quick else args.sync_every  # part A's H, which names its runs
-    target = runs["one worker (B)"].val_loss
-    print(f"\ntarget loss: {target:.4f} (one worker's final validation loss)")
+    plan: list[tuple[str, str, OuterConfig, int]] = [
+        ("data-parallel fp32", "ddp", OuterConfig(), ddp_steps),
+        (f"DiLoCo H={h} uint8", "diloco", OuterConfig(sync_every=h, outer_momentum=0.5), steps),
+        (
+            f"async tau=2 H={h} uint8",
+            "diloco",
+            OuterConfig(method="async", sync_every=h, apply_after_steps=2),
+            steps,
+        ),
+        # A round long enough to hide the all-reduce on fast inner steps (a GPU): the
+        # utilisation claim's row.
+        (
+            f"async H={h_long} uint8",
+            "diloco",
+            OuterConfig(method="async", sync_every=h_long),
+            steps,
+        ),
+        (
+            f"Streaming H={h} uint8",
+            "diloco",
+            OuterConfig(method="streaming", sync_every=h, num_fragments=2, overlap_steps=1),
+            steps,
+        ),
+    ]
     rows = []
-    for name, key in (
-        ("data-parallel (4B)", "data-parallel (4B)"),
-        (f"DiLoCo H={h_a} uint8", "DiLoCo"),
-        (f"async DiLoCo H={h_a} uint8", "async DiLoCo"),
-        (f"async naive H={h_a} uint8", "async DiLoCo"),
-        (f"async tau=2 H={h_a} uint8", "async tau=2"),
-        (f"Streaming H={h_a} uint8", "Streaming"),
-    ):
-        steps = steps_to(runs[name].curve, target)
-        seconds = None if steps is None else steps * per_step[key]
-        rows.append((name, steps, per_step[key], seconds))
-    print(f"{'method':>26} {'steps to target':>16} {'s per step':>11} {'time to target':>15}")
-    for name, steps, ps, secs in rows:
-        st = "not reached" if steps is None else f"{steps:.0f}"
-        tt = "-" if secs is None else f"{secs:.0f} s"
-        print(f"{name:>26} {st:>16} {ps:11.3f} {tt:>15}")
-    ddp_time = rows[0][3]
-    best = min((r[3] for r in rows[1:] if r[3] is not None), default=None)
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(4, mp_context=ctx) as pool:
+        events = manager.Queue()
+        for name, mode, outer, n in plan:
+            rows.append(
+                _race_run(
+                    name,
+                    gpt=gpt,
+                    mode=mode,
+                    outer=dataclasses.replace(outer, timeout_s=300.0),
+                    steps=n,
+                    eval_batches=eval_batches,
+                    devices=devices,
+                    pool=pool,
+                    events=events,
+                )
+            )
+            r = rows[-1]
+            print(
+                f"  {name}: {r['steps']} steps in {r['wall_s']:.1f} s, final validation loss "
+                f"{r['curve'][-1][2]:.4f}",
+                flush=True,
+            )
+    target = rows[0]["curve"][-1][2]
+    print(f"\ntarget loss: {target:.4f} (data-parallel's after {ddp_steps} steps)")
+    print(
+        f"{'method':>26} {'time to target':>15} {'s per step':>11} {'utilisation':>12} "
+        f"{'w/o drain':>10} {'MB sent/peer/step':>18}"
+    )
+    for r in rows:
+        r["time"] = time_to(r["curve"], target)
+        tt = "not reached" if r["time"] is None else f"{r['time']:.1f} s"
+        print(
+            f"{r['name']:>26} {tt:>15} {r['wall_s'] / r['steps']:11.3f} {r['utilisation']:12.3f} "
+            f"{r['loop_utilisation']:10.3f} {r['tx_bytes'] / r['steps'] / 1e6:18.3f}"
+        )
+    ddp_time = rows[0]["time"]
+    best = min((r["time"] for r in rows[1:] if r["time"] is not None), default=None)
     speedup = None if ddp_time is None or best is None else ddp_time / best
+    print(f"speedup over data-parallel: {'-' if speedup is None else f'{speedup:.1f}x'}")
     return {
         "speedup": speedup,
-        "utilisation": util,
-        "bytes": {k: v[1] for k, v in comm.items()},
-        "real_tx_bytes_per_peer": real["tx_bytes"],
+        "utilisation": rows[3]["loop_utilisation"],
+        "bytes_per_step": {r["name"]: r["tx_bytes"] / r["steps"] for r in rows},
     }
 
 
@@ -368,10 +337,12 @@ def main() -> None:
     parser.add_argument("--save-part-a", metavar="JSON", help="write part A's runs to this file")
     parser.add_argument("--load-part-a", metavar="JSON", help="reuse part A's runs from this file")
     parser.add_argument(
-        "--inner-device",
-        default="cpu",
-        help="where part B times the inner step (cpu; cuda on a GPU host: the hardware lowcomm is "
-        "for, where data-parallel is far more communication-bound)",
+        "--device",
+        default="auto",
+        help="where part B's peers train: auto (every GPU in turn, else cpu), cpu, cuda:0 ...",
+    )
+    parser.add_argument(
+        "--ddp-steps", type=int, default=100, help="part B: data-parallel's steps (100)"
     )
     args = parser.parse_args()
     import logging
@@ -408,7 +379,7 @@ def main() -> None:
         f"async / sync (uint8): {async8 / sync8:.4f} applied 2 steps late, {full8 / sync8:.4f} a "
         f"round late (eager);  uint8 / fp32 (sync): {sync8 / sync32:.4f}"
     )
-    b = part_b(args, runs)
+    b = part_b(args)
     claims = [
         {
             "name": "speedup_vs_ddp_100mbit",
@@ -441,8 +412,8 @@ def main() -> None:
             {
                 "benchmark": "diloco",
                 "quick": args.quick,
-                "inner_device": args.inner_device,
-                "bytes_per_peer": b["bytes"],
+                "devices": args.device,
+                "bytes_per_peer_per_step": b["bytes_per_step"],
                 "claims": claims,
             }
         )
