@@ -11,21 +11,26 @@ async quality claim's row), and Streaming
 DiLoCo (uint8, 2 fragments, overlap 1, merge 0.5, momentum 0.9). Validation loss of the outer
 parameters every few rounds.
 
-Part B (time to a target loss, end to end): every method trains a 5.7M-parameter GPT as 4 real
-peer processes on loopback, each peer's traffic through lowcomm's shaper at 100 Mbit/s + 10 ms,
-on every GPU in turn (or the CPU). Data-parallel all-reduces the fp32 gradient every step for
---ddp-steps steps; its final validation loss is the target. DiLoCo (H, uint8), async DiLoCo
-(tau=2, and a full round at H=50), and Streaming train 3x as many steps. Peer 0 measures the
-validation loss of the outer parameters after each outer step (data-parallel: every 10 steps),
-off the clock; time to target is interpolated on that (training seconds, loss) curve. The speedup
-is data-parallel's time over the fastest method's. Utilisation is 1 - (time step() spent blocked
-on the network) / wall time, over the training loop: the final drain (finish() waiting for the
-last all-reduce, once per run) is left out of the claim and shown beside it. The claim's row is
-async at H=50, a round long enough to hide the all-reduce behind a GPU's inner steps. On a 2-core
-machine the 4 peers share the cores, so an inner step costs 4 peers' worth of CPU: the CPU run
-understates what separate machines give; the GPU run is the claim's measurement.
+Part B (time to a target loss, end to end): every method trains a 5.7M-parameter GPT as 4 real peer
+processes on loopback, each peer's traffic through lowcomm's shaper at 100 Mbit/s + 10 ms, on the
+GPUs found (round-robin; else the CPU). Data-parallel all-reduces the fp32 gradient every step for
+--ddp-steps steps; its final validation loss is the target. DiLoCo (H, uint8), async DiLoCo (tau=2;
+and a full round at H=100, for at least 6 rounds) and Streaming train 3x as many steps. Peer 0
+snapshots what it would ship (the outer parameters after each outer step and at the end; data-
+parallel's model every 10 steps) with its training seconds so far (the copies' milliseconds left
+out); the snapshots are evaluated after the race, so nothing competes with a run. Time to target is
+interpolated on that (seconds, loss) curve; the speedup is data-parallel's time over the fastest
+method's, all in one invocation. Utilisation is 1 - (time step() spent blocked on the network) /
+wall time, the mean of the 4 peers' (the least utilised peer's is shown too: one that outruns the
+others waits for them at the all-reduce); the claim's is the steady state (from the first outer
+step applied to the end of the loop: the final drain, finish() waiting for the last all-reduce once
+per run, is left out; the whole run is shown beside it), of async at H=100, a round long enough to
+hide the all-reduce behind a GPU's inner steps. "compute ms" shows each step's time off the network
+in that run: peers sharing one GPU or 2 CPU cores are slower than 4 machines would be, which makes
+rounds longer and easier to overlap. On a 2-core machine the CPU run is not the claim's
+measurement; a GPU host's is.
 
-    .venv/bin/python benchmarks/diloco.py            # full (about 45 min on 2 cores)
+    .venv/bin/python benchmarks/diloco.py            # full (about 50 min on 2 cores)
     .venv/bin/python benchmarks/diloco.py --quick    # same code paths, tiny sizes
     # part A here (CPU, seeded), part B on a GPU host:
     .venv/bin/python benchmarks/diloco.py --save-part-a a.json
@@ -41,7 +46,9 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import queue
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,6 +62,7 @@ from lowcomm.launch._experiments import Corpus, RunResult, simulate
 from lowcomm.launch._tinygpt import GPT, GPTConfig
 
 TOKEN = b"diloco-benchmark"
+CORPUS_BYTES = 2_000_000  # part B's peers train on the first 2 MB of the corpus
 
 
 # ------------------------------------------------------------------------------------ part A
@@ -146,6 +154,60 @@ def _devices() -> list[str]:
     return ["cpu"]
 
 
+def _pool_worker(tasks: Any, events: Any) -> None:
+    from lowcomm.launch._peer import run_peer
+
+    while (spec := tasks.get()) is not None:
+        run_peer(spec, events)  # exits the worker after reporting an error: the pool is killed
+
+
+class _PeerPool:
+    """4 worker processes reused from run to run, each running one peer of every run.
+
+    A run does not pay for 4 fresh interpreters importing torch and starting CUDA. On any failure
+    the workers are killed, rather than left waiting in a collective for their timeouts.
+    """
+
+    def __init__(self, size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.events: Any = ctx.Queue()
+        self.tasks: list[Any] = [ctx.Queue() for _ in range(size)]
+        self.procs = [
+            ctx.Process(target=_pool_worker, args=(q, self.events), daemon=True) for q in self.tasks
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def __enter__(self) -> _PeerPool:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            for q in self.tasks:
+                q.put(None)
+            for proc in self.procs:
+                proc.join(timeout=30)
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+
+    def start(self, specs: list[Any]) -> None:
+        for q, spec in zip(self.tasks, specs, strict=True):
+            q.put(spec)
+
+    def next_event(self, timeout_s: float) -> tuple[str, int, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.events.get(timeout=1.0)
+            except queue.Empty:
+                dead = [i for i, proc in enumerate(self.procs) if not proc.is_alive()]
+                if dead:
+                    raise SystemExit(f"peer workers {dead} died without reporting") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no event from the peers in {timeout_s} s") from None
+
+
 def _race_run(
     name: str,
     *,
@@ -153,18 +215,12 @@ def _race_run(
     mode: str,
     outer: OuterConfig,
     steps: int,
-    eval_batches: int,
     devices: list[str],
-    pool: Any,
-    events: Any,
+    pool: _PeerPool,
 ) -> dict[str, Any]:
-    """One method end to end: 4 peer processes over the shaped link, peer 0's validation curve.
-
-    ``pool`` holds 4 worker processes reused from run to run (each run's 4 peers run at once), so
-    a run does not pay for 4 fresh interpreters importing torch and starting CUDA.
-    """
+    """One method end to end: 4 peers over the shaped link; peer 0's snapshots, unevaluated."""
     from lowcomm.comm import Master
-    from lowcomm.launch._peer import PeerSpec, outer_steps_for, run_peer
+    from lowcomm.launch._peer import PeerSpec, outer_steps_for
 
     master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=60.0).start()
     spec = dict(
@@ -179,49 +235,65 @@ def _race_run(
         mode=mode,
         bandwidth_bps=100e6,
         latency_ms=10.0,
-        corpus_bytes=2_000_000,
+        corpus_bytes=CORPUS_BYTES,
         report_every=10_000,
-        eval_batches=eval_batches,
-        eval_every=10,
-        timeout_s=300.0,
+        snapshots=True,
+        timeout_s=outer.timeout_s,
     )
     done: dict[int, dict[str, Any]] = {}
-    curve: list[tuple[int, float, float]] = []
+    snapshots: list[dict[str, Any]] = []
     try:
-        futures = [
-            pool.submit(
-                run_peer,
-                PeerSpec(index=i, device=devices[i % len(devices)], **spec),  # type: ignore[arg-type]
-                events,
-            )
-            for i in range(4)
-        ]
+        pool.start(
+            [PeerSpec(index=i, device=devices[i % len(devices)], **spec) for i in range(4)]  # type: ignore[arg-type]
+        )
         while len(done) < 4:
-            kind, index, payload = events.get(timeout=1800)
+            kind, index, payload = pool.next_event(timeout_s=1800)
             if kind == "error":
                 raise SystemExit(f"{name}: peer {index} failed:\n{payload}")
-            if kind == "eval":
-                curve.append((payload["step"], payload["seconds"], payload["loss"]))
+            if kind == "snapshot":
+                snapshots.append(payload)
             if kind == "done":
                 done[index] = payload
-        for f in futures:
-            f.result(timeout=60)
     finally:
         master.stop()
     assert len({r["hash"] for r in done.values()}) == 1, f"{name}: peers' parameters differ"
     zero = done[0]
+    whole = [1.0 - r["comm_wait_s"] / r["wall_s"] for r in done.values()]
+    steady = [1.0 - r["steady_wait_s"] / r["steady_s"] for r in done.values()]
     return {
         "name": name,
-        "curve": curve,
+        "snapshots": snapshots,
         "steps": zero["inner_steps"],
         "wall_s": zero["wall_s"],
-        "utilisation": 1.0 - zero["comm_wait_s"] / zero["wall_s"],
-        # Without the final drain (finish() waiting for the last all-reduce), a one-off that a
-        # run of thousands of rounds amortises away: the steady state.
-        "loop_utilisation": 1.0
-        - zero.get("loop_wait_s", zero["comm_wait_s"]) / zero.get("loop_s", zero["wall_s"]),
+        # The group's: compute seconds over peer seconds, the mean of the 4 peers'. A peer that
+        # outruns the others waits for them at the all-reduce; the least utilised is shown too.
+        "utilisation": sum(whole) / len(whole),
+        # Steady state: from the first outer step applied to the end of the loop, without the
+        # final drain (finish() waiting for the last all-reduce, once per run).
+        "steady_utilisation": sum(steady) / len(steady),
+        "steady_min": min(steady),
         "tx_bytes": max(r["tx_bytes"] for r in done.values()),
+        # Time per step not blocked on the network, as in this run (4 peers may share a device).
+        "compute_ms": 1e3 * (zero["wall_s"] - zero["comm_wait_s"]) / zero["inner_steps"],
     }
+
+
+def _evaluate_snapshots(
+    snapshots: list[dict[str, Any]], gpt: GPTConfig, device: str, num_batches: int
+) -> list[tuple[int, float, float]]:
+    """(inner step, training seconds, validation loss) for each of peer 0's snapshots."""
+    from torch.nn.utils import vector_to_parameters
+
+    from lowcomm.launch._experiments import evaluate
+
+    corpus = Corpus.load(max_bytes=CORPUS_BYTES)  # the peers' corpus, so their validation split
+    probe = GPT(gpt).to(device)
+    curve = []
+    for snap in snapshots:
+        vector_to_parameters(torch.from_numpy(snap["params"]).to(device), probe.parameters())
+        loss = evaluate(probe, corpus, num_batches=num_batches)
+        curve.append((snap["step"], snap["seconds"], loss))
+    return curve
 
 
 def time_to(curve: list[tuple[int, float, float]], target: float) -> float | None:
@@ -244,7 +316,7 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
         ddp_steps, h, h_long, eval_batches = 12, 6, 12, 1
     else:
         gpt = GPTConfig(num_layers=7, width=256, num_heads=4, context=64)
-        ddp_steps, h, h_long, eval_batches = args.ddp_steps, args.sync_every, 50, 4
+        ddp_steps, h, h_long, eval_batches = args.ddp_steps, args.sync_every, 100, 8
     steps = 3 * ddp_steps
     numel = sum(p.numel() for p in GPT(gpt).parameters())
     print(
@@ -262,13 +334,13 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
             OuterConfig(method="async", sync_every=h, apply_after_steps=2),
             steps,
         ),
-        # A round long enough to hide the all-reduce on fast inner steps (a GPU): the
-        # utilisation claim's row.
+        # A round long enough to hide the all-reduce behind fast inner steps (a GPU's), and
+        # enough rounds for a steady state: the utilisation claim's row.
         (
             f"async H={h_long} uint8",
             "diloco",
             OuterConfig(method="async", sync_every=h_long),
-            steps,
+            max(steps, 6 * h_long),
         ),
         (
             f"Streaming H={h} uint8",
@@ -278,41 +350,34 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
         ),
     ]
     rows = []
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(4, mp_context=ctx) as pool:
-        events = manager.Queue()
+    with _PeerPool(4) as pool:
         for name, mode, outer, n in plan:
-            rows.append(
-                _race_run(
-                    name,
-                    gpt=gpt,
-                    mode=mode,
-                    outer=dataclasses.replace(outer, timeout_s=300.0),
-                    steps=n,
-                    eval_batches=eval_batches,
-                    devices=devices,
-                    pool=pool,
-                    events=events,
-                )
+            r = _race_run(
+                name,
+                gpt=gpt,
+                mode=mode,
+                outer=dataclasses.replace(outer, timeout_s=300.0),
+                steps=n,
+                devices=devices,
+                pool=pool,
             )
-            r = rows[-1]
-            print(
-                f"  {name}: {r['steps']} steps in {r['wall_s']:.1f} s, final validation loss "
-                f"{r['curve'][-1][2]:.4f}",
-                flush=True,
-            )
+            rows.append(r)
+            print(f"  {name}: {r['steps']} steps in {r['wall_s']:.1f} s", flush=True)
+    for r in rows:  # after the race, so that no evaluation competes with a run for the machine
+        r["curve"] = _evaluate_snapshots(r.pop("snapshots"), gpt, devices[0], eval_batches)
     target = rows[0]["curve"][-1][2]
     print(f"\ntarget loss: {target:.4f} (data-parallel's after {ddp_steps} steps)")
     print(
-        f"{'method':>26} {'time to target':>15} {'s per step':>11} {'utilisation':>12} "
-        f"{'w/o drain':>10} {'MB sent/peer/step':>18}"
+        f"{'method':>26} {'time to target':>15} {'final loss':>11} {'s/step':>7} "
+        f"{'compute ms':>11} {'utilisation':>12} {'steady':>7} {'(min)':>6} {'MB sent/peer/step':>18}"
     )
     for r in rows:
         r["time"] = time_to(r["curve"], target)
         tt = "not reached" if r["time"] is None else f"{r['time']:.1f} s"
         print(
-            f"{r['name']:>26} {tt:>15} {r['wall_s'] / r['steps']:11.3f} {r['utilisation']:12.3f} "
-            f"{r['loop_utilisation']:10.3f} {r['tx_bytes'] / r['steps'] / 1e6:18.3f}"
+            f"{r['name']:>26} {tt:>15} {r['curve'][-1][2]:11.4f} {r['wall_s'] / r['steps']:7.3f} "
+            f"{r['compute_ms']:11.1f} {r['utilisation']:12.3f} {r['steady_utilisation']:7.3f} {r['steady_min']:6.3f} "
+            f"{r['tx_bytes'] / r['steps'] / 1e6:18.3f}"
         )
     ddp_time = rows[0]["time"]
     best = min((r["time"] for r in rows[1:] if r["time"] is not None), default=None)
@@ -320,7 +385,7 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
     print(f"speedup over data-parallel: {'-' if speedup is None else f'{speedup:.1f}x'}")
     return {
         "speedup": speedup,
-        "utilisation": rows[3]["loop_utilisation"],
+        "utilisation": rows[3]["steady_utilisation"],
         "bytes_per_step": {r["name"]: r["tx_bytes"] / r["steps"] for r in rows},
     }
 
@@ -366,8 +431,8 @@ def main() -> None:
     h = 20 if args.quick else args.sync_every
     one, ddp = runs["one worker (B)"].val_loss, runs["data-parallel (4B)"].val_loss
     sync32, sync8 = runs[f"DiLoCo H={h} fp32"].val_loss, runs[f"DiLoCo H={h} uint8"].val_loss
-    # The claim's async DiLoCo applies each average 2 inner steps into the next round, which on
-    # this CPU hides the whole all-reduce (part B); the full-round rows are printed beside it.
+    # The quality claim's async DiLoCo applies each average 2 inner steps into the next round;
+    # the full-round rows are printed beside it.
     async8 = runs[f"async tau=2 H={h} uint8"].val_loss
     full8 = runs[f"async DiLoCo H={h} uint8"].val_loss
     gap = (one - sync32) / (one - ddp) if one != ddp else float("nan")

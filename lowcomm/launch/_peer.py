@@ -2,10 +2,10 @@
 
 Used by ``lowcomm demo``, ``benchmarks/diloco.py`` and the multi-process tests. A peer sends
 events to its parent through a multiprocessing queue: ``("progress", index, {...})`` every
-``report_every`` inner steps, ``("eval", index, {...})`` with a validation loss when
-``eval_batches`` is set (peer 0 only), ``("done", index, {...})`` with the hash of its outer state
-at the end, or ``("error", index, traceback)``. ``die_at_inner_step`` makes it exit abruptly at that step
-(fault injection: no goodbye to the master, sockets just close).
+``report_every`` inner steps, ``("snapshot", index, {...})`` with the parameters it would ship
+when ``snapshots`` is set (peer 0 only), ``("done", index, {...})`` with the hash of its outer
+state at the end, or ``("error", index, traceback)``. ``die_at_inner_step`` makes it exit
+abruptly at that step (fault injection: no goodbye to the master, sockets just close).
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.utils import parameters_to_vector
 
 from lowcomm.diloco import DiLoCo, OuterConfig
 from lowcomm.launch._experiments import Corpus, evaluate
@@ -62,11 +64,11 @@ class PeerSpec:
     time_budget_s: float | None = None  # ddp: stop (all peers at once) after this long
     max_steps: int | None = None  # ddp: stop after this many steps
     device: str = "cpu"  # where the model trains ("cuda:0", ...); outer state stays on CPU
-    # Peer 0 measures the validation loss of the model it would ship (the outer parameters; for
-    # ddp, the model) after each outer step, or every ``eval_every`` ddp steps, on this many fixed
-    # batches; the time it spends there is left out of the clock it reports.
-    eval_batches: int = 0
-    eval_every: int = 10
+    # Peer 0 sends the parameters it would ship (the outer parameters; for ddp, the model's)
+    # after each outer step and at the end (ddp: every ``snapshot_every`` steps), with the
+    # training seconds so far; the parent evaluates them after the run.
+    snapshots: bool = False
+    snapshot_every: int = 10
 
 
 def outer_steps_for(outer: OuterConfig, inner_steps: int) -> int:
@@ -124,7 +126,8 @@ def _run(spec: PeerSpec, events: Any) -> None:
     torch.manual_seed(spec.seed)
     model = GPT(spec.gpt).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
-    clock = _EvalClock(spec, corpus, events) if spec.eval_batches and spec.index == 0 else None
+    # Peer 0's copy of the outer parameters for its snapshots: on CPU, where theta lives.
+    probe = GPT(spec.gpt) if spec.snapshots and spec.mode != "ddp" else model
     comm = Communicator(spec.master, peer_group=0, token=spec.token, config=config)
     comm.connect(timeout_s=spec.timeout_s * 4)
     if not spec.joining:
@@ -135,19 +138,18 @@ def _run(spec: PeerSpec, events: Any) -> None:
         comm.close()
         return
     if spec.mode == "ddp":
-        _run_ddp(spec, events, comm, model, opt, corpus, clock)
+        _run_ddp(spec, events, comm, model, opt, corpus, _Snapshots(spec, events, model, 0.0))
         return
     trainer = DiLoCo(model, opt, comm, config=spec.outer, joining=spec.joining)
     gen = torch.Generator().manual_seed(spec.seed * 1000 + spec.index + 1)
     tokens = spec.batch_size * spec.gpt.context
-    t_start = time.perf_counter()
+    snaps = _Snapshots(spec, events, probe, trainer.stats.comm_wait_s)
+    t_start = snaps.t_start
     last_t, last_step = t_start, 0
     step = 0
-    if clock is not None:
-        clock.start(GPT(spec.gpt).to(device))
-    evaluated = 0
-    # The clock starts after the first shared-state sync, so its wait is left out too.
-    wait_before = trainer.stats.comm_wait_s
+    # Steady state: from the first outer step applied (a pipelined method's first round has no
+    # wait to pair with) to the end of the loop (the final drain is a one-off, reported apart).
+    steady: tuple[float, float] | None = None
 
     def more() -> bool:
         done = trainer.stats.outer_steps
@@ -164,10 +166,11 @@ def _run(spec: PeerSpec, events: Any) -> None:
         loss.backward()
         trainer.step()
         step += 1
-        if clock is not None and trainer.stats.outer_steps > evaluated:
-            evaluated = trainer.stats.outer_steps
-            trainer.copy_outer_to(clock.probe)
-            clock.record(step)
+        if steady is None and trainer.stats.outer_steps > 0:
+            steady = (snaps.now(), trainer.stats.comm_wait_s)
+        if trainer.stats.outer_steps > snaps.outer_steps:
+            snaps.outer_steps = trainer.stats.outer_steps
+            snaps.record(step, trainer.copy_outer_to)
         if spec.die_at_inner_step is not None and step >= spec.die_at_inner_step:
             os._exit(17)  # abrupt death: no leave message, sockets close with the process
         if step % spec.report_every == 0:
@@ -189,16 +192,14 @@ def _run(spec: PeerSpec, events: Any) -> None:
                 )
             )
             last_t, last_step = now, step
-    eval_s = 0.0 if clock is None else clock.eval_s
-    loop_s = time.perf_counter() - t_start - eval_s
-    loop_wait_s = trainer.stats.comm_wait_s - wait_before
+    t0, wait0 = steady or (0.0, snaps.wait_before)
+    steady_s, steady_wait_s = snaps.now() - t0, trainer.stats.comm_wait_s - wait0
     trainer.finish()  # waits for the last all-reduce in flight: the pipeline's drain
-    wall = time.perf_counter() - t_start - eval_s
+    snaps.record(step, trainer.copy_outer_to)
+    wall = snaps.now()
     result = {
-        "eval_s": eval_s,
-        # The training loop alone, without the drain: the steady state a long run lives in.
-        "loop_s": loop_s,
-        "loop_wait_s": loop_wait_s,
+        "steady_s": steady_s,
+        "steady_wait_s": steady_wait_s,
         "hash": trainer.outer_hash(),
         "outer_steps": trainer.stats.outer_steps,
         "inner_steps": step,
@@ -209,7 +210,7 @@ def _run(spec: PeerSpec, events: Any) -> None:
         "dropped": trainer.stats.dropped_rounds,
         "joins": trainer.stats.joins,
         "inner_s": trainer.stats.inner_s,
-        "comm_wait_s": trainer.stats.comm_wait_s - wait_before,
+        "comm_wait_s": trainer.stats.comm_wait_s - snaps.wait_before,
         "wall_s": wall,
         "val_loss": evaluate(model, corpus, num_batches=4) if spec.evaluate_at_end else None,
     }
@@ -217,23 +218,38 @@ def _run(spec: PeerSpec, events: Any) -> None:
     comm.close()
 
 
-class _EvalClock:
-    """Peer 0's validation curve: (inner step, seconds of training so far, validation loss)."""
+class _Snapshots:
+    """Peer 0's record of what it would ship: (inner step, training seconds, parameters).
 
-    def __init__(self, spec: PeerSpec, corpus: Corpus, events: Any) -> None:
-        self.spec, self.corpus, self.events = spec, corpus, events
-        self.eval_s = 0.0
+    Nothing is evaluated here: the parent evaluates the parameters after the run, so no network
+    work can hide behind an evaluation left off the clock. The copy's own time is left off it.
+    Other peers keep the clock and record nothing.
+    """
 
-    def start(self, probe: GPT) -> None:
-        self.probe = probe
+    def __init__(self, spec: PeerSpec, events: Any, probe: GPT, wait_before: float) -> None:
+        self.index, self.events, self.probe = spec.index, events, probe
+        self.enabled = spec.snapshots and spec.index == 0
+        self.wait_before = wait_before  # network wait before the clock started (state sync)
+        self.outer_steps = 0
+        self.paused_s = 0.0
         self.t_start = time.perf_counter()
 
-    def record(self, step: int) -> None:
+    def now(self) -> float:
+        """Training seconds so far."""
+        return time.perf_counter() - self.t_start - self.paused_s
+
+    def record(self, step: int, copy_into: Callable[[GPT], None] | None = None) -> None:
+        if not self.enabled:
+            return
         t0 = time.perf_counter()
-        loss = evaluate(self.probe, self.corpus, num_batches=self.spec.eval_batches, batch_size=32)
-        seconds = t0 - self.t_start - self.eval_s
-        self.eval_s += time.perf_counter() - t0
-        self.events.put(("eval", self.spec.index, {"step": step, "seconds": seconds, "loss": loss}))
+        seconds = self.now()
+        if copy_into is not None:
+            copy_into(self.probe)
+        flat = parameters_to_vector(self.probe.parameters()).detach().cpu().numpy()
+        self.events.put(
+            ("snapshot", self.index, {"step": step, "seconds": seconds, "params": flat})
+        )
+        self.paused_s += time.perf_counter() - t0
 
 
 def _run_ddp(
@@ -243,7 +259,7 @@ def _run_ddp(
     model: GPT,
     opt: torch.optim.Optimizer,
     corpus: Corpus,
-    clock: _EvalClock | None,
+    snaps: _Snapshots,
 ) -> None:
     """Data-parallel over the same communicator: one fp32 gradient all-reduce per step.
 
@@ -256,9 +272,7 @@ def _run_ddp(
     buf = torch.zeros(numel + 1, device=device)
     gen = torch.Generator().manual_seed(spec.seed * 1000 + spec.index + 1)
     tokens = spec.batch_size * spec.gpt.context
-    t_start = time.perf_counter()
-    if clock is not None:
-        clock.start(model)
+    t_start = snaps.t_start
     last_t, last_step, tx, inner_s = t_start, 0, 0, 0.0
     step = 0
     while True:
@@ -288,8 +302,8 @@ def _run_ddp(
         inner_s += time.perf_counter() - t0
         step += 1
         stop = bool(buf[numel] > 0)
-        if clock is not None and (step % spec.eval_every == 0 or stop):
-            clock.record(step)
+        if step % spec.snapshot_every == 0 or stop:
+            snaps.record(step)
         if step % spec.report_every == 0 or stop:
             now = time.perf_counter()
             events.put(
@@ -312,7 +326,7 @@ def _run_ddp(
             break
     from lowcomm.comm.shared_state import tensor_hash
 
-    wall = time.perf_counter() - t_start - (0.0 if clock is None else clock.eval_s)
+    wall = snaps.now()
 
     flat = torch.cat([p.detach().reshape(-1) for p in params]).cpu()
     events.put(
@@ -320,7 +334,8 @@ def _run_ddp(
             "done",
             spec.index,
             {
-                "eval_s": 0.0 if clock is None else clock.eval_s,
+                "steady_s": wall,
+                "steady_wait_s": wall - inner_s,
                 "hash": tensor_hash(flat),
                 "outer_steps": step,
                 "inner_steps": step,
