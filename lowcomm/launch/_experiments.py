@@ -41,7 +41,7 @@ class RunResult:
     val_loss: float
     seconds: float
     tx_bytes_per_peer: int = 0
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (inner step, train loss)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (inner step, val loss)
 
 
 @torch.no_grad()

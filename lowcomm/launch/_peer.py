@@ -168,9 +168,7 @@ def _run(spec: PeerSpec, events: Any) -> None:
         step += 1
         if steady is None and trainer.stats.outer_steps > 0:
             steady = (snaps.now(), trainer.stats.comm_wait_s)
-        if trainer.stats.outer_steps > snaps.outer_steps:
-            snaps.outer_steps = trainer.stats.outer_steps
-            snaps.record(step, trainer.copy_outer_to)
+        snaps.after_step(step, trainer)
         if spec.die_at_inner_step is not None and step >= spec.die_at_inner_step:
             os._exit(17)  # abrupt death: no leave message, sockets close with the process
         if step % spec.report_every == 0:
@@ -230,13 +228,19 @@ class _Snapshots:
         self.index, self.events, self.probe = spec.index, events, probe
         self.enabled = spec.snapshots and spec.index == 0
         self.wait_before = wait_before  # network wait before the clock started (state sync)
-        self.outer_steps = 0
+        self.outer_steps = 0  # the last outer step snapshotted
         self.paused_s = 0.0
         self.t_start = time.perf_counter()
 
     def now(self) -> float:
         """Training seconds so far."""
         return time.perf_counter() - self.t_start - self.paused_s
+
+    def after_step(self, step: int, trainer: DiLoCo) -> None:
+        """Snapshots the outer parameters if an outer step was applied since the last one."""
+        if trainer.stats.outer_steps > self.outer_steps:
+            self.outer_steps = trainer.stats.outer_steps
+            self.record(step, trainer.copy_outer_to)
 
     def record(self, step: int, copy_into: Callable[[GPT], None] | None = None) -> None:
         if not self.enabled:
