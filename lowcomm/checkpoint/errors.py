@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lowcomm.errors import LowcommError
+from lowcomm.errors import LowcommError, LowcommTimeoutError
 
 __all__ = [
     "CheckpointCorruptError",
@@ -38,5 +38,5 @@ class NoCheckpointError(CheckpointError):
     """No level holds a complete, verified checkpoint to restore (the reasons are in the message)."""
 
 
-class CheckpointTimeoutError(CheckpointError, TimeoutError):
+class CheckpointTimeoutError(CheckpointError, LowcommTimeoutError):
     """A blocking checkpoint call ran past its ``timeout_s``."""

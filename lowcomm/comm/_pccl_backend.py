@@ -35,7 +35,7 @@ from lowcomm.comm.communicator import (
     Handle,
     check_all_reduce_args,
 )
-from lowcomm.comm.errors import CommError, PeerFailureError, TopologyError
+from lowcomm.comm.errors import BackendUnavailableError, CommError, PeerFailureError, TopologyError
 from lowcomm.comm.master import parse_address
 from lowcomm.comm.shared_state import SharedState, SyncInfo, validate_strategy
 
@@ -45,10 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["BackendUnavailableError", "PcclCommunicator", "PcclMaster", "pccl_unavailable_reason"]
 
 logger = logging.getLogger(__name__)
-
-
-class BackendUnavailableError(CommError, ImportError):
-    """The requested backend cannot load on this machine; the message says why."""
 
 
 def pccl_unavailable_reason() -> str | None:

@@ -161,12 +161,14 @@ class Handle:
         ``timeout_s=None`` waits for the operation's own timeout (it always has one). Raises
         ``CommTimeoutError`` if ``timeout_s`` passes first; the operation keeps running.
         """
-        try:
-            return self._future.result(timeout=timeout_s)
-        except concurrent.futures.TimeoutError:
+        # Wait first, then take the result: the operation's own CommTimeoutError is a
+        # TimeoutError too, and must reach the caller as it was raised, not as this wait's.
+        done, _ = concurrent.futures.wait([self._future], timeout=timeout_s)
+        if not done:
             raise CommTimeoutError(
                 f"{self._what} did not finish within {timeout_s} s (it is still running)"
-            ) from None
+            )
+        return self._future.result()
 
 
 @dataclass

@@ -1,15 +1,17 @@
 """Runtime failures of the collective layer: each class says what happened and what to do next.
 
 Every class derives from ``CommError`` (itself a ``LowcommError``), so ``except CommError`` catches
-everything the network can do to a caller. Bad arguments raise ``ValueError`` instead.
+everything the network can do to a caller. Timeouts are also ``TimeoutError``s and lost peers also
+``ConnectionError``s. Bad arguments raise ``ValueError`` instead.
 """
 
 from __future__ import annotations
 
-from lowcomm.errors import LowcommError
+from lowcomm.errors import LowcommConnectionError, LowcommError, LowcommTimeoutError
 
 __all__ = [
     "AuthenticationError",
+    "BackendUnavailableError",
     "CommError",
     "CommTimeoutError",
     "PeerFailureError",
@@ -34,12 +36,12 @@ class AuthenticationError(CommError):
     side uses a token. Check that every process of the run was given the same token."""
 
 
-class CommTimeoutError(CommError):
+class CommTimeoutError(CommError, LowcommTimeoutError):
     """An operation ran past its ``timeout_s``: a peer stopped responding (stalled, SIGSTOPped, or
     its link is far slower than the timeout allows). Retry with the survivors or raise the timeout."""
 
 
-class PeerFailureError(CommError):
+class PeerFailureError(CommError, LowcommConnectionError):
     """A peer died, reset its connection or aborted mid-operation. Nothing partial was applied;
     retry the operation with the surviving peers."""
 
@@ -53,3 +55,9 @@ class TruncatedFrameError(PeerFailureError, ProtocolError):
 class TopologyError(CommError):
     """The peers are out of lockstep: different phases, a changed world, or this peer was not
     accepted. Call ``update_topology()`` on every peer and retry."""
+
+
+class BackendUnavailableError(CommError, ImportError):
+    """The requested backend cannot run here (for PCCL: ``pypccl`` missing, or its native library
+    needs a newer glibc or Python). The message says why; use ``backend="tcp"``, which runs
+    wherever PyTorch does."""

@@ -1,0 +1,31 @@
+"""What an all-reduce accepts: the reduction ops, the dtypes, and the one argument check every
+backend (and the in-process groups) runs before touching the network."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DTYPES", "OPS", "check_all_reduce_args"]
+
+OPS: tuple[str, ...] = ("sum", "avg", "min", "max")
+DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_all_reduce_args(
+    tensor: torch.Tensor, op: str, *, out: torch.Tensor | None = None, tag: int = 0
+) -> None:
+    """Raises ValueError naming the bad argument; shared by every backend's all_reduce."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype not in DTYPES:
+        raise ValueError(
+            f"all_reduce needs a float32, float16 or bfloat16 tensor, got "
+            f"{getattr(tensor, 'dtype', type(tensor))}"
+        )
+    if out is not None and (out.shape != tensor.shape or out.dtype != tensor.dtype):
+        raise ValueError(
+            f"out must match tensor's shape and dtype: {tuple(out.shape)}/{out.dtype} vs "
+            f"{tuple(tensor.shape)}/{tensor.dtype}"
+        )
+    if not 0 <= tag < 2**63:
+        raise ValueError(f"tag must be in [0, 2**63), got {tag}")
