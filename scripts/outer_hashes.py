@@ -34,6 +34,9 @@ CONFIGS = {
     "async_tau2": dict(method="async", sync_every=5, apply_after_steps=2),
     "streaming": dict(method="streaming", sync_every=6, num_fragments=3, overlap_steps=1),
     "co2": dict(method="co2", sync_every=5),
+    "co2_penalty_momentum": dict(
+        method="co2", sync_every=5, co2_gap_penalty=2.0, outer_momentum=0.5
+    ),
     "delayed_nesterov": dict(method="delayed_nesterov", sync_every=5, dn_period=2),
 }
 
@@ -51,14 +54,22 @@ def main() -> None:
 
         def finish(self, *a, _orig=orig, **k):  # type: ignore[no-untyped-def]
             r = _orig(self, *a, **k)
-            captured.setdefault("h", hashlib.sha256(self.outer_params.numpy().tobytes()).hexdigest())
+            captured.setdefault(
+                "h", hashlib.sha256(self.outer_params.numpy().tobytes()).hexdigest()
+            )
             return r
 
         d.DiLoCo.finish = finish  # type: ignore[method-assign]
         try:
             res = simulate(
-                name, corpus=corpus, gpt=gpt, steps=31, batch_size=4, lr=2e-3,
-                num_replicas=3, outer=OuterConfig(**kw),  # type: ignore[arg-type]
+                name,
+                corpus=corpus,
+                gpt=gpt,
+                steps=31,
+                batch_size=4,
+                lr=2e-3,
+                num_replicas=3,
+                outer=OuterConfig(**kw),  # type: ignore[arg-type]
             )
         finally:
             d.DiLoCo.finish = orig  # type: ignore[method-assign]
