@@ -31,4 +31,5 @@ def byte_array(t: torch.Tensor) -> np.ndarray[Any, np.dtype[np.uint8]]:
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor as a flat, writable memoryview (no copy; any dtype)."""
-    return memoryview(byte_array(t))
+    arr: Any = byte_array(t)  # numpy arrays are buffers; numpy's stubs do not say so
+    return memoryview(arr)

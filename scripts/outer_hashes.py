@@ -52,7 +52,7 @@ def main() -> None:
 
         orig = d.DiLoCo.finish
 
-        def finish(self, *a, _orig=orig, **k):  # type: ignore[no-untyped-def]
+        def finish(self, *a, _orig=orig, captured=captured, **k):  # type: ignore[no-untyped-def]
             r = _orig(self, *a, **k)
             captured.setdefault(
                 "h", hashlib.sha256(self.outer_params.numpy().tobytes()).hexdigest()
@@ -75,7 +75,9 @@ def main() -> None:
             d.DiLoCo.finish = orig  # type: ignore[method-assign]
         out[name] = {"outer_sha256": captured["h"][:16], "val_loss": round(res.val_loss, 6)}
         print(f"{name:18s} {captured['h'][:16]} {res.val_loss:.6f}", flush=True)
-    json.dump(out, sys.stdout if len(sys.argv) < 2 else open(sys.argv[1], "w"), indent=1)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":
