@@ -112,7 +112,9 @@ class FaultInjector:
         if delay_s < 0 or (times is not None and times < 1) or after < 0:
             raise ValueError("delay_s and after must be >= 0 and times >= 1 (or None)")
         if corrupt and (error is not None or kill or stop):
-            raise ValueError("corrupt=True hands the damage to the caller: it takes no other action")
+            raise ValueError(
+                "corrupt=True hands the damage to the caller: it takes no other action"
+            )
         with self._lock:
             self._rules[point] = _Rule(
                 error=error,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from lowcomm.comm._pccl_backend import BackendUnavailableError, PcclMaster
-from lowcomm.comm._shaper import Shaper
 from lowcomm.comm.communicator import AllReduceInfo, CommConfig, Communicator, Handle
 from lowcomm.comm.errors import (
     AuthenticationError,
@@ -16,6 +15,7 @@ from lowcomm.comm.errors import (
 )
 from lowcomm.comm.master import Master
 from lowcomm.comm.ring import PeerListener, Ring, RingStats, connect_ring
+from lowcomm.comm.shaper import Shaper
 from lowcomm.comm.shared_state import SharedState, SyncInfo
 
 __all__: list[str] = [

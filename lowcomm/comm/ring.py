@@ -24,7 +24,7 @@ its own checksummed format instead): received into one reused buffer, checked, d
 of it and forwarded from it, without copies. The calling thread encodes the first step's
 sub-chunks in order while the ring threads already send, so the wire starts after one encode.
 
-Receiving threads wake on a low-water mark (``_wire.recv_exact``), not per TCP segment: on
+Receiving threads wake on a low-water mark (``_frames.recv_exact``), not per TCP segment: on
 loopback the wake-ups were a good part of the sending side's CPU.
 
 Failure: every socket operation runs against the operation's deadline. A dead neighbour raises
@@ -54,8 +54,7 @@ import crc32c
 import numpy as np
 import torch
 
-from lowcomm.comm import _wire
-from lowcomm.comm._shaper import Shaper
+from lowcomm.comm import _frames, _handshake
 from lowcomm.comm.errors import (
     CommError,
     CommTimeoutError,
@@ -63,6 +62,7 @@ from lowcomm.comm.errors import (
     ProtocolError,
     TopologyError,
 )
+from lowcomm.comm.shaper import Shaper
 
 __all__ = ["PeerListener", "Ring", "RingStats", "connect_ring"]
 
@@ -78,7 +78,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GRACE_S = 2.0
 _MIN_SUBCHUNKS = 4
 _MIN_QUANT_SUBCHUNKS = 8
-# Bulk receives wake once this much has arrived (see _wire.recv_exact), not per segment.
+# Bulk receives wake once this much has arrived (see _frames.recv_exact), not per segment.
 _RCVLOWAT = 1 << 20
 _CRC = struct.Struct("<I")
 # What a sending thread sends: one buffer, or several that travel as one frame.
@@ -106,7 +106,7 @@ class RingStats:
 
 # ----- listener --------------------------------------------------------------------------------
 
-Handler = Callable[[_wire.Connection, dict[str, Any]], None]
+Handler = Callable[[_frames.Connection, dict[str, Any]], None]
 
 
 class PeerListener:
@@ -129,7 +129,7 @@ class PeerListener:
         *,
         token: bytes | str | None,
         shaper: Shaper | None = None,
-        max_frame_bytes: int = _wire.DEFAULT_MAX_FRAME_BYTES,
+        max_frame_bytes: int = _frames.DEFAULT_MAX_FRAME_BYTES,
         handshake_timeout_s: float = 10.0,
         hello: dict[str, Any] | None = None,
         max_pending: int = 1024,
@@ -137,7 +137,7 @@ class PeerListener:
     ) -> None:
         if handshake_timeout_s <= 0:
             raise ValueError(f"handshake_timeout_s must be > 0, got {handshake_timeout_s}")
-        self._token = _wire.normalize_token(token)
+        self._token = _handshake.normalize_token(token)
         self._shaper = shaper
         self._max_frame_bytes = max_frame_bytes
         self._handshake_timeout_s = handshake_timeout_s
@@ -145,7 +145,7 @@ class PeerListener:
         self._max_pending = max_pending
         self._handshake_slots = threading.BoundedSemaphore(max_handshakes)
         self._cond = threading.Condition()
-        self._pending: dict[tuple[str, str], list[tuple[_wire.Connection, dict[str, Any]]]] = {}
+        self._pending: dict[tuple[str, str], list[tuple[_frames.Connection, dict[str, Any]]]] = {}
         self._handlers: dict[str, Handler] = {}
         self._closed = False
         self._sock = socket.create_server((host, port), backlog=128)
@@ -174,7 +174,7 @@ class PeerListener:
 
     def wait_for(
         self, purpose: str, key: str, *, count: int, timeout_s: float
-    ) -> list[tuple[_wire.Connection, dict[str, Any]]]:
+    ) -> list[tuple[_frames.Connection, dict[str, Any]]]:
         """Blocks until ``count`` connections with this purpose and key have arrived, removes them
         from the queue and returns them (with their hellos) in arrival order.
 
@@ -245,7 +245,7 @@ class PeerListener:
     def _serve(self, client: socket.socket) -> None:
         try:
             try:
-                conn, hello = _wire.accept(
+                conn, hello = _handshake.accept(
                     client,
                     token=self._token,
                     hello=self._hello,
@@ -304,7 +304,7 @@ def connect_ring(
     timeout_s: float = 30.0,
     shaper: Shaper | None = None,
     subchunk_bytes: int = DEFAULT_SUBCHUNK_BYTES,
-    max_frame_bytes: int = _wire.DEFAULT_MAX_FRAME_BYTES,
+    max_frame_bytes: int = _frames.DEFAULT_MAX_FRAME_BYTES,
     thread_per_connection: bool = True,
 ) -> Ring:
     """Builds this peer's place in a ring: ``num_connections`` connections to the right-hand
@@ -341,11 +341,11 @@ def connect_ring(
         )
     deadline = time.monotonic() + timeout_s
     right_host, right_port = addresses[(rank + 1) % n]
-    send: list[_wire.Connection] = []
-    recv: list[_wire.Connection] = []
+    send: list[_frames.Connection] = []
+    recv: list[_frames.Connection] = []
     try:
         for index in range(num_connections):
-            conn, _ = _wire.connect(
+            conn, _ = _handshake.connect(
                 (str(right_host), int(right_port)),
                 token=token,
                 hello={
@@ -367,7 +367,7 @@ def connect_ring(
             count=num_connections,
             timeout_s=max(deadline - time.monotonic(), 1e-3),
         )
-        by_index: dict[int, _wire.Connection] = {}
+        by_index: dict[int, _frames.Connection] = {}
         left_rank = (rank - 1) % n
         for conn, hello in arrived:
             recv.append(conn)  # closed with the rest on error
@@ -793,7 +793,7 @@ class _Op:
         if step <= self.n - 2 and not self.first_step_done.is_set():
             self.first_step_done.wait(max(self.left(), 0))
 
-    def check_header(self, conn: _wire.Connection, header: _wire.FrameHeader, m: int) -> None:
+    def check_header(self, conn: _frames.Connection, header: _frames.FrameHeader, m: int) -> None:
         if header.kind != KIND_RING_DATA:
             raise ProtocolError(f"{conn.peer} sent frame kind {header.kind} inside an all-reduce")
         if header.tag != self.tag:
@@ -832,8 +832,8 @@ class Ring:
         rank: int,
         world_size: int,
         ring_id: str,
-        send: list[_wire.Connection],
-        recv: list[_wire.Connection],
+        send: list[_frames.Connection],
+        recv: list[_frames.Connection],
         subchunk_bytes: int = DEFAULT_SUBCHUNK_BYTES,
         thread_per_connection: bool = True,
     ) -> None:

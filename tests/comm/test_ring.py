@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from lowcomm.comm import _wire
+from lowcomm.comm import _frames, _handshake
 from lowcomm.comm import ring as ring_module
 from lowcomm.comm.errors import (
     AuthenticationError,
@@ -463,13 +463,13 @@ def test_a_stalled_sender_thread_makes_every_peer_time_out_within_the_bound(
 def test_listener_survives_garbage_and_wrong_tokens_and_still_routes(cluster3: Cluster) -> None:
     listener = PeerListener("127.0.0.1", 0, token=TOKEN, handshake_timeout_s=2)
     try:
-        for junk in (b"\xff" * 100, _wire.HEADER.pack(_wire.MAGIC, 1, 1, 0, 0, 0, 2**50), b""):
+        for junk in (b"\xff" * 100, _frames.HEADER.pack(_frames.MAGIC, 1, 1, 0, 0, 0, 2**50), b""):
             with socket.create_connection(listener.address) as raw:
                 raw.sendall(junk)
         with pytest.raises(AuthenticationError, match="run token rejected by"):
-            _wire.connect(listener.address, token=b"wrong", hello={}, timeout_s=5)
+            _handshake.connect(listener.address, token=b"wrong", hello={}, timeout_s=5)
         silent = socket.create_connection(listener.address)  # never speaks; times out alone
-        conn, _ = _wire.connect(
+        conn, _ = _handshake.connect(
             listener.address, token=TOKEN, hello={"purpose": "p2p", "key": "a"}, timeout_s=5
         )
         [(server, hello)] = listener.wait_for("p2p", "a", count=1, timeout_s=5)
@@ -490,14 +490,14 @@ def test_listener_hands_connections_to_a_registered_handler() -> None:
     got: list[dict[str, Any]] = []
     done = threading.Event()
 
-    def handler(conn: _wire.Connection, hello: dict[str, Any]) -> None:
+    def handler(conn: _frames.Connection, hello: dict[str, Any]) -> None:
         got.append(hello)
         conn.close()
         done.set()
 
     try:
         listener.set_handler("state", handler)
-        conn, _ = _wire.connect(
+        conn, _ = _handshake.connect(
             listener.address, token=TOKEN, hello={"purpose": "state", "key": "k"}, timeout_s=5
         )
         assert done.wait(10)
