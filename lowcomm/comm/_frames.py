@@ -66,7 +66,7 @@ DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
 # Bound for every frame read before the peer has authenticated (and for the hello objects).
 HANDSHAKE_MAX_BYTES = 64 * 1024
 
-# Kinds 1-15 belong to the handshake (_handshake.py); 16-63 to the data plane (ring.py); the
+# Kinds 1-15 belong to the handshake (_handshake.py); 16-63 to the data plane (_ring_wire.py); the
 # control plane and users take KIND_USER_MIN and above.
 KIND_USER_MIN = 64
 

@@ -139,7 +139,7 @@ def test_bad_shaper_settings_are_value_errors() -> None:
 def test_ring_all_reduce_over_shaped_links_is_exact_and_rate_limited() -> None:
     import torch
 
-    from lowcomm.comm.ring import PeerListener, Ring, connect_ring
+    from lowcomm.comm import PeerListener, Ring, connect_ring
 
     n, numel = 2, 250_000  # each peer sends 2 (n-1)/n * 1 MB = 1 MB through its uplink
     shapers = [Shaper(bandwidth_bps=16e6, latency_ms=20) for _ in range(n)]  # 2 MB/s each
