@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.distributed as dist
 
-from lowcomm.comm._shaper import Shaper
-from lowcomm.comm.ring import PeerListener, connect_ring
+from lowcomm.comm import PeerListener, connect_ring
+from lowcomm.comm.shaper import Shaper
 
 TOKEN = b"benchmark-token"
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from lowcomm.comm import CommConfig, Communicator, Master
-from lowcomm.comm._shaper import Shaper
+from lowcomm.comm.shaper import Shaper
 
 TOKEN = b"p2p-benchmark"
 

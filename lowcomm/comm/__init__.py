@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lowcomm.comm._pccl_backend import BackendUnavailableError, PcclMaster
-from lowcomm.comm._shaper import Shaper
+from lowcomm.comm._ring_setup import connect_ring
 from lowcomm.comm.communicator import AllReduceInfo, CommConfig, Communicator, Handle
 from lowcomm.comm.errors import (
     AuthenticationError,
@@ -14,8 +14,10 @@ from lowcomm.comm.errors import (
     TopologyError,
     TruncatedFrameError,
 )
+from lowcomm.comm.listener import PeerListener
 from lowcomm.comm.master import Master
-from lowcomm.comm.ring import PeerListener, Ring, RingStats, connect_ring
+from lowcomm.comm.ring import Ring, RingStats
+from lowcomm.comm.shaper import Shaper
 from lowcomm.comm.shared_state import SharedState, SyncInfo
 
 __all__: list[str] = [

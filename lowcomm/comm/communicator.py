@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from lowcomm.comm import _wire
+from lowcomm.comm import _frames, _handshake
 from lowcomm.comm.errors import (
     CommError,
     CommTimeoutError,
@@ -54,8 +54,9 @@ from lowcomm.comm.master import KIND_REQUEST, KIND_RESPONSE, MAX_CONTROL_FRAME_B
 from lowcomm.comm.shared_state import byte_view
 
 if TYPE_CHECKING:
-    from lowcomm.comm._shaper import Shaper
-    from lowcomm.comm.ring import PeerListener, Ring
+    from lowcomm.comm.listener import PeerListener
+    from lowcomm.comm.ring import Ring
+    from lowcomm.comm.shaper import Shaper
     from lowcomm.comm.shared_state import SharedState, SyncInfo
     from lowcomm.compression import Codec
 
@@ -217,7 +218,7 @@ class Communicator:
             raise ValueError(f"peer_group must be an int >= 0, got {peer_group!r}")
         self.master_address = parse_address(master_address)
         self.peer_group = peer_group
-        self._token = _wire.normalize_token(token)
+        self._token = _handshake.normalize_token(token)
         self.config = config or CommConfig()
         self.peer_id = uuid.uuid4().hex[:12]
         self._lock = threading.Lock()
@@ -225,8 +226,8 @@ class Communicator:
         # close()), "watch" for the watcher of a running ring, so neither waits for the other.
         self._ctl_locks = {"main": threading.Lock(), "watch": threading.Lock()}
         self._cond = threading.Condition(self._lock)
-        self._ctls: dict[str, _wire.Connection | None] = {"main": None, "watch": None}
-        self._session: _wire.Connection | None = None
+        self._ctls: dict[str, _frames.Connection | None] = {"main": None, "watch": None}
+        self._session: _frames.Connection | None = None
         self._epoch: str | None = None
         self._accepted = False
         self._evicted: str | None = None
@@ -249,7 +250,7 @@ class Communicator:
         # Point-to-point connections kept between messages, by ("out"/"in", peer, tag): a message
         # then costs one round trip (the ack) instead of TCP and auth handshakes as well. A
         # per-key lock keeps messages of one key in order; a connection in use is out of the dict.
-        self._p2p_conns: dict[tuple[str, str, int], _wire.Connection] = {}
+        self._p2p_conns: dict[tuple[str, str, int], _frames.Connection] = {}
         self._p2p_locks: dict[tuple[str, str, int], threading.Lock] = {}
 
     # ------------------------------------------------------------------ properties
@@ -303,7 +304,7 @@ class Communicator:
             CommTimeoutError: not accepted within ``timeout_s``.
             PeerFailureError: the master is unreachable.
         """
-        from lowcomm.comm.ring import PeerListener
+        from lowcomm.comm.listener import PeerListener
 
         deadline = self._deadline(timeout_s)
         if self._listener is None:
@@ -589,7 +590,7 @@ class Communicator:
 
     def _register(self, *, rejoin: bool, deadline: float) -> None:
         """Opens the session connection and registers (or re-registers after a master restart)."""
-        conn, _hello = _wire.connect(
+        conn, _hello = _handshake.connect(
             self.master_address,
             token=self._token,
             hello={"role": "session", "peer_id": self.peer_id},
@@ -670,7 +671,7 @@ class Communicator:
                 try:
                     if conn is None or conn.closed:
                         self._ctls[channel] = conn = None
-                        conn, _ = _wire.connect(
+                        conn, _ = _handshake.connect(
                             self.master_address,
                             token=self._token,
                             hello={"role": "control", "peer_id": self.peer_id},
@@ -787,7 +788,7 @@ class Communicator:
                 ring.close()
 
     def _ring_for(self, gate: dict[str, Any], deadline: float) -> Ring:
-        from lowcomm.comm.ring import connect_ring
+        from lowcomm.comm._ring_setup import connect_ring
 
         if self._ring is not None and self._ring_id == gate["ring_id"]:
             return self._ring
@@ -955,7 +956,7 @@ class Communicator:
     @contextlib.contextmanager
     def _p2p_slot(
         self, key: tuple[str, str, int], deadline: float
-    ) -> Iterator[list[_wire.Connection | None]]:
+    ) -> Iterator[list[_frames.Connection | None]]:
         """Holds ``key``'s lock and lends its kept connection (``slot[0]``, None if there is none).
 
         The body leaves the connection it used in ``slot[0]`` to keep it for the next message,
@@ -967,7 +968,7 @@ class Communicator:
             raise CommTimeoutError(f"{key[0]} p2p with {key[1]} (tag {key[2]}): still busy")
         try:
             with self._lock:
-                slot: list[_wire.Connection | None] = [self._p2p_conns.pop(key, None)]
+                slot: list[_frames.Connection | None] = [self._p2p_conns.pop(key, None)]
             try:
                 yield slot
             except BaseException:
@@ -975,7 +976,7 @@ class Communicator:
                     slot[0].close()
                 raise
             conn = slot[0]
-            evicted: list[_wire.Connection] = []
+            evicted: list[_frames.Connection] = []
             if conn is not None:
                 with self._lock:
                     if not self._closed.is_set():
@@ -1005,7 +1006,7 @@ class Communicator:
                 conn.close()
                 slot[0] = conn = None
             if conn is None:
-                conn, _ = _wire.connect(
+                conn, _ = _handshake.connect(
                     address,
                     token=self._token,
                     hello={
@@ -1104,7 +1105,7 @@ class Communicator:
             return out
 
 
-def _readable(conn: _wire.Connection, timeout_s: float) -> bool:
+def _readable(conn: _frames.Connection, timeout_s: float) -> bool:
     """Whether ``conn`` has bytes (or EOF) to read within ``timeout_s``."""
     try:
         ready, _, _ = select.select([conn.fileno()], [], [], timeout_s)

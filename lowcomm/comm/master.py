@@ -1,6 +1,6 @@
 """The master: membership, admission, lockstep phases and revisions of a run; it holds no tensors.
 
-Peers talk to the master over authenticated ``_wire`` connections (two per peer: a *session*
+Peers talk to the master over authenticated ``_frames`` connections (two per peer: a *session*
 connection that registers and heartbeats, and a *control* connection for requests). The master
 is a small state machine:
 
@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowcomm.comm import _wire
+from lowcomm.comm import _frames, _handshake
 from lowcomm.comm.errors import CommError, PeerFailureError, ProtocolError
 
 __all__ = ["Master", "parse_address"]
@@ -183,7 +183,7 @@ class Master:
         self._op_seq = itertools.count()
         self._sock: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._conns: set[_wire.Connection] = set()
+        self._conns: set[_frames.Connection] = set()
         self._stopped = threading.Event()
         self.num_rejected_connections = 0  # failed handshakes and bad frames, for tests
 
@@ -267,7 +267,7 @@ class Master:
 
     def _serve_connection(self, client: socket.socket, addr: Any) -> None:
         try:
-            conn, _hello = _wire.accept(
+            conn, _hello = _handshake.accept(
                 client,
                 token=self._token,
                 hello={"role": "master", "epoch": self.epoch},

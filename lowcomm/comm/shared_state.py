@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowcomm.comm import _wire
+from lowcomm.comm import _frames, _handshake
 from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError, TopologyError
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ def _fetch(
     def pull(source: dict[str, Any]) -> None:
         address = (str(source["address"][0]), int(source["address"][1]))
         try:
-            conn, _ = _wire.connect(
+            conn, _ = _handshake.connect(
                 address,
                 token=comm._token,
                 hello={"purpose": "state", "key": plan["op_id"], "peer_id": comm.peer_id},
@@ -344,7 +344,7 @@ class _Server:
                 t.start()
                 self._threads.append(t)
 
-    def _serve(self, conn: _wire.Connection) -> None:
+    def _serve(self, conn: _frames.Connection) -> None:
         try:
             while not self._stop.is_set():
                 try:

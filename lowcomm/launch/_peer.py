@@ -104,7 +104,7 @@ def run_peer(spec: PeerSpec, events: Any) -> None:
 
 def _run(spec: PeerSpec, events: Any) -> None:
     from lowcomm.comm import CommConfig, Communicator
-    from lowcomm.comm._shaper import Shaper
+    from lowcomm.comm.shaper import Shaper
 
     torch.set_num_threads(spec.threads)
     corpus = Corpus.load(max_bytes=spec.corpus_bytes)

@@ -1,7 +1,7 @@
 """One ring peer as a separate process, for the fault tests in test_ring.py.
 
 Protocol on stdio: prints its listener address as a JSON line, reads the ring's addresses as a
-JSON line, runs one in-place all-reduce (optionally injecting a fault on itself), prints a JSON
+JSON line, runs one in-place all-reduce (optionally with a fault injected on itself), prints a JSON
 line with the outcome. Run as ``python tests/comm/_ring_peer.py '<json config>'``.
 """
 
@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,10 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
+from lowcomm.comm import PeerListener, connect_ring
 from lowcomm.comm.errors import CommError
-from lowcomm.comm.ring import PeerListener, connect_ring
-
-KILLED_EXIT_CODE = 17
+from lowcomm.faults import FaultInjector
 
 
 def main() -> None:
@@ -33,6 +29,17 @@ def main() -> None:
     listener = PeerListener("127.0.0.1", 0, token=token)
     print(json.dumps({"address": listener.address}), flush=True)
     addresses = [tuple(a) for a in json.loads(sys.stdin.readline())]
+    faults = None
+    if rank == cfg["fault_rank"]:
+        # Sub-chunk 1 of the fault step: the victim dies (kill: os._exit, sockets torn down by the
+        # OS) or freezes (stop: SIGSTOP, and the frame never leaves) in the middle of the operation.
+        faults = FaultInjector()
+        faults.inject(
+            "ring.send",
+            kill=cfg["fault"] == "kill",
+            stop=cfg["fault"] == "stop",
+            where={"step": cfg["fault_step"], "sub": 1},
+        )
     ring = connect_ring(
         listener=listener,
         rank=rank,
@@ -42,22 +49,10 @@ def main() -> None:
         num_connections=2,
         timeout_s=60,
         subchunk_bytes=cfg["subchunk_bytes"],
+        faults=faults,
     )
     x = torch.randn(cfg["numel"], generator=torch.Generator().manual_seed(rank))
     before = hashlib.sha256(x.numpy().tobytes()).hexdigest()
-    if rank == cfg["fault_rank"]:
-        fault, at_step = cfg["fault"], cfg["fault_step"]
-
-        def inject(step: int, sub: int) -> None:
-            if step == at_step and sub == 1:
-                if fault == "kill":
-                    os._exit(KILLED_EXIT_CODE)  # dies mid-operation, sockets torn down by the OS
-                if fault == "stop":
-                    os.kill(os.getpid(), signal.SIGSTOP)
-                    # Never let this frame out, even if the stop reaches this thread late.
-                    threading.Event().wait()
-
-        ring.before_send = inject
     start = time.monotonic()
     outcome: dict[str, object] = {"rank": rank}
     try:

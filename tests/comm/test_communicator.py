@@ -234,17 +234,17 @@ def _exchange(a: Communicator, b: Communicator, value: float, *, tag: int = 3) -
 def test_point_to_point_keeps_one_connection_and_replaces_a_dropped_one(
     master, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    from lowcomm.comm import _wire
+    from lowcomm.comm import _handshake
 
     opened: list[str] = []
-    real_connect = _wire.connect
+    real_connect = _handshake.connect
 
     def counting_connect(*args, **kwargs):  # type: ignore[no-untyped-def]
         if kwargs.get("hello", {}).get("purpose") == "p2p":
             opened.append(kwargs["hello"]["key"])
         return real_connect(*args, **kwargs)
 
-    monkeypatch.setattr(_wire, "connect", counting_connect)
+    monkeypatch.setattr(_handshake, "connect", counting_connect)
     a, b = connect_all(addr(master), 2)
     for i in range(5):
         assert torch.equal(_exchange(a, b, float(i)), torch.full((1000,), float(i)))

@@ -17,8 +17,8 @@ import torch
 from _control_harness import TOKEN, Peer, addr, connect_all, run_threads, start_master
 
 from lowcomm.comm import CommConfig, Communicator
-from lowcomm.comm._shaper import Shaper
 from lowcomm.comm.errors import CommTimeoutError, PeerFailureError, TopologyError
+from lowcomm.comm.shaper import Shaper
 
 NUMEL = 1_000_000  # 4 MB: about a second per all-reduce through a 50 Mbit/s shaper
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from _control_harness import TOKEN, addr, communicator, connect_all, run_threads, start_master
 
-from lowcomm.comm import Communicator, Master, _wire
+from lowcomm.comm import Communicator, Master, _frames, _handshake
 from lowcomm.comm.errors import AuthenticationError, TopologyError
 from lowcomm.comm.master import KIND_REQUEST, KIND_RESPONSE
 
@@ -88,14 +88,18 @@ def test_garbage_and_oversized_frames_leave_the_master_serving() -> None:
         before = master.num_rejected_connections
         _raw(master, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)  # not a lowcomm frame
         # A valid header announcing a 2**40-byte handshake frame: refused before any payload.
-        _raw(master, _wire.HEADER.pack(_wire.MAGIC, _wire.VERSION, 1, 0, 0, 0, 2**40))
-        _raw(master, struct.pack("!4sB", _wire.MAGIC, 99) + b"\0" * 40)  # another wire version
+        _raw(master, _frames.HEADER.pack(_frames.MAGIC, _frames.VERSION, 1, 0, 0, 0, 2**40))
+        _raw(master, struct.pack("!4sB", _frames.MAGIC, 99) + b"\0" * 40)  # another wire version
         # An authenticated connection that sends a frame over the control bound, then junk JSON.
-        conn, _ = _wire.connect(master.address, token=TOKEN, hello={"role": "test"}, timeout_s=5)
+        conn, _ = _handshake.connect(
+            master.address, token=TOKEN, hello={"role": "test"}, timeout_s=5
+        )
         conn.send_frame(KIND_REQUEST, b"{not json", timeout_s=5)
         with pytest.raises(Exception):  # noqa: B017 - the master closed the connection
             conn.recv_json(timeout_s=5)
-        conn, _ = _wire.connect(master.address, token=TOKEN, hello={"role": "test"}, timeout_s=5)
+        conn, _ = _handshake.connect(
+            master.address, token=TOKEN, hello={"role": "test"}, timeout_s=5
+        )
         conn.send_json(KIND_REQUEST, {"op": "no-such-op"}, timeout_s=5)
         with pytest.raises(Exception):  # noqa: B017
             conn.recv_json(timeout_s=5)
@@ -118,7 +122,9 @@ def test_a_peer_that_stops_heartbeating_is_evicted_after_the_timeout() -> None:
     try:
         (a,) = connect_all(addr(master), 1)
         # A registered "peer" that never heartbeats (a raw session that goes silent).
-        conn, _ = _wire.connect(master.address, token=TOKEN, hello={"role": "session"}, timeout_s=5)
+        conn, _ = _handshake.connect(
+            master.address, token=TOKEN, hello={"role": "session"}, timeout_s=5
+        )
         conn.send_json(
             KIND_REQUEST,
             {"op": "register", "peer_id": "silent", "peer_group": 0, "address": ["127.0.0.1", 9]},

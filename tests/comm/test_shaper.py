@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from lowcomm.comm import _wire
-from lowcomm.comm._shaper import Shaper
+from lowcomm.comm import _frames, _handshake
+from lowcomm.comm.shaper import Shaper
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -24,23 +24,23 @@ def listener() -> Iterator[socket.socket]:
     sock.close()
 
 
-def _pair(listener: socket.socket, shaper: Shaper) -> tuple[_wire.Connection, _wire.Connection]:
-    box: dict[str, _wire.Connection] = {}
+def _pair(listener: socket.socket, shaper: Shaper) -> tuple[_frames.Connection, _frames.Connection]:
+    box: dict[str, _frames.Connection] = {}
 
     def acc() -> None:
         client, _ = listener.accept()
-        box["server"] = _wire.accept(client, token=b"t", hello={}, timeout_s=10)[0]
+        box["server"] = _handshake.accept(client, token=b"t", hello={}, timeout_s=10)[0]
 
     th = threading.Thread(target=acc, daemon=True)
     th.start()
-    conn, _ = _wire.connect(
+    conn, _ = _handshake.connect(
         listener.getsockname(), token=b"t", hello={}, timeout_s=10, shaper=shaper
     )
     th.join(10)
     return conn, box["server"]
 
 
-def _receive(server: _wire.Connection, count: int, arrivals: list[float]) -> None:
+def _receive(server: _frames.Connection, count: int, arrivals: list[float]) -> None:
     for _ in range(count):
         server.recv_frame(timeout_s=30)
         arrivals.append(time.monotonic())
@@ -139,7 +139,7 @@ def test_bad_shaper_settings_are_value_errors() -> None:
 def test_ring_all_reduce_over_shaped_links_is_exact_and_rate_limited() -> None:
     import torch
 
-    from lowcomm.comm.ring import PeerListener, Ring, connect_ring
+    from lowcomm.comm import PeerListener, Ring, connect_ring
 
     n, numel = 2, 250_000  # each peer sends 2 (n-1)/n * 1 MB = 1 MB through its uplink
     shapers = [Shaper(bandwidth_bps=16e6, latency_ms=20) for _ in range(n)]  # 2 MB/s each

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lowcomm.comm import _wire
+from lowcomm.comm import _frames, _handshake
 from lowcomm.comm.errors import (
     AuthenticationError,
     CommError,
@@ -60,7 +60,7 @@ def _accept_in_thread(
 ) -> _Result:
     def run() -> Any:
         client, _ = listener.accept()
-        return _wire.accept(
+        return _handshake.accept(
             client, token=token, hello={"side": "acceptor"}, timeout_s=timeout_s, **kw
         )
 
@@ -69,9 +69,9 @@ def _accept_in_thread(
 
 def _connected_pair(
     listener: socket.socket, token: bytes | None = b"secret", **kw: Any
-) -> tuple[_wire.Connection, _wire.Connection]:
+) -> tuple[_frames.Connection, _frames.Connection]:
     acc = _accept_in_thread(listener, token=token, **kw)
-    conn, their = _wire.connect(
+    conn, their = _handshake.connect(
         listener.getsockname(), token=token, hello={"side": "connector"}, timeout_s=10, **kw
     )
     assert acc.done.wait(10)
@@ -84,7 +84,7 @@ def _connected_pair(
 
 def _raw_frame(kind: int, payload: bytes, *, length: int | None = None, version: int = 1) -> bytes:
     n = len(payload) if length is None else length
-    return _wire.HEADER.pack(_wire.MAGIC, version, kind, 0, 0, 0, n) + payload
+    return _frames.HEADER.pack(_frames.MAGIC, version, kind, 0, 0, 0, n) + payload
 
 
 def test_frames_round_trip_with_kind_tag_and_split_payloads(listener: socket.socket) -> None:
@@ -121,7 +121,7 @@ def test_large_payload_is_received_straight_into_a_preallocated_buffer(
 def test_connector_with_wrong_token_is_rejected_with_a_clear_error(listener: socket.socket) -> None:
     acc = _accept_in_thread(listener, token=b"right")
     with pytest.raises(AuthenticationError, match=r"run token rejected by 127\.0\.0\.1"):
-        _wire.connect(listener.getsockname(), token=b"wrong", hello={}, timeout_s=10)
+        _handshake.connect(listener.getsockname(), token=b"wrong", hello={}, timeout_s=10)
     assert acc.done.wait(10)
     # The acceptor never read a hello; it ends with an error, not a crash.
     assert isinstance(acc.error, CommError)
@@ -132,7 +132,9 @@ def test_acceptor_with_wrong_token_cannot_impersonate_the_run(listener: socket.s
     # connector, and its own accept fails too.
     acc = _accept_in_thread(listener, token=b"impostor")
     with pytest.raises(AuthenticationError, match="different run token"):
-        _wire.connect(listener.getsockname(), token=b"right", hello={"secret": 1}, timeout_s=10)
+        _handshake.connect(
+            listener.getsockname(), token=b"right", hello={"secret": 1}, timeout_s=10
+        )
     assert acc.done.wait(10)
     assert isinstance(acc.error, CommError)
 
@@ -140,11 +142,11 @@ def test_acceptor_with_wrong_token_cannot_impersonate_the_run(listener: socket.s
 def test_missing_token_on_either_side_is_refused(listener: socket.socket) -> None:
     acc = _accept_in_thread(listener, token=b"right")
     with pytest.raises(AuthenticationError, match="requires a run token"):
-        _wire.connect(listener.getsockname(), token=None, hello={}, timeout_s=10)
+        _handshake.connect(listener.getsockname(), token=None, hello={}, timeout_s=10)
     assert acc.done.wait(10) and isinstance(acc.error, AuthenticationError)
     acc = _accept_in_thread(listener, token=None)
     with pytest.raises(AuthenticationError, match="uses no run token"):
-        _wire.connect(listener.getsockname(), token=b"right", hello={}, timeout_s=10)
+        _handshake.connect(listener.getsockname(), token=b"right", hello={}, timeout_s=10)
     assert acc.done.wait(10) and isinstance(acc.error, CommError)
 
 
@@ -172,7 +174,7 @@ def test_oversized_length_claim_before_authentication_reads_nothing(
 ) -> None:
     acc = _accept_in_thread(listener, token=b"t")
     with socket.create_connection(listener.getsockname()) as raw:
-        raw.sendall(_raw_frame(_wire.KIND_AUTH_HELLO, b"", length=2**62))
+        raw.sendall(_raw_frame(_handshake.KIND_AUTH_HELLO, b"", length=2**62))
         assert acc.done.wait(10)
         assert isinstance(acc.error, ProtocolError)
         assert "over the bound" in str(acc.error)
@@ -204,12 +206,12 @@ def test_other_wire_version_is_named_in_the_error(listener: socket.socket) -> No
 def test_malformed_handshake_json_is_a_protocol_error(listener: socket.socket) -> None:
     acc = _accept_in_thread(listener, token=b"t")
     with socket.create_connection(listener.getsockname()) as raw:
-        raw.sendall(_raw_frame(_wire.KIND_AUTH_HELLO, b"{not json"))
+        raw.sendall(_raw_frame(_handshake.KIND_AUTH_HELLO, b"{not json"))
         assert acc.done.wait(10)
         assert isinstance(acc.error, ProtocolError)
     acc = _accept_in_thread(listener, token=b"t")
     with socket.create_connection(listener.getsockname()) as raw:
-        raw.sendall(_raw_frame(_wire.KIND_AUTH_HELLO, b'{"auth": true, "nonce": "zz"}'))
+        raw.sendall(_raw_frame(_handshake.KIND_AUTH_HELLO, b'{"auth": true, "nonce": "zz"}'))
         assert acc.done.wait(10)
         assert isinstance(acc.error, ProtocolError)
         assert "nonce" in str(acc.error)
@@ -218,7 +220,7 @@ def test_malformed_handshake_json_is_a_protocol_error(listener: socket.socket) -
 def test_bulk_receive_with_a_low_water_mark_gets_every_frame_of_a_trickling_stream(
     listener: socket.socket,
 ) -> None:
-    from lowcomm.comm._shaper import Shaper
+    from lowcomm.comm.shaper import Shaper
 
     # A paced sender with latency: data trickles in, the receive window fills before the mark is
     # reached and the kernel copies early. The last frame has nothing after it, so a mark left
@@ -317,7 +319,7 @@ def test_connect_times_out_when_the_listener_never_answers(listener: socket.sock
     # The kernel completes the TCP handshake (backlog) but nobody runs the lowcomm handshake.
     start = time.monotonic()
     with pytest.raises(CommTimeoutError):
-        _wire.connect(listener.getsockname(), token=b"t", hello={}, timeout_s=0.3)
+        _handshake.connect(listener.getsockname(), token=b"t", hello={}, timeout_s=0.3)
     assert time.monotonic() - start < 5
 
 
@@ -327,12 +329,12 @@ def test_connect_to_a_closed_port_is_a_peer_failure() -> None:
     address = sock.getsockname()
     sock.close()
     with pytest.raises(PeerFailureError, match="cannot connect"):
-        _wire.connect(address, token=b"t", hello={}, timeout_s=5)
+        _handshake.connect(address, token=b"t", hello={}, timeout_s=5)
 
 
 def test_bad_arguments_are_value_errors(listener: socket.socket) -> None:
     with pytest.raises(ValueError, match="token"):
-        _wire.normalize_token(b"")
+        _handshake.normalize_token(b"")
     conn, server = _connected_pair(listener)
     with pytest.raises(ValueError, match="kind"):
         conn.send_frame(300, b"", timeout_s=1)
@@ -344,7 +346,7 @@ def test_bad_arguments_are_value_errors(listener: socket.socket) -> None:
 
 def test_header_layout_is_stable() -> None:
     # Peers of different lowcomm releases rely on this layout to detect a version mismatch.
-    assert _wire.HEADER.size == 28
-    assert _wire.HEADER.pack(b"LCMW", 1, 2, 0, 3, 4, 5) == (
+    assert _frames.HEADER.size == 28
+    assert _frames.HEADER.pack(b"LCMW", 1, 2, 0, 3, 4, 5) == (
         b"LCMW" + struct.pack("!BBHIQQ", 1, 2, 0, 3, 4, 5)
     )

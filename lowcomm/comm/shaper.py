@@ -1,8 +1,8 @@
 """A user-space WAN emulator for lowcomm's own sockets: token-bucket bandwidth plus one-way latency.
 
 One ``Shaper`` models one uplink: every connection it is attached to (pass the same shaper to
-``PeerListener``, ``connect_ring`` and ``_wire.connect``) shares its ``bandwidth_bps``. Only sends
-are shaped; in a ring every peer's uplink is shaped, so every hop is. Tools that open their own
+``PeerListener``, ``connect_ring`` and ``_handshake.connect``) shares its ``bandwidth_bps``. Only
+sends are shaped; in a ring every peer's uplink is shaped, so every hop is. Tools that open their own
 sockets (Gloo) need kernel shaping (``tc tbf``) instead.
 
 Bandwidth: a virtual-clock token bucket. Each piece of at most ``piece_bytes`` reserves
@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lowcomm.comm._wire import send_all
+from lowcomm.comm._frames import send_all
 from lowcomm.comm.errors import CommTimeoutError
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class Shaper:
             return max(now, self._link_free_at - self.burst_bytes / self._rate)
 
     def attach(self, sock: socket.socket, *, peer: str) -> _ShapedSender:
-        """Wraps a socket's sending side. Called by ``_wire.Connection``; not for users."""
+        """Wraps a socket's sending side. Called by ``_frames.Connection``; not for users."""
         return _ShapedSender(self, sock, peer)
 
 

@@ -1,4 +1,4 @@
-"""Framing and authentication for every lowcomm TCP connection (peer to peer, peer to master).
+"""Framing for every lowcomm TCP connection: the frame header, ``Connection``, and the socket loops.
 
 A frame is a fixed 28-byte header followed by ``length`` payload bytes::
 
@@ -6,16 +6,12 @@ A frame is a fixed 28-byte header followed by ``length`` payload bytes::
 
 (network byte order). ``length`` is bounded by the connection's ``max_frame_bytes`` *before* any
 payload is read, so a garbage or hostile length claim costs nothing but a closed connection.
-
-A new connection first runs a mutual HMAC-SHA256 challenge-response over the run token (each side
-proves it knows the token on a fresh nonce of the other side, compared in constant time); only then
-are the two ``hello`` JSON objects exchanged. Nothing but the small, bounded handshake frames is
-read from a connection before it has authenticated.
+Connections are made (and authenticated) by ``_handshake.connect`` and ``_handshake.accept``.
 
 Errors: content violations raise ``ProtocolError``; a peer that closes or resets the connection
-raises ``PeerFailureError`` (``TruncatedFrameError`` when it happens mid-frame); a call that runs past
-its ``timeout_s`` raises ``CommTimeoutError``; a token mismatch raises ``AuthenticationError``. After
-any of these the connection is closed and the reason logged; the process itself never crashes.
+raises ``PeerFailureError`` (``TruncatedFrameError`` when it happens mid-frame); a call that runs
+past its ``timeout_s`` raises ``CommTimeoutError``. After any of these the connection is closed and
+the reason logged; the process itself never crashes.
 
 Thread safety: one thread may send while another receives on the same ``Connection``; two
 concurrent senders (or two concurrent receivers) must be serialised by the caller.
@@ -24,11 +20,8 @@ concurrent senders (or two concurrent receivers) must be serialised by the calle
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
-import os
 import socket
 import struct
 import threading
@@ -38,7 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from lowcomm.comm.errors import (
-    AuthenticationError,
     CommTimeoutError,
     PeerFailureError,
     ProtocolError,
@@ -47,8 +39,6 @@ from lowcomm.comm.errors import (
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
-
-    from lowcomm.comm._shaper import Shaper
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -60,9 +50,11 @@ __all__ = [
     "Connection",
     "Frame",
     "FrameHeader",
-    "accept",
-    "connect",
-    "normalize_token",
+    "Sender",
+    "Uplink",
+    "recv_exact",
+    "send_all",
+    "send_all_parts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,18 +66,10 @@ DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
 # Bound for every frame read before the peer has authenticated (and for the hello objects).
 HANDSHAKE_MAX_BYTES = 64 * 1024
 
-# Kinds 1-15 belong to this module (the handshake); 16-63 to the data plane (ring.py); the control
-# plane and users take KIND_USER_MIN and above.
-KIND_AUTH_HELLO = 1
-KIND_AUTH_CHALLENGE = 2
-KIND_AUTH_PROOF = 3
-KIND_AUTH_RESULT = 4
-KIND_HELLO = 5
+# Kinds 1-15 belong to the handshake (_handshake.py); 16-63 to the data plane (_ring_wire.py); the
+# control plane and users take KIND_USER_MIN and above.
 KIND_USER_MIN = 64
 
-_NONCE_BYTES = 32
-_CONNECTOR_LABEL = b"lowcomm-v1-connector\0"
-_ACCEPTOR_LABEL = b"lowcomm-v1-acceptor\0"
 # Payloads up to this size are copied next to the header and sent with one syscall.
 _COALESCE_BYTES = 64 * 1024
 
@@ -110,7 +94,7 @@ class Frame:
     seq: int = 0
 
 
-class _Sender(Protocol):
+class Sender(Protocol):
     """Writes whole buffers to a socket by a deadline (direct, or through a ``Shaper``)."""
 
     def send(self, buffers: Sequence[Buffer], deadline: float) -> None: ...
@@ -118,8 +102,11 @@ class _Sender(Protocol):
     def close(self) -> None: ...
 
 
-def _remaining(deadline: float) -> float:
-    return deadline - time.monotonic()
+class Uplink(Protocol):
+    """What a ``Connection`` needs of a link emulator (``shaper.Shaper``): a ``Sender`` that
+    wraps a socket's sending side."""
+
+    def attach(self, sock: socket.socket, *, peer: str) -> Sender: ...
 
 
 _TIMEVAL = struct.Struct("@ll")
@@ -251,23 +238,8 @@ class _DirectSender:
         pass
 
 
-def normalize_token(token: bytes | str | None) -> bytes | None:
-    """The run token as bytes (``None`` means no authentication). Raises ``ValueError`` if empty."""
-    if token is None:
-        return None
-    if isinstance(token, str):
-        token = token.encode()
-    if not isinstance(token, bytes | bytearray) or len(token) == 0:
-        raise ValueError("token must be a non-empty bytes or str, or None for no authentication")
-    return bytes(token)
-
-
-def _mac(token: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
-    return hmac.new(token, label + first + second, hashlib.sha256).digest()
-
-
 class Connection:
-    """One authenticated, framed TCP connection. Made by ``connect`` or ``accept``, not directly.
+    """One authenticated, framed TCP connection. Made by ``_handshake.connect`` or ``accept``.
 
     Every blocking method takes ``timeout_s`` and raises ``CommTimeoutError`` past it. Any error
     closes the connection (so a later call raises ``PeerFailureError`` at once) and logs why.
@@ -279,14 +251,14 @@ class Connection:
         *,
         peer: str,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-        shaper: Shaper | None = None,
+        shaper: Uplink | None = None,
     ) -> None:
         if max_frame_bytes < HANDSHAKE_MAX_BYTES:
             raise ValueError(f"max_frame_bytes must be >= {HANDSHAKE_MAX_BYTES}")
         self._sock = sock
         self.peer = peer
         self.max_frame_bytes = max_frame_bytes
-        self._sender: _Sender = (
+        self._sender: Sender = (
             shaper.attach(sock, peer=peer) if shaper is not None else _DirectSender(sock, peer)
         )
         self._closed = threading.Event()
@@ -358,13 +330,13 @@ class Connection:
         try:
             self._sender.send(buffers, deadline)
         except (TimeoutError, CommTimeoutError) as exc:
-            self._fail(f"send to {self.peer} timed out after {timeout_s:.3g} s")
+            self.fail(f"send to {self.peer} timed out after {timeout_s:.3g} s")
             raise CommTimeoutError(
                 f"sending to {self.peer} timed out after {timeout_s:.3g} s: the peer stopped "
                 "reading (stalled or overloaded)"
             ) from exc
         except OSError as exc:
-            self._fail(f"send to {self.peer} failed: {exc}")
+            self.fail(f"send to {self.peer} failed: {exc}")
             raise PeerFailureError(
                 f"connection to {self.peer} failed while sending ({exc}); the peer died or "
                 "aborted: retry with the survivors"
@@ -397,27 +369,30 @@ class Connection:
         )
         header = self._parse_header(self.max_frame_bytes)
         if header.length != mv.nbytes:
-            self._fail(f"frame of {header.length} bytes where {mv.nbytes} were expected")
+            self.fail(f"frame of {header.length} bytes where {mv.nbytes} were expected")
             raise ProtocolError(
                 f"{self.peer} sent a frame of {header.length} bytes where {mv.nbytes} were "
                 "expected: the two sides disagree on the size of the data"
             )
         return header
 
-    def recv_frame(self, *, timeout_s: float) -> Frame:
-        """Reads one whole frame (header and payload, at most ``max_frame_bytes``)."""
-        return self._recv_frame(time.monotonic() + timeout_s, self.max_frame_bytes)
+    def recv_frame(self, *, timeout_s: float, max_bytes: int | None = None) -> Frame:
+        """Reads one whole frame (header and payload, at most ``max_bytes``, by default
+        ``max_frame_bytes``; the handshake reads with a smaller bound)."""
+        bound = self.max_frame_bytes if max_bytes is None else max_bytes
+        return self._recv_frame(time.monotonic() + timeout_s, bound)
 
     def recv_json(self, *, timeout_s: float) -> tuple[int, int, Any]:
         """Reads one JSON frame; returns ``(kind, tag, obj)``. Bad JSON -> ``ProtocolError``."""
         frame = self.recv_frame(timeout_s=timeout_s)
-        return frame.kind, frame.tag, self._parse_json(frame.payload)
+        return frame.kind, frame.tag, self.parse_json(frame.payload)
 
-    def _parse_json(self, payload: bytes) -> Any:
+    def parse_json(self, payload: bytes) -> Any:
+        """``payload`` as JSON; anything else closes the connection and raises ``ProtocolError``."""
         try:
             return json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._fail(f"malformed JSON payload from {self.peer}")
+            self.fail(f"malformed JSON payload from {self.peer}")
             raise ProtocolError(f"{self.peer} sent a frame that is not valid JSON: {exc}") from exc
 
     def _recv_frame(self, deadline: float, bound: int) -> Frame:
@@ -434,19 +409,19 @@ class Connection:
     def _parse_header(self, bound: int) -> FrameHeader:
         magic, version, kind, _flags, seq, tag, length = HEADER.unpack(self._header_buf)
         if magic != MAGIC:
-            self._fail(f"bad magic {bytes(magic)!r} from {self.peer}")
+            self.fail(f"bad magic {bytes(magic)!r} from {self.peer}")
             raise ProtocolError(
                 f"{self.peer} sent bytes that are not a lowcomm frame (magic {bytes(magic)!r}); "
                 "connection closed"
             )
         if version != VERSION:
-            self._fail(f"wire version {version} from {self.peer}")
+            self.fail(f"wire version {version} from {self.peer}")
             raise ProtocolError(
                 f"{self.peer} speaks lowcomm wire version {version}, this process speaks "
                 f"{VERSION}: run the same lowcomm version everywhere"
             )
         if length > bound:
-            self._fail(f"frame length {length} over bound {bound} from {self.peer}")
+            self.fail(f"frame length {length} over bound {bound} from {self.peer}")
             raise ProtocolError(
                 f"{self.peer} announced a frame of {length} bytes, over the bound of {bound} "
                 "bytes; connection closed"
@@ -469,13 +444,13 @@ class Connection:
         try:
             got = recv_exact(self._sock, views, deadline, lowat=lowat)
         except TimeoutError as exc:
-            self._fail(f"receive from {self.peer} timed out")
+            self.fail(f"receive from {self.peer} timed out")
             raise CommTimeoutError(
                 f"receiving from {self.peer} timed out: the peer stopped sending (stalled, or "
                 "out of step with this one)"
             ) from exc
         except OSError as exc:
-            self._fail(f"receive from {self.peer} failed: {exc}")
+            self.fail(f"receive from {self.peer} failed: {exc}")
             raise PeerFailureError(
                 f"connection to {self.peer} failed while receiving ({exc}); the peer died or "
                 "aborted: retry with the survivors"
@@ -483,12 +458,12 @@ class Connection:
         self.rx_bytes += got
         if got < total:
             if in_frame or got > 0:
-                self._fail(f"{self.peer} closed the connection mid-frame")
+                self.fail(f"{self.peer} closed the connection mid-frame")
                 raise TruncatedFrameError(
                     f"{self.peer} closed the connection in the middle of a frame ({got} of "
                     f"{total} bytes); the peer died or aborted: retry with the survivors"
                 )
-            self._fail(f"{self.peer} closed the connection")
+            self.fail(f"{self.peer} closed the connection")
             raise PeerFailureError(
                 f"{self.peer} closed the connection; the peer died or left: retry with the "
                 "survivors"
@@ -496,7 +471,8 @@ class Connection:
 
     # ----- closing -------------------------------------------------------------------------------
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
+        """Closes the connection after a violation or failure, logging ``reason`` (once)."""
         if not self.closed:
             logger.info("closing connection to %s: %s", self.peer, reason)
         self.close()
@@ -519,222 +495,3 @@ class Connection:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
-
-
-# ----- handshake -----------------------------------------------------------------------------
-
-
-def _configure(sock: socket.socket) -> None:
-    sock.settimeout(None)  # blocking mode; deadlines are kernel timeouts (see send_all)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # Kernel buffer sizes are left to TCP autotuning: fixing SO_SNDBUF/SO_RCVBUF disables it,
-    # which halved loopback throughput here and would cap a long, fat WAN link.
-
-
-def _expect(conn: Connection, frame: Frame, kind: int, what: str) -> Any:
-    if frame.kind != kind:
-        conn._fail(f"unexpected frame kind {frame.kind} during handshake")
-        raise ProtocolError(
-            f"{conn.peer} sent frame kind {frame.kind} where the handshake expects {what} "
-            f"(kind {kind}): not a lowcomm peer, or another protocol version"
-        )
-    obj = conn._parse_json(frame.payload)
-    if not isinstance(obj, dict):
-        conn._fail("handshake payload is not an object")
-        raise ProtocolError(f"{conn.peer} sent a malformed {what}")
-    return obj
-
-
-def _hex_field(conn: Connection, obj: dict[str, Any], key: str, what: str) -> bytes:
-    value = obj.get(key)
-    try:
-        if not isinstance(value, str):
-            raise ValueError
-        raw = bytes.fromhex(value)
-    except ValueError:
-        conn._fail(f"bad {key!r} in {what}")
-        raise ProtocolError(f"{conn.peer} sent a {what} without a valid {key!r} field") from None
-    if len(raw) != _NONCE_BYTES:
-        conn._fail(f"bad {key!r} length in {what}")
-        raise ProtocolError(f"{conn.peer} sent a {what} with a {key!r} of the wrong length")
-    return raw
-
-
-def connect(
-    address: tuple[str, int],
-    *,
-    token: bytes | str | None,
-    hello: dict[str, Any],
-    timeout_s: float = 10.0,
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-    shaper: Shaper | None = None,
-) -> tuple[Connection, dict[str, Any]]:
-    """Opens a TCP connection to ``address``, authenticates both ways, exchanges hellos.
-
-    Blocks up to ``timeout_s`` in total. Returns the connection and the acceptor's hello.
-
-    Raises:
-        AuthenticationError: the acceptor does not know our token (message starts with
-            "run token rejected by"), or only one side uses a token.
-        PeerFailureError: nothing listens there, or the acceptor closed the connection.
-        CommTimeoutError, ProtocolError: see the module docstring.
-    """
-    key = normalize_token(token)
-    deadline = time.monotonic() + timeout_s
-    peer = f"{address[0]}:{address[1]}"
-    try:
-        sock = socket.create_connection(address, timeout=max(_remaining(deadline), 1e-3))
-    except TimeoutError as exc:
-        raise CommTimeoutError(f"connecting to {peer} timed out after {timeout_s:.3g} s") from exc
-    except OSError as exc:
-        raise PeerFailureError(f"cannot connect to {peer}: {exc}") from exc
-    _configure(sock)
-    conn = Connection(sock, peer=peer, max_frame_bytes=max_frame_bytes, shaper=shaper)
-    try:
-        return conn, _connect_handshake(conn, key, hello, deadline)
-    except BaseException:
-        conn.close()
-        raise
-
-
-def _connect_handshake(
-    conn: Connection, key: bytes | None, hello: dict[str, Any], deadline: float
-) -> dict[str, Any]:
-    def left() -> float:
-        return max(_remaining(deadline), 1e-3)
-
-    nonce_c = os.urandom(_NONCE_BYTES)
-    conn.send_json(
-        KIND_AUTH_HELLO, {"auth": key is not None, "nonce": nonce_c.hex()}, timeout_s=left()
-    )
-    frame = conn._recv_frame(deadline, HANDSHAKE_MAX_BYTES)
-    if frame.kind == KIND_AUTH_RESULT:
-        result = _expect(conn, frame, KIND_AUTH_RESULT, "authentication result")
-        conn.close()
-        raise AuthenticationError(
-            f"run token rejected by {conn.peer}: {result.get('reason', 'no reason given')}"
-        )
-    challenge = _expect(conn, frame, KIND_AUTH_CHALLENGE, "authentication challenge")
-    their_auth = bool(challenge.get("auth"))
-    if key is None or not their_auth:
-        if key is not None or their_auth:
-            conn.close()
-            raise AuthenticationError(
-                f"run token rejected by {conn.peer}: "
-                + (
-                    "it uses no run token but this process has one; give both the same token"
-                    if key is not None
-                    else "it requires a run token and this process has none"
-                )
-            )
-    else:
-        nonce_a = _hex_field(conn, challenge, "nonce", "authentication challenge")
-        proof_a = _hex_field(conn, challenge, "proof", "authentication challenge")
-        if not hmac.compare_digest(proof_a, _mac(key, _ACCEPTOR_LABEL, nonce_c, nonce_a)):
-            conn._fail("acceptor failed to prove the run token")
-            raise AuthenticationError(
-                f"run token rejected by {conn.peer}: it holds a different run token than this "
-                "process (its HMAC proof did not verify); give every process the same token"
-            )
-        proof_c = _mac(key, _CONNECTOR_LABEL, nonce_a, nonce_c)
-        conn.send_json(KIND_AUTH_PROOF, {"proof": proof_c.hex()}, timeout_s=left())
-        result = _expect(
-            conn,
-            conn._recv_frame(deadline, HANDSHAKE_MAX_BYTES),
-            KIND_AUTH_RESULT,
-            "authentication result",
-        )
-        if result.get("ok") is not True:
-            conn.close()
-            raise AuthenticationError(
-                f"run token rejected by {conn.peer}: {result.get('reason', 'no reason given')}"
-            )
-    conn.send_json(KIND_HELLO, hello, timeout_s=left())
-    their_hello = _expect(
-        conn, conn._recv_frame(deadline, HANDSHAKE_MAX_BYTES), KIND_HELLO, "hello"
-    )
-    return dict(their_hello)
-
-
-def accept(
-    sock: socket.socket,
-    *,
-    token: bytes | str | None,
-    hello: dict[str, Any],
-    timeout_s: float = 10.0,
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-    shaper: Shaper | None = None,
-) -> tuple[Connection, dict[str, Any]]:
-    """Runs the acceptor's side of the handshake on a freshly accepted socket (takes ownership of
-    it: closed on any failure). Blocks up to ``timeout_s``. Returns the connection and the
-    connector's hello.
-
-    Raises:
-        AuthenticationError: the connector failed to prove the token (it was told why).
-        ProtocolError, PeerFailureError, CommTimeoutError: see the module docstring.
-    """
-    key = normalize_token(token)
-    deadline = time.monotonic() + timeout_s
-    try:
-        host, port = sock.getpeername()[:2]
-        peer = f"{host}:{port}"
-    except OSError:
-        peer = "unknown peer"
-    _configure(sock)
-    conn = Connection(sock, peer=peer, max_frame_bytes=max_frame_bytes, shaper=shaper)
-    try:
-        return conn, _accept_handshake(conn, key, hello, deadline)
-    except BaseException:
-        conn.close()
-        raise
-
-
-def _accept_handshake(
-    conn: Connection, key: bytes | None, hello: dict[str, Any], deadline: float
-) -> dict[str, Any]:
-    def left() -> float:
-        return max(_remaining(deadline), 1e-3)
-
-    def reject(reason: str) -> AuthenticationError:
-        # The connector may already be gone; the rejection stands either way.
-        with contextlib.suppress(Exception):
-            conn.send_json(KIND_AUTH_RESULT, {"ok": False, "reason": reason}, timeout_s=left())
-        conn._fail(f"authentication failed: {reason}")
-        return AuthenticationError(f"connection from {conn.peer} refused: {reason}")
-
-    first = _expect(
-        conn,
-        conn._recv_frame(deadline, HANDSHAKE_MAX_BYTES),
-        KIND_AUTH_HELLO,
-        "authentication hello",
-    )
-    their_auth = bool(first.get("auth"))
-    nonce_c = _hex_field(conn, first, "nonce", "authentication hello")
-    if key is None:
-        # The connector decides whether talking to an unauthenticated acceptor is acceptable.
-        conn.send_json(KIND_AUTH_CHALLENGE, {"auth": False}, timeout_s=left())
-    else:
-        if not their_auth:
-            raise reject("this process requires a run token and the connecting one has none")
-        nonce_a = os.urandom(_NONCE_BYTES)
-        proof_a = _mac(key, _ACCEPTOR_LABEL, nonce_c, nonce_a)
-        conn.send_json(
-            KIND_AUTH_CHALLENGE,
-            {"auth": True, "nonce": nonce_a.hex(), "proof": proof_a.hex()},
-            timeout_s=left(),
-        )
-        proof = _expect(
-            conn,
-            conn._recv_frame(deadline, HANDSHAKE_MAX_BYTES),
-            KIND_AUTH_PROOF,
-            "authentication proof",
-        )
-        proof_c = _hex_field(conn, proof, "proof", "authentication proof")
-        if not hmac.compare_digest(proof_c, _mac(key, _CONNECTOR_LABEL, nonce_a, nonce_c)):
-            raise reject("wrong run token (HMAC proof did not verify)")
-        conn.send_json(KIND_AUTH_RESULT, {"ok": True}, timeout_s=left())
-    their_hello = _expect(
-        conn, conn._recv_frame(deadline, HANDSHAKE_MAX_BYTES), KIND_HELLO, "hello"
-    )
-    conn.send_json(KIND_HELLO, hello, timeout_s=left())
-    return dict(their_hello)
