@@ -84,7 +84,7 @@ def _context() -> Any:
     # A forkserver with torch and lowcomm preloaded starts a peer in well under a second, so a
     # rejoining peer arrives while the others still train.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "lowcomm.launch._peer"])
+    ctx.set_forkserver_preload(["torch", "lowcomm.launch.peer"])
     return ctx
 
 
@@ -96,7 +96,7 @@ def _run_phase(
     kill_index: int | None,
     timeout_s: float,
 ) -> _Phase:
-    from lowcomm.launch._peer import run_peer
+    from lowcomm.launch.peer import run_peer
 
     ctx = _context()
     events: Any = ctx.Queue()
@@ -230,8 +230,8 @@ def _plot(path: str, phases: list[_Phase]) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from lowcomm.comm import Master
     from lowcomm.diloco import OuterConfig
-    from lowcomm.launch._peer import PeerSpec, outer_steps_for
-    from lowcomm.launch._tinygpt import GPTConfig
+    from lowcomm.launch.peer import PeerSpec, outer_steps_for
+    from lowcomm.launch.tinygpt import GPTConfig
 
     if args.peers < 1:
         raise SystemExit("--peers must be >= 1")
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     token = os.urandom(16)
     num_params = sum(
         p.numel()
-        for p in __import__("lowcomm.launch._tinygpt", fromlist=["GPT"]).GPT(gpt).parameters()
+        for p in __import__("lowcomm.launch.tinygpt", fromlist=["GPT"]).GPT(gpt).parameters()
     )
     print(
         f"lowcomm demo: {args.peers} peers, GPT of {num_params / 1e6:.2f}M parameters on the Python "

@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lowcomm.comm import Master
     from lowcomm.diloco import OuterConfig
-    from lowcomm.launch._peer import PeerSpec, outer_steps_for
-    from lowcomm.launch._tinygpt import GPTConfig
+    from lowcomm.launch.peer import PeerSpec, outer_steps_for
+    from lowcomm.launch.tinygpt import GPTConfig
     from lowcomm.launch.demo import _run_phase
 
     if args.peers < 1 or args.steps < args.sync_every:

@@ -12,9 +12,9 @@ import torch
 
 from lowcomm.comm import Master
 from lowcomm.diloco import OuterConfig
-from lowcomm.launch._peer import PeerSpec, run_peer
-from lowcomm.launch._tinygpt import GPT as GPTModel
-from lowcomm.launch._tinygpt import GPTConfig
+from lowcomm.launch.peer import PeerSpec, run_peer
+from lowcomm.launch.tinygpt import GPT as GPTModel
+from lowcomm.launch.tinygpt import GPTConfig
 from lowcomm.launch.demo import _context
 
 TOKEN = b"diloco-test-token"

@@ -22,8 +22,8 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from lowcomm.diloco import DiLoCo, OuterConfig
-from lowcomm.launch._experiments import Corpus, evaluate
-from lowcomm.launch._tinygpt import GPT, GPTConfig, sample_batch
+from lowcomm.launch.experiments import Corpus, evaluate
+from lowcomm.launch.tinygpt import GPT, GPTConfig, sample_batch
 
 __all__ = ["PeerSpec", "outer_steps_for", "run_peer", "wait_for_world"]
 
