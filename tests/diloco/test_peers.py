@@ -15,7 +15,7 @@ from lowcomm.diloco import OuterConfig
 from lowcomm.launch.peer import PeerSpec, run_peer
 from lowcomm.launch.tinygpt import GPT as GPTModel
 from lowcomm.launch.tinygpt import GPTConfig
-from lowcomm.launch.demo import _context
+from lowcomm.launch.local_run import peer_context
 
 TOKEN = b"diloco-test-token"
 GPT = GPTConfig(num_layers=1, width=32, num_heads=2, context=32)
@@ -41,7 +41,7 @@ def _spec(master: Master, index: int, **kw: Any) -> PeerSpec:
 
 class _Run:
     def __init__(self) -> None:
-        self.ctx = _context()
+        self.ctx = peer_context()
         self.events: Any = self.ctx.Queue()
         self.procs: list[Any] = []
         self.done: dict[int, dict[str, Any]] = {}
