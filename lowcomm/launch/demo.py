@@ -80,7 +80,7 @@ def _plot(path: str, phases: list[Phase]) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from lowcomm.comm import Master
-    from lowcomm.launch.peer import PeerSpec, outer_steps_for
+    from lowcomm.launch.peer import PeerSpec, kill_at_inner_step, outer_steps_for
     from lowcomm.launch.tinygpt import GPT
 
     if args.peers < 1:
@@ -127,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
                 index=i,
                 outer=outer,
                 outer_steps=num_outer,
-                die_at_inner_step=(args.steps // 2 if kill and i == args.peers - 1 else None),
+                faults=(kill_at_inner_step(args.steps // 2),)
+                if kill and i == args.peers - 1
+                else (),
                 min_final_world=args.peers if kill else 0,
                 max_outer_steps=20 * num_outer,  # room for the rejoiner to arrive on a busy box
                 evaluate_at_end=(i == 0),

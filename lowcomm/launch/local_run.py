@@ -145,6 +145,7 @@ def run_phase(
     then rejoins in its place. Raises ``SystemExit`` with the reason if a peer fails, exits
     otherwise, or the phase runs past ``timeout_s``.
     """
+    from lowcomm.faults import KILLED_EXIT_CODE
     from lowcomm.launch.peer import run_peer
 
     ctx = peer_context()
@@ -186,15 +187,15 @@ def run_phase(
                         _progress(name, payload, latest, total_steps, tty)
             if kill_index is not None and not restarted:
                 proc = procs[kill_index]
-                if not proc.is_alive() and proc.exitcode == 17:
-                    step = by_index[kill_index].die_at_inner_step
+                if not proc.is_alive() and proc.exitcode == KILLED_EXIT_CODE:
+                    step = by_index[kill_index].kill_step()
                     msg = (
                         f"peer {kill_index} killed at inner step {step}; the others carry on, "
                         "a new process rejoins in its place"
                     )
                     phase.events.append(msg)
                     print(("\n" if tty else "") + f"!! {msg}", flush=True)
-                    spec = replace(by_index[kill_index], joining=True, die_at_inner_step=None)
+                    spec = replace(by_index[kill_index], joining=True, faults=())
                     procs[kill_index] = ctx.Process(
                         target=run_peer, args=(spec, events), daemon=True
                     )
@@ -203,7 +204,7 @@ def run_phase(
             for i, proc in procs.items():
                 if (
                     not proc.is_alive()
-                    and proc.exitcode not in (0, 17, None)
+                    and proc.exitcode not in (0, KILLED_EXIT_CODE, None)
                     and i not in phase.results
                 ):
                     raise SystemExit(f"{name}: peer {i} exited with code {proc.exitcode}")
