@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from lowcomm.diloco import OuterConfig
-from lowcomm.launch._experiments import Corpus, RunResult, simulate
-from lowcomm.launch._tinygpt import GPT, GPTConfig
+from lowcomm.launch.experiments import Corpus, RunResult, simulate
+from lowcomm.launch.tinygpt import GPT, GPTConfig
 
 TOKEN = b"diloco-benchmark"
 CORPUS_BYTES = 2_000_000  # part B's peers train on the first 2 MB of the corpus
@@ -155,7 +155,7 @@ def _devices() -> list[str]:
 
 
 def _pool_worker(tasks: Any, events: Any) -> None:
-    from lowcomm.launch._peer import run_peer
+    from lowcomm.launch.peer import run_peer
 
     while (spec := tasks.get()) is not None:
         run_peer(spec, events)  # exits the worker after reporting an error: the pool is killed
@@ -220,7 +220,7 @@ def _race_run(
 ) -> dict[str, Any]:
     """One method end to end: 4 peers over the shaped link; peer 0's snapshots, unevaluated."""
     from lowcomm.comm import Master
-    from lowcomm.launch._peer import PeerSpec, outer_steps_for
+    from lowcomm.launch.peer import PeerSpec, outer_steps_for
 
     master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=60.0).start()
     spec = dict(
@@ -284,7 +284,7 @@ def _evaluate_snapshots(
     """(inner step, training seconds, validation loss) for each of peer 0's snapshots."""
     from torch.nn.utils import vector_to_parameters
 
-    from lowcomm.launch._experiments import evaluate
+    from lowcomm.launch.experiments import evaluate
 
     corpus = Corpus.load(max_bytes=CORPUS_BYTES)  # the peers' corpus, so their validation split
     probe = GPT(gpt).to(device)

@@ -28,8 +28,8 @@ from torch.distributed.fsdp import fully_shard
 
 from lowcomm.comm import CommConfig, Communicator
 from lowcomm.diloco import DiLoCo, OuterConfig
-from lowcomm.launch._peer import wait_for_world
-from lowcomm.launch._tinygpt import GPT, GPTConfig, load_corpus, sample_batch
+from lowcomm.launch.peer import wait_for_world
+from lowcomm.launch.tinygpt import GPT, GPTConfig, load_corpus, sample_batch
 
 
 def main() -> int:

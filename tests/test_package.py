@@ -10,7 +10,7 @@ import lowcomm
 
 
 @pytest.mark.parametrize(
-    "name", ["comm", "compression", "diloco", "checkpoint", "recovery", "launch"]
+    "name", ["comm", "compression", "diloco", "checkpoint", "recovery", "launch", "testing"]
 )
 def test_every_subpackage_imports_and_declares_its_public_names(name: str) -> None:
     module = importlib.import_module(f"lowcomm.{name}")

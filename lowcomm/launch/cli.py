@@ -1,32 +1,24 @@
 """The ``lowcomm`` command line: one subcommand per module listed in ``_COMMANDS``.
 
-Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
-adding a subcommand is adding its module name here.
+Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
+(and imports torch only inside ``run``, so ``--help`` stays instant); adding a subcommand is
+importing its module here and listing it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 import lowcomm
+from lowcomm.launch import demo, join_cmd, master_cmd, run_cmd
 from lowcomm.launch.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = (
-    "lowcomm.launch.demo",
-    "lowcomm.launch.master_cmd",
-    "lowcomm.launch.run_cmd",
-    "lowcomm.launch.join_cmd",
-)
-
-
-def _command_modules() -> list[ModuleType]:
-    return [importlib.import_module(name) for name in _COMMANDS]
+_COMMANDS: tuple[ModuleType, ...] = (demo, master_cmd, run_cmd, join_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lowcomm {lowcomm.__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in _command_modules():
+    for module in _COMMANDS:
         command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_run_config(blob: bytes) -> dict[str, Any]:
     """The run's configuration from the master's blob; ValueError naming what is wrong."""
     from lowcomm.diloco import OuterConfig
-    from lowcomm.launch._tinygpt import GPTConfig
+    from lowcomm.launch.tinygpt import GPTConfig
 
     raw: dict[str, Any] = {}
     if blob.strip():
@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lowcomm.comm import CommConfig, Communicator
     from lowcomm.diloco import DiLoCo
-    from lowcomm.launch._experiments import Corpus
-    from lowcomm.launch._tinygpt import GPT, sample_batch
+    from lowcomm.launch.experiments import Corpus
+    from lowcomm.launch.tinygpt import GPT, sample_batch
 
     token = Path(args.token_file).read_bytes().strip() if args.token_file else None
     comm = Communicator(args.address, token=token, config=CommConfig(timeout_s=args.timeout))

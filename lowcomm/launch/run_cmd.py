@@ -10,56 +10,29 @@ import argparse
 import logging
 import os
 
+from lowcomm.launch import local_run
+
 NAME = "run"
 HELP = "train with several local peers over an emulated WAN (pick method, peers, link)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--peers", type=int, default=2, help="local peers (default 2)")
-    parser.add_argument("--steps", type=int, default=200, help="inner steps per peer (200)")
-    parser.add_argument(
-        "--sync-every", type=int, default=20, help="inner steps per outer step (20)"
+    local_run.add_arguments(
+        parser, peers=2, steps=200, method="diloco", bandwidth_mbps=100.0, latency_ms=10.0
     )
-    parser.add_argument(
-        "--method",
-        default="diloco",
-        choices=("diloco", "async", "streaming", "co2", "delayed_nesterov"),
-        help="outer loop (default diloco)",
-    )
-    parser.add_argument("--quantization", default="uint8", help="pseudo-gradient codec (uint8)")
-    parser.add_argument("--bandwidth-mbps", type=float, default=100.0, help="link (100 Mbit/s)")
-    parser.add_argument("--latency-ms", type=float, default=10.0, help="one-way latency (10 ms)")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     from lowcomm.comm import Master
-    from lowcomm.diloco import OuterConfig
-    from lowcomm.launch._peer import PeerSpec, outer_steps_for
-    from lowcomm.launch._tinygpt import GPTConfig
-    from lowcomm.launch.demo import _run_phase
+    from lowcomm.launch.peer import PeerSpec, outer_steps_for
 
     if args.peers < 1 or args.steps < args.sync_every:
         raise SystemExit("--peers must be >= 1 and --steps at least --sync-every")
     if args.log_level is None:
         logging.getLogger("lowcomm.comm").setLevel(logging.ERROR)
     try:
-        outer = OuterConfig(
-            method=args.method,
-            sync_every=args.sync_every,
-            quantization=args.quantization,
-            num_fragments=2 if args.sync_every % 2 == 0 else 1,
-        )
-        gpt = GPTConfig(
-            num_layers=args.layers,
-            width=args.width,
-            num_heads=max(1, args.width // 32),
-            context=args.context,
-        )
+        outer = local_run.outer_config(args)
+        gpt = local_run.gpt_config(args)
     except ValueError as exc:
         raise SystemExit(f"bad settings: {exc}") from None
     token = os.urandom(16)
@@ -84,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         for i in range(args.peers)
     ]
     try:
-        phase = _run_phase(
+        phase = local_run.run_phase(
             args.method, specs, total_steps=args.steps, kill_index=None, timeout_s=3600
         )
     finally:

@@ -111,7 +111,8 @@ def test_codec_error_stays_within_documented_per_element_bound(
     assert bool((err <= bound).all()), f"{key}: worst excess {(err - bound).max().item()}"
 
 
-# codec, kwargs, Gaussian target, Student-t target (relative L2 on 2048x2048; ALGORITHMS.md 6.2)
+# codec, kwargs, Gaussian target, Student-t target: relative L2 on 2048x2048
+# (docs/algorithms.md section 6.2)
 TARGETS = [
     ("fp16", {}, 0.0003, 0.0003),
     ("bf16", {}, 0.003, 0.003),

@@ -59,7 +59,7 @@ def test_topk_keeps_k_per_chunk_and_costs_about_a_quarter_bit_per_element() -> N
     assert (y != 0).sum().item() == x.numel() // 4096 * 64
     assert 0.22 < enc.payload_nbytes * 8 / x.numel() < 0.25
     err = ((y - x).norm() / x.norm()).item()
-    assert 0.85 < err < 0.99  # useless on its own: ALGORITHMS.md 6.2 measured 0.94
+    assert 0.85 < err < 0.99  # useless on its own: docs/algorithms.md section 6.2 measured 0.94
 
 
 def test_topk_rejects_bad_parameters_and_non_finite_input() -> None:

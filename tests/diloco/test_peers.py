@@ -12,10 +12,11 @@ import torch
 
 from lowcomm.comm import Master
 from lowcomm.diloco import OuterConfig
-from lowcomm.launch._peer import PeerSpec, run_peer
-from lowcomm.launch._tinygpt import GPT as GPTModel
-from lowcomm.launch._tinygpt import GPTConfig
-from lowcomm.launch.demo import _context
+from lowcomm.faults import KILLED_EXIT_CODE
+from lowcomm.launch.local_run import peer_context
+from lowcomm.launch.peer import PeerSpec, kill_at_inner_step, run_peer
+from lowcomm.launch.tinygpt import GPT as GPTModel
+from lowcomm.launch.tinygpt import GPTConfig
 
 TOKEN = b"diloco-test-token"
 GPT = GPTConfig(num_layers=1, width=32, num_heads=2, context=32)
@@ -41,7 +42,7 @@ def _spec(master: Master, index: int, **kw: Any) -> PeerSpec:
 
 class _Run:
     def __init__(self) -> None:
-        self.ctx = _context()
+        self.ctx = peer_context()
         self.events: Any = self.ctx.Queue()
         self.procs: list[Any] = []
         self.done: dict[int, dict[str, Any]] = {}
@@ -84,11 +85,12 @@ def test_peer_killed_mid_run_the_survivors_continue_with_bit_identical_outer_par
     run = _Run()
     try:
         procs = [
-            run.start(_spec(master, i, die_at_inner_step=17 if i == 2 else None)) for i in range(3)
+            run.start(_spec(master, i, faults=(kill_at_inner_step(17),) if i == 2 else ()))
+            for i in range(3)
         ]
         run.pump(lambda: len(run.done) == 2, timeout_s=150)
         procs[2].join(timeout=10)
-        assert procs[2].exitcode == 17  # the injected death really happened
+        assert procs[2].exitcode == KILLED_EXIT_CODE  # the injected death really happened
         a, b = run.done[0], run.done[1]
         assert a["hash"] == b["hash"]
         assert a["world_size"] == b["world_size"] == 2

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowcomm.diloco import DiLoCo, LocalGroup, OuterConfig
-from lowcomm.launch._tinygpt import GPT, GPTConfig, load_corpus, sample_batch
+from lowcomm.launch.tinygpt import GPT, GPTConfig, load_corpus, sample_batch
 
 __all__ = ["Corpus", "RunResult", "evaluate", "simulate"]
 

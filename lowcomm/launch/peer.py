@@ -4,30 +4,78 @@ Used by ``lowcomm demo``, ``benchmarks/diloco.py`` and the multi-process tests. 
 events to its parent through a multiprocessing queue: ``("progress", index, {...})`` every
 ``report_every`` inner steps, ``("snapshot", index, {...})`` with the parameters it would ship
 when ``snapshots`` is set (peer 0 only), ``("done", index, {...})`` with the hash of its outer
-state at the end, or ``("error", index, traceback)``. ``die_at_inner_step`` makes it exit
-abruptly at that step (fault injection: no goodbye to the master, sockets just close).
+state at the end, or ``("error", index, traceback)``. ``faults`` arms a
+``lowcomm.faults.FaultInjector`` in the peer process; ``kill_at_inner_step(n)`` makes it exit
+abruptly once inner step ``n`` is done (no goodbye to the master, sockets just close).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.nn.utils import parameters_to_vector
 
+from lowcomm.comm import CommConfig, Communicator
+from lowcomm.comm.shaper import Shaper
+from lowcomm.comm.shared_state import tensor_hash
 from lowcomm.diloco import DiLoCo, OuterConfig
-from lowcomm.launch._experiments import Corpus, evaluate
-from lowcomm.launch._tinygpt import GPT, GPTConfig, sample_batch
+from lowcomm.faults import FaultInjector
+from lowcomm.launch.experiments import Corpus, evaluate
+from lowcomm.launch.tinygpt import GPT, GPTConfig, sample_batch
 
-__all__ = ["PeerSpec", "outer_steps_for", "run_peer", "wait_for_world"]
+__all__ = [
+    "FaultSpec",
+    "PeerSpec",
+    "kill_at_inner_step",
+    "outer_steps_for",
+    "run_peer",
+    "wait_for_world",
+]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultSpec:
+    """One fault for a peer process to arm: the arguments of ``FaultInjector.inject``.
+
+    ``PeerSpec`` carries specs, not an injector, because it is pickled to the child process and
+    an injector holds a lock; the peer builds its injector from them.
+    """
+
+    point: str
+    kill: bool = False
+    delay_s: float = 0.0
+    where: Mapping[str, Any] = field(default_factory=dict)
+    times: int | None = 1
+    after: int = 0
+
+    def arm(self, faults: FaultInjector) -> None:
+        """Arms this fault on ``faults``; ValueError for an unknown point."""
+        faults.inject(
+            self.point,
+            kill=self.kill,
+            delay_s=self.delay_s,
+            where=self.where,
+            times=self.times,
+            after=self.after,
+        )
+
+
+def kill_at_inner_step(step: int) -> FaultSpec:
+    """The peer dies abruptly (``os._exit(KILLED_EXIT_CODE)``) once inner step ``step`` is done.
+
+    Inner steps count from 1 in the peer's own loop (a joiner counts from its own start).
+    """
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (inner steps count from 1), got {step}")
+    return FaultSpec(point="trainer.inner_step", kill=True, where={"step": step})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +100,7 @@ class PeerSpec:
     max_outer_steps: int | None = None
     bandwidth_bps: float | None = None
     latency_ms: float = 0.0
-    die_at_inner_step: int | None = None
+    faults: tuple[FaultSpec, ...] = ()  # armed in the peer process, e.g. kill_at_inner_step(n)
     corpus_bytes: int | None = None
     seed: int = 0
     report_every: int = 10
@@ -69,6 +117,13 @@ class PeerSpec:
     # training seconds so far; the parent evaluates them after the run.
     snapshots: bool = False
     snapshot_every: int = 10
+
+    def kill_step(self) -> int | None:
+        """The inner step at which a ``kill_at_inner_step`` fault ends this peer, if one is armed."""
+        for fault in self.faults:
+            if fault.point == "trainer.inner_step" and fault.kill:
+                return fault.where.get("step")
+        return None
 
 
 def outer_steps_for(outer: OuterConfig, inner_steps: int) -> int:
@@ -103,9 +158,6 @@ def run_peer(spec: PeerSpec, events: Any) -> None:
 
 
 def _run(spec: PeerSpec, events: Any) -> None:
-    from lowcomm.comm import CommConfig, Communicator
-    from lowcomm.comm.shaper import Shaper
-
     torch.set_num_threads(spec.threads)
     corpus = Corpus.load(max_bytes=spec.corpus_bytes)
     shaper = None
@@ -140,6 +192,11 @@ def _run(spec: PeerSpec, events: Any) -> None:
     if spec.mode == "ddp":
         _run_ddp(spec, events, comm, model, opt, corpus, _Snapshots(spec, events, model, 0.0))
         return
+    faults = FaultInjector()
+    for fault in spec.faults:
+        fault.arm(faults)
+    # MERGE (H3's DiLoCo(faults=)): pass faults=faults here and delete the hit after
+    # trainer.step() below; DiLoCo then hits "trainer.inner_step" itself with the same step.
     trainer = DiLoCo(model, opt, comm, config=spec.outer, joining=spec.joining)
     gen = torch.Generator().manual_seed(spec.seed * 1000 + spec.index + 1)
     tokens = spec.batch_size * spec.gpt.context
@@ -169,8 +226,7 @@ def _run(spec: PeerSpec, events: Any) -> None:
         if steady is None and trainer.stats.outer_steps > 0:
             steady = (snaps.now(), trainer.stats.comm_wait_s)
         snaps.after_step(step, trainer)
-        if spec.die_at_inner_step is not None and step >= spec.die_at_inner_step:
-            os._exit(17)  # abrupt death: no leave message, sockets close with the process
+        faults.hit("trainer.inner_step", step=step)  # MERGE: DiLoCo's own hit replaces this
         if step % spec.report_every == 0:
             now = time.perf_counter()
             events.put(
@@ -328,8 +384,6 @@ def _run_ddp(
             last_t, last_step = now, step
         if stop:
             break
-    from lowcomm.comm.shared_state import tensor_hash
-
     wall = snaps.now()
 
     flat = torch.cat([p.detach().reshape(-1) for p in params]).cpu()
