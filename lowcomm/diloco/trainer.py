@@ -64,7 +64,7 @@ from lowcomm.diloco._rules import (
     nesterov_step,
     streaming_merge,
 )
-from lowcomm.diloco._seam import AllReduceHandle, OuterComm
+from lowcomm.diloco._outer_comm import AllReduceHandle, OuterComm
 from lowcomm.diloco.config import OuterConfig
 from lowcomm.errors import LowcommError
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from lowcomm.diloco import DiLoCo, LocalGroup, OuterConfig, SoloCommunicator
+from lowcomm.diloco import DiLoCo, OuterConfig
+from lowcomm.testing.groups import LocalGroup, SoloCommunicator
 
 from ._toy import FailingComm, run_threads, toy_step, toy_trainer
 
