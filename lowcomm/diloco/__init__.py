@@ -8,6 +8,7 @@ pure functions (``nesterov_step``, ``co2_step``, ...) usable on their own.
 
 from __future__ import annotations
 
+from lowcomm.diloco._outer_comm import AllReduceHandle, OuterComm
 from lowcomm.diloco._rules import (
     co2_step,
     delayed_nesterov_step,
@@ -16,7 +17,6 @@ from lowcomm.diloco._rules import (
     nesterov_step,
     streaming_merge,
 )
-from lowcomm.diloco._outer_comm import AllReduceHandle, OuterComm
 from lowcomm.diloco.config import METHODS, QUANTIZATIONS, OuterConfig
 from lowcomm.diloco.trainer import DiLoCo, OuterStats
 

@@ -310,7 +310,7 @@ def test_dynamic_local_steps_give_a_slow_peer_fewer_inner_steps() -> None:
             before = trainer.stats.inner_steps
             while True:  # one round: until the wrapper ran its outer step
                 toy_step(model, trainer, 1.0)
-                if trainer._round_steps == 0:
+                if trainer.round_steps == 0:
                     break
             steps[rank].append(trainer.stats.inner_steps - before)
 
