@@ -19,7 +19,14 @@ CPU and CUDA tensors alike; the encodings are computed with the same IEEE operat
 from __future__ import annotations
 
 from lowcomm.compression._cast import Bf16Codec, Fp16Codec
-from lowcomm.compression._codec import BaseCodec, Codec, decode, get_codec, register_codec
+from lowcomm.compression._codec import (
+    BaseCodec,
+    Codec,
+    decode,
+    get_codec,
+    register_codec,
+    resolve_codec,
+)
 from lowcomm.compression._encoded import FORMAT_VERSION, Encoded
 from lowcomm.compression._error_feedback import ErrorFeedback
 from lowcomm.compression._errors import CodecError
@@ -48,6 +55,7 @@ __all__ = [
     "get_codec",
     "is_zstd_compressed",
     "register_codec",
+    "resolve_codec",
     "zstd_compress",
     "zstd_decompress",
 ]

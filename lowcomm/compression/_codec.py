@@ -11,7 +11,7 @@ import torch
 
 from lowcomm.compression._encoded import _LAYOUTS, Encoded, ParamValue
 
-__all__ = ["Codec", "decode", "get_codec", "register_codec"]
+__all__ = ["Codec", "decode", "get_codec", "register_codec", "resolve_codec"]
 
 # Scales below this flush their block to zero: dividing by them would overflow fp32 (127/1e-37 is
 # inf). The absolute error this adds is below 2**-100, far under anything a model can see.
@@ -254,6 +254,22 @@ def get_codec(name: str, **kwargs: Any) -> BaseCodec:
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; known: {sorted(_REGISTRY)}") from None
     return cls(**kwargs)
+
+
+def resolve_codec(codec: str | Codec | None) -> Codec | None:
+    """What an all-reduce's ``quantization=`` argument means, for every backend alike.
+
+    ``None`` or ``"none"`` -> None (send the tensor as is); a codec name -> ``get_codec(name)`` with
+    its defaults; a ``Codec`` -> itself.
+
+    Raises:
+        ValueError: an unknown codec name.
+    """
+    if codec is None or codec == "none":
+        return None
+    if isinstance(codec, str):
+        return get_codec(codec)
+    return codec
 
 
 def decode(

@@ -2,8 +2,8 @@
 
 Every rule here is elementwise (or a per-tensor reduction) so it can run on a CPU copy of the
 outer parameters, on one FSDP shard, or on one Streaming DiLoCo fragment alike. Notation follows
-ALGORITHMS.md: theta = outer parameters, delta = pseudo-gradient (theta_start - theta_end),
-b / m = outer momentum. Signs follow ``torch.optim.SGD(nesterov=True)``.
+docs/algorithms.md sections 1-3: theta = outer parameters, delta = pseudo-gradient
+(theta_start - theta_end), b / m = outer momentum. Signs follow ``torch.optim.SGD(nesterov=True)``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ OnFailure = Literal["retry", "drop"]
 class OuterConfig:
     """How the outer loop runs. Every peer of a run must use the same config.
 
-    Methods (ALGORITHMS.md sections 1-3):
+    Methods (docs/algorithms.md sections 1-3):
         ``"diloco"``: synchronous DiLoCo; every ``sync_every`` inner steps the pseudo-gradients are
             averaged and applied with outer Nesterov SGD (``outer_lr``, ``outer_momentum``).
         ``"async"``: one-step-delayed DiLoCo (PCCL/prime): round k's all-reduce runs while round

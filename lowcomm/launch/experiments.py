@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowcomm.diloco import DiLoCo, LocalGroup, OuterConfig
+from lowcomm.diloco import DiLoCo, OuterConfig
 from lowcomm.launch.tinygpt import GPT, GPTConfig, load_corpus, sample_batch
+from lowcomm.testing.groups import LocalGroup
 
 __all__ = ["Corpus", "RunResult", "evaluate", "simulate"]
 

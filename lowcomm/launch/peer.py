@@ -195,9 +195,9 @@ def _run(spec: PeerSpec, events: Any) -> None:
     faults = FaultInjector()
     for fault in spec.faults:
         fault.arm(faults)
-    # MERGE (H3's DiLoCo(faults=)): pass faults=faults here and delete the hit after
-    # trainer.step() below; DiLoCo then hits "trainer.inner_step" itself with the same step.
-    trainer = DiLoCo(model, opt, comm, config=spec.outer, joining=spec.joining)
+    # DiLoCo hits "trainer.inner_step" with the number of inner steps done so far, so a
+    # kill armed at step N fires once N steps are done, before any of step N+1 is applied.
+    trainer = DiLoCo(model, opt, comm, config=spec.outer, joining=spec.joining, faults=faults)
     gen = torch.Generator().manual_seed(spec.seed * 1000 + spec.index + 1)
     tokens = spec.batch_size * spec.gpt.context
     snaps = _Snapshots(spec, events, probe, trainer.stats.comm_wait_s)
@@ -226,7 +226,6 @@ def _run(spec: PeerSpec, events: Any) -> None:
         if steady is None and trainer.stats.outer_steps > 0:
             steady = (snaps.now(), trainer.stats.comm_wait_s)
         snaps.after_step(step, trainer)
-        faults.hit("trainer.inner_step", step=step)  # MERGE: DiLoCo's own hit replaces this
         if step % spec.report_every == 0:
             now = time.perf_counter()
             events.put(

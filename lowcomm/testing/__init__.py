@@ -45,10 +45,8 @@ threads (``lowcomm.launch.experiments.simulate`` does exactly that).
 
 from __future__ import annotations
 
-# MERGE: lowcomm.comm.shaper (H2 renames comm/_shaper.py) and lowcomm.testing.groups (H3 moves
-# diloco/local.py there); until then the old homes.
 from lowcomm.comm.shaper import Shaper
-from lowcomm.diloco.local import LocalGroup, SoloCommunicator
+from lowcomm.testing.groups import LocalGroup, SoloCommunicator
 from lowcomm.faults import KILLED_EXIT_CODE, POINTS, FaultInjector
 
 __all__ = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowcomm.diloco import DiLoCo, LocalGroup, OuterConfig
+from lowcomm.diloco import DiLoCo, OuterConfig
+from lowcomm.testing.groups import LocalGroup
 
 from ._toy import run_threads
 

@@ -7,7 +7,11 @@ import copy
 import pytest
 import torch
 
-from lowcomm.diloco import DiLoCo, LocalGroup, OuterConfig, SoloCommunicator
+from lowcomm.comm.errors import CommTimeoutError
+from lowcomm.diloco import DiLoCo, OuterConfig
+from lowcomm.errors import LowcommError
+from lowcomm.faults import FaultInjector
+from lowcomm.testing.groups import LocalGroup, SoloCommunicator
 
 from ._toy import FailingComm, run_threads, toy_step, toy_trainer
 
@@ -309,7 +313,7 @@ def test_dynamic_local_steps_give_a_slow_peer_fewer_inner_steps() -> None:
             before = trainer.stats.inner_steps
             while True:  # one round: until the wrapper ran its outer step
                 toy_step(model, trainer, 1.0)
-                if trainer._round_steps == 0:
+                if trainer.round_steps == 0:
                     break
             steps[rank].append(trainer.stats.inner_steps - before)
 
@@ -438,3 +442,44 @@ def test_wrapper_rejects_a_model_without_trainable_parameters() -> None:
             SoloCommunicator(),
             config=OuterConfig(),
         )
+
+
+class _Stop(Exception):
+    """The error the fault injector raises at the armed inner step."""
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        OuterConfig(method="diloco", sync_every=3, **FP32),
+        OuterConfig(method="async", sync_every=3, **FP32),
+        OuterConfig(method="streaming", sync_every=3, num_fragments=3, overlap_steps=0, **FP32),
+    ],
+    ids=["diloco", "async", "streaming"],
+)
+def test_inner_step_fault_fires_after_exactly_n_inner_steps(config: OuterConfig) -> None:
+    faults = FaultInjector()
+    faults.inject("trainer.inner_step", error=_Stop("inner step 5"), where={"step": 5})
+    model, trainer = toy_trainer(SoloCommunicator(), config, num=3, faults=faults)
+    with pytest.raises(_Stop):
+        for _ in range(10):
+            toy_step(model, trainer, 1.0)
+    assert faults.fired("trainer.inner_step") == 1
+    assert faults.hits("trainer.inner_step") == 6  # steps 0..5; step 5 never ran
+    assert trainer.stats.inner_steps == 5
+
+
+def test_local_group_timeout_is_a_comm_timeout_error_the_trainer_catches() -> None:
+    group = LocalGroup(2)
+    handle = group.communicator(0).all_reduce_async(torch.zeros(3))  # peer 1 never joins
+    with pytest.raises(CommTimeoutError, match="timed out") as info:
+        handle.wait(timeout_s=0.05)
+    assert isinstance(info.value, LowcommError) and isinstance(info.value, TimeoutError)
+
+
+def test_in_process_groups_check_all_reduce_arguments_like_the_real_communicator() -> None:
+    for comm in (SoloCommunicator(), LocalGroup(1).communicator(0)):
+        with pytest.raises(ValueError, match="op must be one of"):
+            comm.all_reduce_async(torch.zeros(2), "median")
+        with pytest.raises(ValueError, match="float32"):
+            comm.all_reduce_async(torch.zeros(2, dtype=torch.int64))

@@ -1,7 +1,7 @@
 """The small seam the outer loops need from a communicator, as Protocols.
 
 ``lowcomm.comm.Communicator`` satisfies it; so do the in-process groups in
-``lowcomm.diloco.local`` (one peer, or several peers simulated by threads of one process).
+``lowcomm.testing.groups`` (one peer, or several peers simulated by threads of one process).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ __all__ = ["AllReduceHandle", "OuterComm"]
 class AllReduceHandle(Protocol):
     """An all-reduce in flight. ``wait`` blocks until the result is in the tensor that was given.
 
-    On failure ``wait`` raises (``PeerFailureError`` / ``CommTimeoutError`` for the real
-    communicator) and the tensor is left untouched.
+    On failure ``wait`` raises a ``LowcommError`` (``PeerFailureError`` / ``CommTimeoutError`` for
+    the real communicator and the in-process groups) and the tensor is left untouched.
     """
 
     def wait(self, *, timeout_s: float | None = ...) -> Any: ...

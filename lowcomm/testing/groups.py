@@ -6,7 +6,9 @@ replica with nobody to talk to does, and what the exactness tests use. ``LocalGr
 (pairwise, in rank order, so a power-of-two group of identical tensors averages exactly) and, with a
 codec, every contribution and the result pass through that codec as on the wire. It runs the same
 outer-loop code as real peers, so the convergence benchmark can compare methods without a network.
-Neither is a network: membership never changes and nothing can fail.
+Neither is a network: membership never changes, and the only failure is a timeout while waiting
+for the other peers, raised as ``CommTimeoutError`` (a ``LowcommError`` and a ``TimeoutError``),
+as the real communicator raises it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["LocalGroup", "LocalInfo", "SoloCommunicator", "resolve_codec"]
+from lowcomm.comm._ops import check_all_reduce_args
+from lowcomm.comm.errors import CommTimeoutError
+from lowcomm.compression import resolve_codec
+
+__all__ = ["LocalGroup", "LocalInfo", "SoloCommunicator"]
 
 
 @dataclass(frozen=True)
@@ -28,17 +34,6 @@ class LocalInfo:
     tx_bytes: int
     rx_bytes: int
     seconds: float = 0.0
-
-
-def resolve_codec(quantization: Any) -> Any:
-    """``None``/``"none"`` -> None; a codec name -> ``lowcomm.compression.get_codec(name)``; a codec as is."""
-    if quantization is None or quantization == "none":
-        return None
-    if isinstance(quantization, str):
-        from lowcomm.compression import get_codec
-
-        return get_codec(quantization)
-    return quantization
 
 
 class _Done:
@@ -74,8 +69,7 @@ class SoloCommunicator:
         tag: int = 0,
         timeout_s: float = 60.0,
     ) -> _Done:
-        if op not in ("avg", "sum", "min", "max"):
-            raise ValueError(f"unknown reduce op {op!r}")
+        check_all_reduce_args(tensor, op, tag=tag)
         return _Done(LocalInfo(world_size=1, tx_bytes=0, rx_bytes=0))
 
     def sync_shared_state(
@@ -168,7 +162,10 @@ class LocalGroup:
             if not self._cond.wait_for(
                 lambda: self._rounds[seq].result is not None, timeout=timeout_s
             ):
-                raise TimeoutError(f"peer {rank}: local all-reduce #{seq} timed out")
+                raise CommTimeoutError(
+                    f"peer {rank}: local all-reduce #{seq} timed out after {timeout_s} s; another "
+                    "peer's thread stopped or issues its all-reduces in a different order"
+                )
             rnd = self._rounds[seq]
             assert rnd.result is not None
             tensor.copy_(rnd.result)
@@ -185,7 +182,10 @@ class LocalGroup:
             self._shared_done[seq] = self._shared_done.get(seq, 0) + 1
             self._cond.notify_all()
             if not self._cond.wait_for(lambda: self._shared_done[seq] >= self.n, timeout=timeout_s):
-                raise TimeoutError(f"peer {rank}: local shared-state sync #{seq} timed out")
+                raise CommTimeoutError(
+                    f"peer {rank}: local shared-state sync #{seq} timed out after {timeout_s} s; "
+                    "another peer's thread stopped before its sync"
+                )
             source = self._shared[0]
         rx = 0
         if rank != 0:
@@ -238,8 +238,7 @@ class _LocalPeer:
         tag: int = 0,
         timeout_s: float = 60.0,
     ) -> _Handle:
-        if op not in ("avg", "sum", "min", "max"):
-            raise ValueError(f"unknown reduce op {op!r}")
+        check_all_reduce_args(tensor, op, tag=tag)
         codec = resolve_codec(quantization)
         seq, tx = self._group._submit(self.rank, tensor, op, codec)
         return _Handle(self._group, seq, self.rank, tensor, tx)
