@@ -27,7 +27,6 @@ from lowcomm.checkpoint.errors import (
     CheckpointWriteError,
     NoCheckpointError,
 )
-from lowcomm.checkpoint.faults import FaultInjector
 
 __all__ = [
     "CheckpointConfig",
@@ -37,7 +36,6 @@ __all__ = [
     "CheckpointTimeoutError",
     "CheckpointWriteError",
     "Checkpointer",
-    "FaultInjector",
     "NoCheckpointError",
     "RestoreReport",
     "SaveHandle",

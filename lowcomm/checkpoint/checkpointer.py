@@ -42,9 +42,9 @@ from lowcomm.checkpoint.errors import (
     CheckpointWriteError,
     NoCheckpointError,
 )
-from lowcomm.checkpoint.faults import FaultInjector
 from lowcomm.checkpoint.staging import HostBufferPool, Snapshot, Stager, host_tensor, plan_layout
 from lowcomm.checkpoint.storage import LocalLevel, RemoteLevel
+from lowcomm.faults import FaultInjector
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import torch
 from lowcomm.checkpoint._format import TensorEntry, align
 from lowcomm.checkpoint._state import TensorRef
 from lowcomm.checkpoint.errors import CheckpointError, CheckpointTimeoutError
-from lowcomm.checkpoint.faults import FaultInjector
+from lowcomm.faults import FaultInjector
 
 logger = logging.getLogger(__name__)
 

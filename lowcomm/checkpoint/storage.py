@@ -32,8 +32,8 @@ from lowcomm.checkpoint.errors import (
     CheckpointTimeoutError,
     CheckpointWriteError,
 )
-from lowcomm.checkpoint.faults import FaultInjector
 from lowcomm.checkpoint.staging import Snapshot, host_tensor
+from lowcomm.faults import FaultInjector
 
 logger = logging.getLogger(__name__)
 

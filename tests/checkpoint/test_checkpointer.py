@@ -18,9 +18,9 @@ from lowcomm.checkpoint import (
     CheckpointConfig,
     Checkpointer,
     CheckpointWriteError,
-    FaultInjector,
     NoCheckpointError,
 )
+from lowcomm.faults import FaultInjector
 
 pytestmark = pytest.mark.timeout(120)
 
