@@ -20,7 +20,6 @@ they are logged, kept in ``pop_failures()``, raised by ``SaveHandle.wait`` for t
 
 from __future__ import annotations
 
-import builtins
 import json
 import logging
 import queue
@@ -208,7 +207,7 @@ class Checkpointer:
     """Lazy asynchronous multi-level checkpointing for one rank.
 
     Contract: one training thread calls ``save`` and ``wait_until_safe_to_mutate`` (they are not
-    meant to be called concurrently from several threads); ``list``/``restore`` may be called from
+    meant to be called concurrently from several threads); ``checkpoints``/``restore`` may be called from
     it too. With ``world_size > 1`` every rank creates a Checkpointer over the same level URLs, every
     rank calls ``save`` for the same steps with its own (sharded) state, and every rank calls
     ``restore`` (it agrees on a step through ``torch.distributed`` when it is initialized).
@@ -274,10 +273,10 @@ class Checkpointer:
             )
         self._lock = threading.Lock()
         self._host_snap: Snapshot | None = None
-        self._pending_copies: builtins.list[Snapshot] = []
+        self._pending_copies: list[Snapshot] = []
         self._handles: dict[int, SaveHandle] = {}
-        self._failures: builtins.list[CheckpointWriteError] = []
-        self._unreported: builtins.list[CheckpointWriteError] = []
+        self._failures: list[CheckpointWriteError] = []
+        self._unreported: list[CheckpointWriteError] = []
         self.last_restore: RestoreReport | None = None
         self._pool = HostBufferPool(config.num_host_buffers)
         self._local_q: queue.Queue[tuple[Snapshot, SaveHandle] | None] = queue.Queue()
@@ -391,7 +390,7 @@ class Checkpointer:
             self._pending_copies = [s for s in self._pending_copies if not s.copy_done.is_set()]
         self._surface_failures()
 
-    def pop_failures(self) -> builtins.list[CheckpointWriteError]:
+    def pop_failures(self) -> list[CheckpointWriteError]:
         """Level write failures since the last call (each names its step and level)."""
         with self._lock:
             out, self._failures = self._failures, []
@@ -434,16 +433,16 @@ class Checkpointer:
 
     # ---- listing and restore -------------------------------------------------------------------
 
-    def list(self) -> builtins.list[CheckpointInfo]:
+    def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints of this rank's levels, oldest first (no verification)."""
-        where: dict[int, builtins.list[str]] = {}
+        where: dict[int, list[str]] = {}
         for lvl, steps in self._level_steps().items():
             for s in steps:
                 where.setdefault(s, []).append(lvl)
         return [CheckpointInfo(step=s, levels=tuple(where[s])) for s in sorted(where)]
 
-    def _level_steps(self) -> dict[str, builtins.list[int]]:
-        out: dict[str, builtins.list[int]] = {}
+    def _level_steps(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
         with self._lock:
             host = self._host_snap
         if host is not None:
@@ -481,7 +480,7 @@ class Checkpointer:
         if step is not None:
             candidates = [s for s in candidates if s == step]
         candidates = self._agree_candidates(candidates)
-        skipped: builtins.list[str] = []
+        skipped: list[str] = []
         for s in candidates:
             result = None
             for lvl in LEVELS:
@@ -552,10 +551,10 @@ class Checkpointer:
             and torch.distributed.is_initialized()
         )
 
-    def _agree_candidates(self, candidates: builtins.list[int]) -> builtins.list[int]:
+    def _agree_candidates(self, candidates: list[int]) -> list[int]:
         if not self._dist():
             return candidates
-        gathered: builtins.list[Any] = [None] * self.world_size
+        gathered: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(gathered, candidates, group=self._group)
         return sorted({s for c in gathered for s in c}, reverse=True)
 
@@ -680,7 +679,7 @@ class Checkpointer:
         if fresh and self.config.raise_on_failure:
             raise fresh[0]
 
-    def _keep(self, steps: builtins.list[int], keep_last: int) -> set[int]:
+    def _keep(self, steps: list[int], keep_last: int) -> set[int]:
         keep = set(steps[-keep_last:])
         if self.config.keep_every is not None:
             keep |= {s for s in steps if s % self.config.keep_every == 0}
