@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lowcomm._tensors import byte_view
 from lowcomm.checkpoint import _format as fmt
 from lowcomm.checkpoint.errors import (
     CheckpointCorruptError,
@@ -58,11 +59,6 @@ def _preadv_all(fd: int, dest: memoryview, offset: int) -> int:
             break  # end of file: the caller reports the short read
         done += n
     return done
-
-
-def _byte_view(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory."""
-    return t.detach().reshape(-1).view(torch.uint8).numpy().data
 
 
 def _usable_dest(t: torch.Tensor | None, entry: fmt.TensorEntry) -> bool:
@@ -140,7 +136,7 @@ def _read_direct(
         t = d if d is not None and _usable_dest(d, e) else torch.empty(e.shape, dtype=_dtype(e))
         tensors.append(t)
         if e.nbytes:
-            segs.append((e.offset, e.offset + e.nbytes, _byte_view(t)))
+            segs.append((e.offset, e.offset + e.nbytes, byte_view(t)))
         pos = max(pos, e.offset + e.nbytes)
     if total > pos:
         segs.append((pos, total, memoryview(bytearray(total - pos))))
