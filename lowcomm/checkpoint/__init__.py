@@ -13,13 +13,8 @@ Two lines in a training loop (see ``Checkpointer``)::
 
 from __future__ import annotations
 
-from lowcomm.checkpoint.checkpointer import (
-    CheckpointConfig,
-    Checkpointer,
-    CheckpointInfo,
-    RestoreReport,
-    SaveHandle,
-)
+from lowcomm.checkpoint.checkpointer import Checkpointer, CheckpointInfo, RestoreReport
+from lowcomm.checkpoint.config import CheckpointConfig
 from lowcomm.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -27,6 +22,8 @@ from lowcomm.checkpoint.errors import (
     CheckpointWriteError,
     NoCheckpointError,
 )
+from lowcomm.checkpoint.handle import SaveHandle
+from lowcomm.checkpoint.levels import StorageLevel
 
 __all__ = [
     "CheckpointConfig",
@@ -39,4 +36,5 @@ __all__ = [
     "NoCheckpointError",
     "RestoreReport",
     "SaveHandle",
+    "StorageLevel",
 ]
