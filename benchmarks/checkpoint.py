@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from lowcomm.checkpoint import CheckpointConfig, Checkpointer
+from lowcomm.checkpoint.local_level import LocalLevel
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
@@ -218,8 +219,9 @@ class Lowcomm:
         return float(self.handle.committed_at["local"] - time.monotonic() + time.perf_counter())
 
     def last_bytes(self) -> int:
-        assert self.ck.local is not None
-        return dir_bytes(self.ck.local.step_dir(self.handle.step))
+        local = self.ck.level("local")
+        assert isinstance(local, LocalLevel)
+        return dir_bytes(local.step_dir(self.handle.step))
 
     def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         state = self.ck.restore(levels=["local"], into=state_of(model, opt))

@@ -13,13 +13,8 @@ Two lines in a training loop (see ``Checkpointer``)::
 
 from __future__ import annotations
 
-from lowcomm.checkpoint.checkpointer import (
-    CheckpointConfig,
-    Checkpointer,
-    CheckpointInfo,
-    RestoreReport,
-    SaveHandle,
-)
+from lowcomm.checkpoint.checkpointer import Checkpointer, CheckpointInfo, RestoreReport
+from lowcomm.checkpoint.config import CheckpointConfig
 from lowcomm.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -27,7 +22,8 @@ from lowcomm.checkpoint.errors import (
     CheckpointWriteError,
     NoCheckpointError,
 )
-from lowcomm.checkpoint.faults import FaultInjector
+from lowcomm.checkpoint.handle import SaveHandle
+from lowcomm.checkpoint.levels import StorageLevel
 
 __all__ = [
     "CheckpointConfig",
@@ -37,8 +33,8 @@ __all__ = [
     "CheckpointTimeoutError",
     "CheckpointWriteError",
     "Checkpointer",
-    "FaultInjector",
     "NoCheckpointError",
     "RestoreReport",
     "SaveHandle",
+    "StorageLevel",
 ]

@@ -1,4 +1,4 @@
-"""The on-storage format: data-file chunks (raw or byte-shuffled zstd), crc32 checksums, manifests.
+"""The on-storage format: data-file chunks (raw or byte-shuffled zstd), their checksums, manifests.
 
 A checkpoint at one level is a directory ``step_<step>/`` holding one data file per rank
 (``rank_<r>.data``: the rank's host-buffer layout, cut in chunks), one part manifest per rank, and
@@ -11,12 +11,20 @@ import base64
 import json
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+import crc32c
 
 from lowcomm.checkpoint.errors import CheckpointCorruptError
+from lowcomm.compression import (
+    CodecError,
+    byte_shuffle,
+    byte_unshuffle,
+    zstd_compress_frame,
+    zstd_decompress_frame,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -122,23 +130,22 @@ class ChunkEntry:
 def encode_chunk(raw: memoryview, codec: str, *, level: int) -> tuple[bytes | memoryview, str]:
     """Encode one chunk; falls back to ``none`` when compression does not shrink it.
 
-    ``shuffle-zstd`` splits 4-byte words by byte significance first (exponent bytes together), which
-    is what makes fp32 weights and optimizer moments compress (measured 1.2x vs 1.1x for plain zstd).
-    numpy's transpose-copy and zstd both release the GIL, so chunks encode in parallel threads.
+    ``zstd`` stores one bare zstd frame (``lowcomm.compression.zstd_compress_frame``: the chunk
+    table, not a header, says the chunk is compressed). ``shuffle-zstd`` splits 4-byte words by
+    byte significance first (``byte_shuffle``: exponent bytes together), which is what makes fp32
+    weights and optimizer moments compress (measured 1.2x vs 1.1x for plain zstd). numpy's
+    transpose-copy and zstd both release the GIL, so chunks encode in parallel threads.
     """
     if codec == "none":
         return raw, "none"
-    import zstandard
-
     payload: bytes | memoryview = raw
     if codec == "shuffle-zstd":
         if len(raw) % 4:
             codec = "zstd"
         else:
-            arr = np.frombuffer(raw, dtype=np.uint8)
-            payload = np.ascontiguousarray(arr.reshape(-1, 4).T).reshape(-1).data
-    out = zstandard.ZstdCompressor(level=level).compress(payload)
-    if len(out) >= len(raw):
+            payload = byte_shuffle(raw)
+    out = zstd_compress_frame(payload, level)
+    if out is None:
         return raw, "none"
     return out, codec
 
@@ -147,47 +154,36 @@ def decode_chunk(stored: bytes | memoryview, codec: str, raw_len: int) -> bytes 
     """Inverse of ``encode_chunk``; raises ``CheckpointCorruptError`` on a malformed chunk."""
     if codec == "none":
         return stored
-    import zstandard
-
     try:
-        out = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_len)
-    except zstandard.ZstdError as e:
+        out = zstd_decompress_frame(stored, max_output_bytes=raw_len)
+    except CodecError as e:
         raise CheckpointCorruptError(f"chunk does not decompress: {e}") from e
     if len(out) != raw_len:
         raise CheckpointCorruptError(f"chunk decompresses to {len(out)} bytes, expected {raw_len}")
     if codec == "shuffle-zstd":
-        arr = np.frombuffer(out, dtype=np.uint8)
-        return np.ascontiguousarray(arr.reshape(4, -1).T).reshape(-1).data
+        return byte_unshuffle(out)
     if codec != "zstd":
         raise CheckpointCorruptError(f"unknown chunk codec {codec!r}")
     return out
 
 
-def _crc32c_impl() -> Any:
-    try:
-        import crc32c
-    except ImportError:
-        return None
-    return crc32c.crc32c
-
-
-_CRC32C = _crc32c_impl()
 # Chunk checksum written by this lowcomm: crc32c (SSE4.2, measured 8.8 GB/s per core here, GIL
-# released) when the crc32c package is there, else zlib's crc32 (1.8 GB/s): at 1.2 GB per
-# checkpoint the checksum was the largest CPU cost of writing and of restoring.
-CHUNK_CHECKSUM = "crc32c" if _CRC32C is not None else "crc32"
+# released) rather than zlib's crc32 (1.8 GB/s): at 1.2 GB per checkpoint the checksum was the
+# largest CPU cost of writing and of restoring. Each rank's part manifest names its checksum.
+CHUNK_CHECKSUM = "crc32c"
 
 
-def checksum_fn(name: str) -> Any:
-    """The incremental checksum ``f(buf, value=0) -> int`` a manifest names."""
+def checksum_fn(name: str) -> Callable[..., int]:
+    """The incremental checksum ``f(buf, value=0) -> int`` a manifest names.
+
+    ``crc32`` (zlib) is still read: parts written before the manifest named its checksum, or by a
+    lowcomm without the crc32c package, use it.
+    """
     if name == "crc32":
         return lambda buf, value=0: zlib.crc32(buf, value) & 0xFFFFFFFF
     if name == "crc32c":
-        if _CRC32C is None:
-            raise CheckpointCorruptError(
-                "this checkpoint uses crc32c checksums: pip install crc32c to read it"
-            )
-        return _CRC32C
+        fn: Callable[..., int] = crc32c.crc32c
+        return fn
     raise CheckpointCorruptError(f"unknown checksum {name!r} in manifest")
 
 

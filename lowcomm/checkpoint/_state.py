@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["TensorRef", "flatten_state", "unflatten_state"]
+__all__ = [
+    "TensorRef",
+    "copy_into",
+    "flatten_state",
+    "restore_state",
+    "template_tensors",
+    "unflatten_state",
+]
 
 
 class _TensorSlot:
@@ -149,3 +156,17 @@ def copy_into(template: Any, restored: Any, *, path: str = "") -> Any:
             template[i] = copy_into(template[i], restored[i], path=f"{path}/{i}")
         return template
     return restored
+
+
+def template_tensors(into: Any) -> dict[str, torch.Tensor] | None:
+    """Key -> tensor of a restore template (its parameters, its moments), so a level can read
+    straight into them; None without a template."""
+    if into is None:
+        return None
+    return {ref.key: ref.tensor for ref in flatten_state(into)[1]}
+
+
+def restore_state(skeleton: bytes, tensors: list[torch.Tensor], into: Any) -> Any:
+    """The state a level read (skeleton and tensors), copied into ``into`` when it is given."""
+    state = unflatten_state(skeleton, tensors)
+    return state if into is None else copy_into(into, state)

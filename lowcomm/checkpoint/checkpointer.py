@@ -20,21 +20,20 @@ they are logged, kept in ``pop_failures()``, raised by ``SaveHandle.wait`` for t
 
 from __future__ import annotations
 
-import builtins
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lowcomm.checkpoint import _format as fmt
-from lowcomm.checkpoint._state import copy_into, flatten_state, unflatten_state
+from lowcomm.checkpoint._pipeline import LevelPipeline
+from lowcomm.checkpoint._state import flatten_state
+from lowcomm.checkpoint.config import LEVELS, CheckpointConfig
 from lowcomm.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -42,101 +41,17 @@ from lowcomm.checkpoint.errors import (
     CheckpointWriteError,
     NoCheckpointError,
 )
-from lowcomm.checkpoint.faults import FaultInjector
-from lowcomm.checkpoint.staging import HostBufferPool, Snapshot, Stager, host_tensor, plan_layout
-from lowcomm.checkpoint.storage import LocalLevel, RemoteLevel
+from lowcomm.checkpoint.handle import SaveHandle
+from lowcomm.checkpoint.host_level import HostLevel
+from lowcomm.checkpoint.levels import StorageLevel
+from lowcomm.checkpoint.local_level import LocalLevel
+from lowcomm.checkpoint.remote_level import RemoteLevel
+from lowcomm.checkpoint.staging import HostBufferPool, Snapshot, Stager, plan_layout
+from lowcomm.faults import FaultInjector
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointConfig", "CheckpointInfo", "Checkpointer", "RestoreReport", "SaveHandle"]
-
-LEVELS = ("host", "local", "remote")
-
-
-@dataclass(frozen=True, kw_only=True)
-class CheckpointConfig:
-    """Where and how to checkpoint.
-
-    Attributes:
-        levels: URLs in order, each level optional: ``"host://"`` keeps the newest snapshot in RAM;
-            a path or ``file://`` URL is the local disk level; any other fsspec URL after it
-            (``s3://bucket/run``) is the remote level, uploaded from local disk, so it needs one.
-        remote_options: fsspec storage options for the remote URL (``endpoint_url``, ``key``...).
-        keep_last_local, keep_last_remote: committed checkpoints kept per level (newest first).
-        keep_every: steps divisible by it are kept forever at local and remote (None: none).
-        compression: ``"none"``, ``"zstd"`` or ``"shuffle-zstd"`` for data chunks on disk. ``"none"``
-            by default: here zstd ran at 0.22 GB/s per core for a 1.2x gain, slower than the disk.
-        zstd_level: zstd level for the compressed modes (1-22).
-        chunk_bytes: data is written and checksummed in chunks of this size, in parallel.
-        num_io_threads: threads writing/reading chunks.
-        num_host_buffers: reused host buffers; 2 lets one be written while the newest is kept.
-        commit_timeout_s: how long a rank waits for others' parts, or a write for its copy.
-        raise_on_failure: raise a level's write failure from the next ``save`` or
-            ``wait_until_safe_to_mutate`` instead of only logging it.
-        stream_during_copy: write chunks to disk as soon as they are copied (DataStates-style)
-            instead of after the whole copy. Off by default: on a CPU-bound host the writes
-            compete with the copy the training thread may be waiting for (measured here: the
-            barrier grew while durability barely improved).
-    """
-
-    levels: tuple[str, ...] = ("host://",)
-    remote_options: dict[str, Any] = field(default_factory=dict)
-    keep_last_local: int = 2
-    keep_last_remote: int = 2
-    keep_every: int | None = None
-    compression: str = "none"
-    zstd_level: int = 1
-    chunk_bytes: int = 16 << 20
-    num_io_threads: int = 4
-    num_host_buffers: int = 2
-    commit_timeout_s: float = 600.0
-    raise_on_failure: bool = False
-    stream_during_copy: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.levels, str):
-            raise ValueError(
-                "levels must be a tuple of URLs, e.g. ('host://', '/ckpt', 's3://b/run')"
-            )
-        if not self.levels:
-            raise ValueError("levels must name at least one level")
-        self.parsed_levels()  # validates
-        for name in ("keep_last_local", "keep_last_remote", "num_io_threads", "num_host_buffers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.keep_every is not None and self.keep_every < 1:
-            raise ValueError(f"keep_every must be None or >= 1, got {self.keep_every}")
-        if self.compression not in fmt.CODECS:
-            raise ValueError(f"compression must be one of {fmt.CODECS}, got {self.compression!r}")
-        if not 1 <= self.zstd_level <= 22:
-            raise ValueError(f"zstd_level must be in [1, 22], got {self.zstd_level}")
-        if self.chunk_bytes < 4096 or self.chunk_bytes % 64:
-            raise ValueError(
-                f"chunk_bytes must be >= 4096 and a multiple of 64, got {self.chunk_bytes}"
-            )
-        if self.commit_timeout_s <= 0:
-            raise ValueError(f"commit_timeout_s must be > 0, got {self.commit_timeout_s}")
-
-    def parsed_levels(self) -> dict[str, str]:
-        """Map level name (host/local/remote) to its URL or path."""
-        out: dict[str, str] = {}
-        for url in self.levels:
-            if url in ("host://", "host"):
-                if out:
-                    raise ValueError("'host://' must be the first level")
-                out["host"] = url
-            elif "local" not in out:
-                if "://" in url and not url.startswith("file://"):
-                    raise ValueError(
-                        f"level {url!r}: the level after host must be a local path or file:// URL "
-                        "(remote levels upload from local disk)"
-                    )
-                out["local"] = url.removeprefix("file://")
-            elif "remote" not in out:
-                out["remote"] = url
-            else:
-                raise ValueError(f"too many levels: {self.levels!r} (at most host, local, remote)")
-        return out
+__all__ = ["CheckpointInfo", "Checkpointer", "RestoreReport"]
 
 
 @dataclass(frozen=True)
@@ -157,62 +72,18 @@ class RestoreReport:
     metadata: dict[str, Any]
 
 
-class SaveHandle:
-    """The progress of one ``save`` through its levels. Thread-safe."""
-
-    def __init__(self, step: int, levels: tuple[str, ...]) -> None:
-        self.step = step
-        self.levels = levels
-        self._events = {lvl: threading.Event() for lvl in levels}
-        self._errors: dict[str, BaseException] = {}
-        self.committed_at: dict[str, float] = {}  # time.monotonic() when each level committed
-
-    def _finish(self, level: str, error: BaseException | None = None) -> None:
-        if error is not None:
-            self._errors[level] = error
-        else:
-            self.committed_at.setdefault(level, time.monotonic())
-        self._events[level].set()
-
-    def done(self, level: str) -> bool:
-        return self._events[self._check(level)].is_set()
-
-    def _check(self, level: str) -> str:
-        if level not in self._events:
-            raise ValueError(
-                f"step {self.step} was not saved to level {level!r} (it has {self.levels})"
-            )
-        return level
-
-    def wait(self, level: str | None = None, timeout_s: float = 600.0) -> None:
-        """Block until ``level`` (default: the slowest requested) committed or failed.
-
-        Raises ``CheckpointWriteError`` if it failed and ``CheckpointTimeoutError`` after timeout_s.
-        """
-        level = self._check(level or self.levels[-1])
-        if not self._events[level].wait(timeout_s):
-            raise CheckpointTimeoutError(
-                f"step {self.step} not committed at {level} in {timeout_s} s"
-            )
-        err = self._errors.get(level)
-        if err is not None:
-            if isinstance(err, CheckpointWriteError):
-                raise err
-            raise CheckpointWriteError(str(err), step=self.step, level=level) from err
-
-    def error(self, level: str) -> BaseException | None:
-        return self._errors.get(self._check(level))
-
-
 class Checkpointer:
     """Lazy asynchronous multi-level checkpointing for one rank.
 
     Contract: one training thread calls ``save`` and ``wait_until_safe_to_mutate`` (they are not
-    meant to be called concurrently from several threads); ``list``/``restore`` may be called from
-    it too. With ``world_size > 1`` every rank creates a Checkpointer over the same level URLs, every
-    rank calls ``save`` for the same steps with its own (sharded) state, and every rank calls
-    ``restore`` (it agrees on a step through ``torch.distributed`` when it is initialized).
-    Restoring needs the same world size and sharding as the save.
+    meant to be called concurrently from several threads); ``checkpoints``/``restore`` may be
+    called from it too. With ``world_size > 1`` every rank creates a Checkpointer over the same
+    level URLs, every rank calls ``save`` for the same steps with its own (sharded) state, and every
+    rank calls ``restore`` (it agrees on a step through ``torch.distributed`` when it is
+    initialized). Restoring needs the same world size and sharding as the save.
+
+    Every level implements ``StorageLevel``; listing and restore go through its verbs, fastest
+    level first, and the background ``LevelPipeline`` writes each save to its levels in order.
     """
 
     def __init__(
@@ -247,10 +118,13 @@ class Checkpointer:
         self._io_pool = ThreadPoolExecutor(
             config.num_io_threads, thread_name_prefix="lowcomm-ckpt-io"
         )
-        self.local: LocalLevel | None = None
-        self.remote: RemoteLevel | None = None
+        self._pool = HostBufferPool(config.num_host_buffers)
+        host: HostLevel | None = None
+        chain: list[tuple[StorageLevel, int]] = []
+        if "host" in urls:
+            host = HostLevel(pool=self._pool)
         if "local" in urls:
-            self.local = LocalLevel(
+            local = LocalLevel(
                 urls["local"],
                 rank=self.rank,
                 world_size=self.world_size,
@@ -262,41 +136,43 @@ class Checkpointer:
                 commit_timeout_s=config.commit_timeout_s,
                 stream_during_copy=config.stream_during_copy,
             )
-        if "remote" in urls:
-            self.remote = RemoteLevel(
-                urls["remote"],
-                rank=self.rank,
-                world_size=self.world_size,
-                pool=self._io_pool,
-                faults=self.faults,
-                storage_options=dict(config.remote_options),
-                commit_timeout_s=config.commit_timeout_s,
-            )
+            chain.append((local, config.keep_last_local))
+            if "remote" in urls:
+                remote = RemoteLevel(
+                    urls["remote"],
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    source=local,
+                    pool=self._io_pool,
+                    faults=self.faults,
+                    storage_options=dict(config.remote_options),
+                    commit_timeout_s=config.commit_timeout_s,
+                )
+                chain.append((remote, config.keep_last_remote))
+        # Fastest first: the order restore tries them in.
+        self._levels: tuple[StorageLevel, ...] = (
+            *((host,) if host is not None else ()),
+            *(lvl for lvl, _ in chain),
+        )
         self._lock = threading.Lock()
-        self._host_snap: Snapshot | None = None
-        self._pending_copies: builtins.list[Snapshot] = []
+        self._pending_copies: list[Snapshot] = []
         self._handles: dict[int, SaveHandle] = {}
-        self._failures: builtins.list[CheckpointWriteError] = []
-        self._unreported: builtins.list[CheckpointWriteError] = []
         self.last_restore: RestoreReport | None = None
-        self._pool = HostBufferPool(config.num_host_buffers)
-        self._local_q: queue.Queue[tuple[Snapshot, SaveHandle] | None] = queue.Queue()
-        self._remote_q: queue.Queue[tuple[int, bytes, SaveHandle] | None] = queue.Queue()
+        self._pipeline = LevelPipeline(
+            host=host,
+            chain=chain,
+            pool=self._pool,
+            rank=self.rank,
+            keep_every=config.keep_every,
+        )
         self._stager = Stager(
             pool=self._pool,
             faults=self.faults,
-            on_buffer=self._on_buffer,
-            on_copied=self._on_copied,
+            on_buffer=self._pipeline.on_buffer,
+            on_copied=self._pipeline.on_copied,
+            buffer_levels=frozenset(lvl.name for lvl in self._levels if lvl.holds_host_buffer),
             buffer_timeout_s=config.commit_timeout_s,
         )
-        self._local_thread = threading.Thread(
-            target=self._local_loop, name="lowcomm-ckpt-local", daemon=True
-        )
-        self._remote_thread = threading.Thread(
-            target=self._remote_loop, name="lowcomm-ckpt-remote", daemon=True
-        )
-        self._local_thread.start()
-        self._remote_thread.start()
         self._closed = False
 
     # ---- the training thread's calls -----------------------------------------------------------
@@ -391,11 +267,9 @@ class Checkpointer:
             self._pending_copies = [s for s in self._pending_copies if not s.copy_done.is_set()]
         self._surface_failures()
 
-    def pop_failures(self) -> builtins.list[CheckpointWriteError]:
+    def pop_failures(self) -> list[CheckpointWriteError]:
         """Level write failures since the last call (each names its step and level)."""
-        with self._lock:
-            out, self._failures = self._failures, []
-        return out
+        return self._pipeline.pop_failures()
 
     def wait(self, timeout_s: float = 600.0) -> None:
         """Block until every save so far finished at every level (committed or failed)."""
@@ -404,7 +278,7 @@ class Checkpointer:
             handles = list(self._handles.values())
         for h in handles:
             for lvl in h.levels:
-                if not h._events[lvl].wait(max(0.0, deadline - time.monotonic())):
+                if not h.wait_finished(lvl, max(0.0, deadline - time.monotonic())):
                     raise CheckpointTimeoutError(
                         f"step {h.step} at {lvl} not finished in {timeout_s} s"
                     )
@@ -418,13 +292,12 @@ class Checkpointer:
         finally:
             self._closed = True
             self._stager.close(timeout_s=timeout_s)
-            self._local_q.put(None)
-            self._remote_q.put(None)
-            self._local_thread.join(timeout_s)
-            self._remote_thread.join(timeout_s)
+            self._pipeline.close(timeout_s=timeout_s)
             self._io_pool.shutdown(wait=False)
-            with self._lock:
-                self._host_snap = None
+            for lvl in self._levels:
+                if isinstance(lvl, HostLevel):  # free the kept snapshot's buffer
+                    for s in lvl.steps():
+                        lvl.delete(s)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -434,28 +307,29 @@ class Checkpointer:
 
     # ---- listing and restore -------------------------------------------------------------------
 
-    def list(self) -> builtins.list[CheckpointInfo]:
+    def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints of this rank's levels, oldest first (no verification)."""
-        where: dict[int, builtins.list[str]] = {}
+        where: dict[int, list[str]] = {}
         for lvl, steps in self._level_steps().items():
             for s in steps:
                 where.setdefault(s, []).append(lvl)
         return [CheckpointInfo(step=s, levels=tuple(where[s])) for s in sorted(where)]
 
-    def _level_steps(self) -> dict[str, builtins.list[int]]:
-        out: dict[str, builtins.list[int]] = {}
-        with self._lock:
-            host = self._host_snap
-        if host is not None:
-            out["host"] = [host.step]
-        if self.local is not None:
-            out["local"] = self.local.steps()
-        if self.remote is not None:
+    def level(self, name: str) -> StorageLevel:
+        """The configured level ``name`` (``"host"``, ``"local"`` or ``"remote"``)."""
+        for lvl in self._levels:
+            if lvl.name == name:
+                return lvl
+        raise ValueError(f"no level {name!r}: this Checkpointer has {self.levels}")
+
+    def _level_steps(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for lvl in self._levels:
             try:
-                out["remote"] = self.remote.steps()
-            except Exception as e:  # unreachable remote: list what is reachable
-                logger.warning("cannot list remote checkpoints at %s: %s", self.remote.url, e)
-                out["remote"] = []
+                out[lvl.name] = lvl.steps()
+            except Exception as e:  # an unreachable remote: list what is reachable
+                logger.warning("cannot list %s checkpoints at %s: %s", lvl.name, lvl.url, e)
+                out[lvl.name] = []
         return out
 
     def restore(
@@ -481,14 +355,14 @@ class Checkpointer:
         if step is not None:
             candidates = [s for s in candidates if s == step]
         candidates = self._agree_candidates(candidates)
-        skipped: builtins.list[str] = []
+        skipped: list[str] = []
         for s in candidates:
             result = None
             for lvl in LEVELS:
                 if s not in by_level.get(lvl, []):
                     continue
                 try:
-                    result = (lvl, *self._load(lvl, s, into))
+                    result = (lvl, *self.level(lvl).load(s, into=into))
                     break
                 except (CheckpointCorruptError, OSError, ValueError, KeyError) as e:
                     msg = f"step {s} at {lvl}: {type(e).__name__}: {e}"
@@ -512,39 +386,6 @@ class Checkpointer:
         reasons = "; ".join(skipped) or "no committed checkpoint found"
         raise NoCheckpointError(f"nothing to restore (levels {sorted(allowed)}): {reasons}")
 
-    def _load(self, level: str, step: int, into: Any) -> tuple[Any, dict[str, Any]]:
-        """Load one (level, step); with ``into``, the result is already copied into it."""
-        if level == "host":
-            with self._lock:
-                snap = self._host_snap
-                if snap is None or snap.step != step:
-                    raise CheckpointCorruptError("the host snapshot was replaced")
-                assert snap.buffer is not None and snap.buffer.data is not None
-                # Keep the buffer from being reused by a newer copy while it is read.
-                self._pool.hold(snap.buffer)
-            try:
-                buf = snap.buffer.data[: snap.total_bytes]
-                if into is None:
-                    buf = buf.clone()
-                tensors = [host_tensor(buf, e) for e in snap.entries]
-                state = unflatten_state(snap.skeleton, tensors)
-                if into is not None:
-                    state = copy_into(into, state)
-            finally:
-                self._pool.release(snap.buffer)
-            return state, dict(snap.metadata)
-        source = self.local if level == "local" else self.remote
-        assert source is not None
-        dests = None
-        if into is not None:
-            # Read straight into the template's own tensors (its parameters, its moments).
-            dests = {ref.key: ref.tensor for ref in flatten_state(into)[1]}
-        body, (tensors, skeleton) = source.load(step, dests=dests)
-        state = unflatten_state(skeleton, tensors)
-        if into is not None:
-            state = copy_into(into, state)
-        return state, dict(body.get("metadata", {}))
-
     def _dist(self) -> bool:
         return (
             self.world_size > 1
@@ -552,10 +393,10 @@ class Checkpointer:
             and torch.distributed.is_initialized()
         )
 
-    def _agree_candidates(self, candidates: builtins.list[int]) -> builtins.list[int]:
+    def _agree_candidates(self, candidates: list[int]) -> list[int]:
         if not self._dist():
             return candidates
-        gathered: builtins.list[Any] = [None] * self.world_size
+        gathered: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(gathered, candidates, group=self._group)
         return sorted({s for c in gathered for s in c}, reverse=True)
 
@@ -566,151 +407,9 @@ class Checkpointer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self._group)
         return bool(flag.item())
 
-    # ---- background pipeline -------------------------------------------------------------------
-
-    @staticmethod
-    def _handle_of(snap: Snapshot) -> SaveHandle:
-        handle: SaveHandle = snap.handle
-        return handle
-
-    def _on_buffer(self, snap: Snapshot) -> None:
-        # Called by the copier once the buffer is assigned: the writer streams behind the copy.
-        if "local" in snap.levels:
-            self._local_q.put((snap, self._handle_of(snap)))
-
-    def _on_copied(self, snap: Snapshot) -> None:
-        handle = self._handle_of(snap)
-        buf = snap.buffer
-        if snap.copy_error is not None:
-            err = CheckpointWriteError(
-                f"checkpoint step {snap.step}: copy to host failed: {snap.copy_error}",
-                step=snap.step,
-                level="host",
-            )
-            for lvl in snap.levels:
-                if lvl in ("local", "remote") and buf is not None:
-                    continue  # the writer was started: it sees the copy error and fails these
-                self._fail(handle, lvl, err)
-            if buf is not None and "host" in snap.levels:
-                self._pool.release(buf)
-        elif "host" in snap.levels:
-            with self._lock:
-                previous, self._host_snap = self._host_snap, snap
-            if previous is not None and previous.buffer is not None:
-                self._pool.release(previous.buffer)
-            handle._finish("host")
-        if buf is not None:
-            self._pool.release(buf)  # the copier's own hold
-
-    def _local_loop(self) -> None:
-        while True:
-            item = self._local_q.get()
-            if item is None:
-                return
-            snap, handle = item
-            assert self.local is not None and snap.buffer is not None
-            try:
-                blob = self.local.write(snap)
-            except BaseException as e:
-                err = (
-                    e
-                    if isinstance(e, CheckpointWriteError)
-                    else CheckpointWriteError(
-                        f"checkpoint step {snap.step} at local: {e}", step=snap.step, level="local"
-                    )
-                )
-                self._fail(handle, "local", err)
-                if "remote" in snap.levels:
-                    self._fail(
-                        handle,
-                        "remote",
-                        CheckpointWriteError(
-                            f"checkpoint step {snap.step} not uploaded: the local level failed ({e})",
-                            step=snap.step,
-                            level="remote",
-                        ),
-                    )
-                blob = None
-            finally:
-                snap.copy_done.wait()  # the copier may still be filling the buffer after a failure
-                self._pool.release(snap.buffer)
-            if blob is None:
-                continue
-            handle.committed_at["local"] = time.monotonic()
-            self._retain_local(snap.step)  # before signalling, so wait() sees the pruned level
-            handle._finish("local")
-            if "remote" in snap.levels:
-                self._remote_q.put((snap.step, blob, handle))
-
-    def _remote_loop(self) -> None:
-        while True:
-            item = self._remote_q.get()
-            if item is None:
-                return
-            step, blob, handle = item
-            assert self.remote is not None and self.local is not None
-            try:
-                self.remote.upload(step, self.local, blob)
-            except BaseException as e:
-                err = (
-                    e
-                    if isinstance(e, CheckpointWriteError)
-                    else CheckpointWriteError(
-                        f"checkpoint step {step} at remote: {e}", step=step, level="remote"
-                    )
-                )
-                self._fail(handle, "remote", err)
-                continue
-            handle.committed_at["remote"] = time.monotonic()
-            self._retain_remote(step)
-            handle._finish("remote")
-
-    def _fail(self, handle: SaveHandle, level: str, err: CheckpointWriteError) -> None:
-        logger.error("%s (training continues; earlier checkpoints are untouched)", err)
-        with self._lock:
-            self._failures.append(err)
-            self._unreported.append(err)
-        handle._finish(level, err)
-
     def _surface_failures(self) -> None:
-        with self._lock:
-            fresh, self._unreported = self._unreported, []
+        fresh = self._pipeline.pop_unreported()
         for err in fresh:
             logger.error("checkpoint level %s failed for step %d: %s", err.level, err.step, err)
         if fresh and self.config.raise_on_failure:
             raise fresh[0]
-
-    def _keep(self, steps: builtins.list[int], keep_last: int) -> set[int]:
-        keep = set(steps[-keep_last:])
-        if self.config.keep_every is not None:
-            keep |= {s for s in steps if s % self.config.keep_every == 0}
-        return keep
-
-    def _retain_local(self, committed: int) -> None:
-        if self.local is None or self.rank != 0:
-            return
-        try:
-            steps = self.local.steps()
-            keep = self._keep(steps, self.config.keep_last_local)
-            for s in steps:
-                if s not in keep:
-                    self.local.delete(s)
-            # Directories without a manifest below the newest commit are dead partial writes
-            # (a crashed or failed save): every rank finished them before this commit.
-            for s in self.local.uncommitted_steps():
-                if s < committed:
-                    self.local.delete(s)
-        except OSError as e:
-            logger.warning("local retention failed (will retry after the next commit): %s", e)
-
-    def _retain_remote(self, committed: int) -> None:
-        if self.remote is None or self.rank != 0:
-            return
-        try:
-            steps = self.remote.steps()
-            keep = self._keep(steps, self.config.keep_last_remote)
-            for s in steps:
-                if s not in keep:
-                    self.remote.delete(s)
-        except Exception as e:
-            logger.warning("remote retention failed (will retry after the next commit): %s", e)

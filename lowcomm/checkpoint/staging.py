@@ -21,7 +21,7 @@ import torch
 from lowcomm.checkpoint._format import TensorEntry, align
 from lowcomm.checkpoint._state import TensorRef
 from lowcomm.checkpoint.errors import CheckpointError, CheckpointTimeoutError
-from lowcomm.checkpoint.faults import FaultInjector
+from lowcomm.faults import FaultInjector
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class Snapshot:
     cuda_event: Any = None  # torch.cuda.Event recorded on the saving thread's stream
     handle: Any = None  # the SaveHandle the Checkpointer reports progress to
     buffer: HostBuffer | None = None
+    manifest: bytes | None = None  # set once committed at the local level; the remote puts it
     copied_bytes: int = 0  # a prefix of the layout that is in the host buffer
     copy_error: BaseException | None = None
     copy_done: threading.Event = field(default_factory=threading.Event)
@@ -179,7 +180,9 @@ class Stager:
     """The copier thread. ``submit`` is called by the training thread; the rest runs in background.
 
     ``on_buffer(snapshot)`` is called from the copier thread once a buffer is assigned (the local
-    writer starts streaming from there); ``on_copied(snapshot)`` once the copy is complete.
+    writer starts streaming from there); ``on_copied(snapshot)`` once the copy is complete. The
+    buffer is acquired with one hold for the copier and one for each of the snapshot's levels in
+    ``buffer_levels`` (those that read it); each releases its own.
     """
 
     def __init__(
@@ -189,8 +192,10 @@ class Stager:
         faults: FaultInjector,
         on_buffer: Any,
         on_copied: Any,
+        buffer_levels: frozenset[str],
         buffer_timeout_s: float,
     ) -> None:
+        self._buffer_levels = buffer_levels
         self._pool = pool
         self._faults = faults
         self._on_buffer = on_buffer
@@ -250,7 +255,7 @@ class Stager:
     def _copy(self, snap: Snapshot) -> None:
         assert snap.refs is not None
         cuda = any(r.tensor.is_cuda for r in snap.refs)
-        holders = 1 + sum(1 for lvl in ("host", "local") if lvl in snap.levels)
+        holders = 1 + sum(1 for lvl in snap.levels if lvl in self._buffer_levels)
         snap.buffer = self._pool.acquire(
             snap.total_bytes, holders=holders, pin=cuda, timeout_s=self._buffer_timeout_s
         )

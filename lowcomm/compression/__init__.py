@@ -35,7 +35,15 @@ from lowcomm.compression._fp8 import Fp8Codec
 from lowcomm.compression._int8 import Int8Codec
 from lowcomm.compression._topk import TopKCodec
 from lowcomm.compression._uint8 import Uint8Codec
-from lowcomm.compression._zstd import is_zstd_compressed, zstd_compress, zstd_decompress
+from lowcomm.compression._zstd import (
+    byte_shuffle,
+    byte_unshuffle,
+    is_zstd_compressed,
+    zstd_compress,
+    zstd_compress_frame,
+    zstd_decompress,
+    zstd_decompress_frame,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,11 +59,15 @@ __all__ = [
     "Int8Codec",
     "TopKCodec",
     "Uint8Codec",
+    "byte_shuffle",
+    "byte_unshuffle",
     "decode",
     "get_codec",
     "is_zstd_compressed",
     "register_codec",
     "resolve_codec",
     "zstd_compress",
+    "zstd_compress_frame",
     "zstd_decompress",
+    "zstd_decompress_frame",
 ]

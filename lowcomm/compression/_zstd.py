@@ -5,11 +5,21 @@ from __future__ import annotations
 import logging
 import struct
 
+import numpy as np
 import zstandard
 
 from lowcomm.compression._errors import CodecError
 
-__all__ = ["DEFAULT_MAX_OUTPUT_BYTES", "is_zstd_compressed", "zstd_compress", "zstd_decompress"]
+__all__ = [
+    "DEFAULT_MAX_OUTPUT_BYTES",
+    "byte_shuffle",
+    "byte_unshuffle",
+    "is_zstd_compressed",
+    "zstd_compress",
+    "zstd_compress_frame",
+    "zstd_decompress",
+    "zstd_decompress_frame",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +58,40 @@ def zstd_compress(buf: Buffer, level: int = 3, *, threads: int = 0) -> bytes:
     if not isinstance(threads, int) or threads < 0:
         raise ValueError(f"threads must be an int >= 0, got {threads!r}")
     view = memoryview(buf).cast("B")
-    frame = zstandard.ZstdCompressor(
-        level=level, threads=threads, write_content_size=True
-    ).compress(view)
-    if len(frame) >= len(view):
-        logger.debug("zstd did not pay (%d -> %d bytes); stored verbatim", len(view), len(frame))
+    frame = zstd_compress_frame(view, level, threads=threads)
+    if frame is None:
+        logger.debug("zstd did not pay on %d bytes; stored verbatim", len(view))
         return _HEADER.pack(_MAGIC, _VERSION, _RAW) + view.tobytes()
     return _HEADER.pack(_MAGIC, _VERSION, _ZSTD) + frame
+
+
+def zstd_compress_frame(buf: Buffer, level: int = 3, *, threads: int = 0) -> bytes | None:
+    """One bare zstd frame of ``buf`` (recording its decompressed size), or None if it does not
+    shrink ``buf``: the body of ``zstd_compress``'s container, for formats that record elsewhere
+    whether a payload is compressed (the checkpoint chunk table). zstd releases the GIL, so
+    frames compress in parallel threads. Pure function, thread-safe; the caller checks ``level``.
+    """
+    view = memoryview(buf).cast("B")
+    frame: bytes = zstandard.ZstdCompressor(
+        level=level, threads=threads, write_content_size=True
+    ).compress(view)
+    return None if len(frame) >= len(view) else frame
+
+
+def byte_shuffle(buf: Buffer, width: int = 4) -> memoryview:
+    """``buf``'s ``width``-byte words split by byte significance (every first byte, then every
+    second, ...): for fp32 data the exponent bytes sit together, which is what makes weights and
+    optimizer moments compress. A copy (numpy's transpose releases the GIL); ``len(buf)`` must be
+    a multiple of ``width``.
+    """
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    return np.ascontiguousarray(arr.reshape(-1, width).T).reshape(-1).data
+
+
+def byte_unshuffle(buf: Buffer, width: int = 4) -> memoryview:
+    """Inverse of ``byte_shuffle`` (a copy)."""
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    return np.ascontiguousarray(arr.reshape(width, -1).T).reshape(-1).data
 
 
 def _parse(blob: Buffer) -> tuple[int, memoryview]:
@@ -98,6 +135,19 @@ def zstd_decompress(blob: Buffer, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_
                 f"stored payload of {len(body)} bytes exceeds max_output_bytes={max_output_bytes}"
             )
         return body.tobytes()
+    return zstd_decompress_frame(body, max_output_bytes=max_output_bytes)
+
+
+def zstd_decompress_frame(
+    frame: Buffer, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+) -> bytes:
+    """Inverts ``zstd_compress_frame``. Pure function, thread-safe.
+
+    Raises:
+        CodecError: the frame is truncated or corrupt, does not record its decompressed size, or
+            claims more than ``max_output_bytes`` of output.
+    """
+    body = memoryview(frame).cast("B")
     try:
         params = zstandard.get_frame_parameters(body)
     except zstandard.ZstdError as e:

@@ -32,7 +32,9 @@ def writer(root: str, scale: int) -> None:
         handle = ck.save(step, make_state(step, scale=scale))
         ck.wait_until_safe_to_mutate()
         handle.wait("local", timeout_s=60)
-        print(f"committed {step}", flush=True)
+        # One write(2) under PIPE_BUF is atomic: a kill cannot cut the line and glue the parent's
+        # next "reaped" line to it, as print's buffered write (text, then newline) could.
+        os.write(1, f"committed {step}\n".encode())
 
 
 def main() -> None:

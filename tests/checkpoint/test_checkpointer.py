@@ -18,9 +18,9 @@ from lowcomm.checkpoint import (
     CheckpointConfig,
     Checkpointer,
     CheckpointWriteError,
-    FaultInjector,
     NoCheckpointError,
 )
+from lowcomm.faults import FaultInjector
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,7 +48,7 @@ def test_round_trip_is_bit_exact_at_host_local_and_remote_levels(
         handle = ck.save(7, state, metadata={"loss": 1.25})
         ck.wait_until_safe_to_mutate()
         handle.wait("remote", timeout_s=60)
-        assert [(i.step, i.levels) for i in ck.list()] == [(7, ("host", "local", "remote"))]
+        assert [(i.step, i.levels) for i in ck.checkpoints()] == [(7, ("host", "local", "remote"))]
         for level in ("host", "local", "remote"):
             restored = ck.restore(levels=[level])
             assert ck.last_restore is not None
@@ -96,7 +96,10 @@ def test_remote_level_on_a_real_s3_server_restores_after_the_local_dir_is_delete
     )  # the objects really are on the server
     shutil.rmtree(local)
     with _ckpt(str(local), url, remote_options=s3_server) as fresh:
-        assert [(i.step, i.levels) for i in fresh.list()] == [(1, ("remote",)), (2, ("remote",))]
+        assert [(i.step, i.levels) for i in fresh.checkpoints()] == [
+            (1, ("remote",)),
+            (2, ("remote",)),
+        ]
         restored = fresh.restore()
         assert fresh.last_restore is not None and fresh.last_restore.level == "remote"
         assert_same(make_state(2), restored)
@@ -185,7 +188,7 @@ def test_retention_keeps_the_last_n_per_level_plus_every_kth_step(tmp_path: Path
             ck.save(step, make_state(step)).wait("remote", timeout_s=60)
             ck.wait_until_safe_to_mutate()
         by_level: dict[str, list[int]] = {"host": [], "local": [], "remote": []}
-        for info in ck.list():
+        for info in ck.checkpoints():
             for level in info.levels:
                 by_level[level].append(info.step)
     assert by_level == {"host": [10], "local": [3, 6, 9, 10], "remote": [3, 6, 8, 9, 10]}
@@ -215,7 +218,7 @@ def test_remote_keeps_its_own_count(tmp_path: Path) -> None:
     ) as ck:
         for step in range(1, 6):
             ck.save(step, make_state(step)).wait("remote", timeout_s=60)
-        infos = {i.step: i.levels for i in ck.list()}
+        infos = {i.step: i.levels for i in ck.checkpoints()}
     assert infos == {3: ("remote",), 4: ("remote",), 5: ("local", "remote")}
 
 
@@ -312,7 +315,7 @@ def test_disk_full_marks_the_level_failed_keeps_committed_checkpoints_and_traini
         cause = info.value.__cause__
         assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC  # the real fault fired
         assert [(f.step, f.level) for f in ck.pop_failures()] == [(2, "local")]
-        assert [i.step for i in ck.list()] == [1]
+        assert [i.step for i in ck.checkpoints()] == [1]
         assert_same(small, ck.restore())
         small3 = {"w": torch.zeros(10), "pos": 3}
         ck.save(3, small3).wait("local", timeout_s=30)  # space was freed: later saves work
@@ -340,7 +343,7 @@ def test_permission_denied_is_reported_on_the_next_call_and_committed_data_is_un
         assert _data_file(local, 1).read_bytes() == before
         assert_same(make_state(1), ck.restore())
         ck.save(3, make_state(3)).wait("local", timeout_s=30)
-        assert [i.step for i in ck.list()] == [1, 3]
+        assert [i.step for i in ck.checkpoints()] == [1, 3]
 
 
 def test_unreachable_remote_fails_only_the_remote_level(tmp_path: Path) -> None:
@@ -374,7 +377,7 @@ def test_copy_failure_fails_every_level_of_that_step(tmp_path: Path) -> None:
             with pytest.raises(CheckpointWriteError, match="injected copy fault"):
                 handle.wait(level, timeout_s=30)
         assert faults.fired("copy") == 1
-        assert ck.list() == []
+        assert ck.checkpoints() == []
         ck.save(2, make_state(2)).wait("local", timeout_s=30)
         assert_same(make_state(2), ck.restore())
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import assert_same
 
-from lowcomm.checkpoint import CheckpointConfig, Checkpointer, FaultInjector
+from lowcomm.checkpoint import CheckpointConfig, Checkpointer
+from lowcomm.faults import FaultInjector
 
 pytestmark = [
     pytest.mark.gpu,
