@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from lowcomm.compression._encoded import _LAYOUTS, Encoded, ParamValue
+from lowcomm.compression._encoded import Encoded, ParamValue, register_layout
 
 __all__ = ["Codec", "decode", "get_codec", "register_codec", "resolve_codec"]
 
@@ -236,7 +236,7 @@ def _from_params(cls: type[BaseCodec], params: Mapping[str, Any]) -> BaseCodec:
 def register_codec(cls: type[BaseCodec]) -> type[BaseCodec]:
     """Class decorator: makes ``cls`` available to ``get_codec`` and ``Encoded.from_bytes``."""
     _REGISTRY[cls.name] = cls
-    _LAYOUTS[cls.name] = lambda params, shape: _from_params(cls, params)._layout(shape)
+    register_layout(cls.name, lambda params, shape: _from_params(cls, params)._layout(shape))
     return cls
 
 

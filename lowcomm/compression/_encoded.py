@@ -23,7 +23,7 @@ from lowcomm.compression._zstd import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["FORMAT_VERSION", "Encoded", "ParamValue"]
+__all__ = ["FORMAT_VERSION", "Encoded", "ParamValue", "register_layout"]
 
 ParamValue = int | float | str | bool | None
 
@@ -58,6 +58,17 @@ _LAYOUTS: dict[
         [Mapping[str, ParamValue], tuple[int, ...]], dict[str, tuple[torch.dtype, tuple[int, ...]]]
     ],
 ] = {}
+
+
+def register_layout(
+    codec: str,
+    layout_fn: Callable[
+        [Mapping[str, ParamValue], tuple[int, ...]], dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    ],
+) -> None:
+    """Tells ``Encoded.from_bytes`` how to validate codec ``codec``'s parts (``register_codec``
+    calls it)."""
+    _LAYOUTS[codec] = layout_fn
 
 
 def dtype_name(dtype: torch.dtype) -> str:
