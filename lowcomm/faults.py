@@ -32,14 +32,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["KILLED_EXIT_CODE", "POINTS", "FaultInjector"]
+__all__ = ["CORRUPTIBLE", "KILLED_EXIT_CODE", "POINTS", "FaultInjector", "damaged"]
 
 # The exit status of a process killed by a ``kill=True`` rule: tests tell it from a crash.
 KILLED_EXIT_CODE = 17
 
 POINTS: dict[str, str] = {
     # transport (lowcomm.comm)
-    "ring.send": "a ring thread is about to send sub-chunk `sub` of step `step` (context: step, sub)",
+    "ring.send": "a ring thread is about to send sub-chunk `sub` of step `step` (context: step, "
+    "sub; corrupt: the sub-chunk is sent damaged)",
     "state.serve": "a peer serving shared state is about to send chunk number `chunk` (context: "
     "chunk, name)",
     "p2p.send": "send() is about to send a tensor's data to `peer` (context: peer, tag)",
@@ -47,13 +48,17 @@ POINTS: dict[str, str] = {
     "master.request": "the master is about to answer request `op` from `peer` (context: op, peer)",
     # checkpoint levels (lowcomm.checkpoint)
     "copy": "the background copier is about to copy one tensor to the host buffer",
-    "local.write": "a chunk of a data file is about to be written to local disk",
+    "local.write": "a chunk of a data file is about to be written to local disk (corrupt: the "
+    "chunk is written damaged, after its checksum)",
     "local.open": "a local data file is about to be created",
     "local.manifest": "the local manifest is about to be committed",
     "remote.put": "an object is about to be uploaded to the remote level",
     # outer loop (lowcomm.diloco)
     "trainer.inner_step": "DiLoCo.step() starts inner step `step` (context: step)",
 }
+# The points whose callers honour ``corrupt=True`` (damage what they send or write).
+CORRUPTIBLE = frozenset({"ring.send", "local.write"})
+
 __doc__ = (__doc__ or "") + "".join(f"\n    ``{k}``: {v}" for k, v in POINTS.items()) + "\n"
 
 
@@ -114,6 +119,11 @@ class FaultInjector:
         if corrupt and (error is not None or kill or stop):
             raise ValueError(
                 "corrupt=True hands the damage to the caller: it takes no other action"
+            )
+        if corrupt and point not in CORRUPTIBLE:
+            raise ValueError(
+                f"point {point!r} cannot corrupt what it handles; corrupt=True works at "
+                f"{', '.join(sorted(CORRUPTIBLE))}"
             )
         with self._lock:
             self._rules[point] = _Rule(
@@ -180,3 +190,13 @@ class FaultInjector:
         if rule.error is not None:
             raise rule.error
         return False
+
+
+def damaged(data: bytes | bytearray | memoryview | list[memoryview]) -> bytearray:
+    """A copy of ``data`` (one buffer, or the parts of one) with its middle byte flipped: what a
+    point armed with ``corrupt=True`` sends or writes in its place. The original is left alone."""
+    parts = data if isinstance(data, list) else [data]
+    out = bytearray(b"".join(memoryview(p).cast("B") for p in parts))
+    if out:
+        out[len(out) // 2] ^= 0x5A
+    return out

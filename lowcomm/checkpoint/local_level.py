@@ -29,7 +29,7 @@ from lowcomm.checkpoint.errors import (
     CheckpointWriteError,
 )
 from lowcomm.checkpoint.staging import Snapshot
-from lowcomm.faults import FaultInjector
+from lowcomm.faults import FaultInjector, damaged
 
 __all__ = ["RECYCLE_DIR", "LocalLevel"]
 
@@ -191,7 +191,10 @@ class LocalLevel:
                     file_offset = next_file_offset[0]
                     next_file_offset[0] += len(stored)
             crc = check(stored)
-            self._faults.hit("local.write")
+            if self._faults.hit("local.write"):
+                stored = memoryview(
+                    damaged(stored)
+                )  # bit rot after the checksum: restore catches it
             _pwrite_all(fd, memoryview(stored), file_offset)
             fmt.start_writeback(fd, file_offset, len(stored))
             return fmt.ChunkEntry(raw_offset, raw_len, file_offset, len(stored), codec, crc)

@@ -26,7 +26,6 @@ from lowcomm.comm._ring_wire import (
     KIND_RING_DATA,
     Layout,
     Payload,
-    corrupted,
     decode_into,
     describe,
     op_descriptor,
@@ -35,7 +34,7 @@ from lowcomm.comm._ring_wire import (
 )
 from lowcomm.comm.errors import CommTimeoutError, ProtocolError
 from lowcomm.compression import Codec, Encoded
-from lowcomm.faults import FaultInjector
+from lowcomm.faults import FaultInjector, damaged
 
 __all__ = ["RingBuffers", "RingLinks", "RingPipeline", "split"]
 
@@ -376,7 +375,7 @@ class RingPipeline:
                 corrupt = faults.hit("ring.send", step=step, sub=sub)
             payload = self._payload(step, sub, blob)
             if corrupt:
-                payload = corrupted(payload)
+                payload = damaged(payload)
             conn.send_frame(
                 KIND_RING_DATA,
                 payload,

@@ -25,7 +25,6 @@ __all__ = [
     "KIND_RING_DATA",
     "Layout",
     "Payload",
-    "corrupted",
     "decode_into",
     "describe",
     "op_descriptor",
@@ -131,13 +130,3 @@ def decode_into(
         )
     if decoded.data_ptr() != out.data_ptr():
         out.copy_(decoded)
-
-
-def corrupted(payload: Payload) -> bytearray:
-    """A copy of ``payload`` with its middle byte flipped: what a ``ring.send`` fault armed with
-    ``corrupt=True`` sends in its place (the data itself is left alone)."""
-    parts = payload if isinstance(payload, list) else [payload]
-    damaged = bytearray(b"".join(memoryview(p).cast("B") for p in parts))
-    if damaged:
-        damaged[len(damaged) // 2] ^= 0x5A
-    return damaged

@@ -46,8 +46,8 @@ threads (``lowcomm.launch.experiments.simulate`` does exactly that).
 from __future__ import annotations
 
 from lowcomm.comm.shaper import Shaper
-from lowcomm.testing.groups import LocalGroup, SoloCommunicator
 from lowcomm.faults import KILLED_EXIT_CODE, POINTS, FaultInjector
+from lowcomm.testing.groups import LocalGroup, SoloCommunicator
 
 __all__ = [
     "KILLED_EXIT_CODE",
