@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from lowcomm.comm._pccl_backend import BackendUnavailableError, PcclMaster
 from lowcomm.comm._shaper import Shaper
+from lowcomm.comm.backend import CommBackend, open_communicator
 from lowcomm.comm.communicator import AllReduceInfo, CommConfig, Communicator, Handle
 from lowcomm.comm.errors import (
     AuthenticationError,
+    BackendUnavailableError,
     CommError,
     CommTimeoutError,
     PeerFailureError,
@@ -15,6 +16,7 @@ from lowcomm.comm.errors import (
     TruncatedFrameError,
 )
 from lowcomm.comm.master import Master
+from lowcomm.comm.pccl import PcclCommunicator, PcclMaster
 from lowcomm.comm.ring import PeerListener, Ring, RingStats, connect_ring
 from lowcomm.comm.shared_state import SharedState, SyncInfo
 
@@ -22,12 +24,14 @@ __all__: list[str] = [
     "AllReduceInfo",
     "AuthenticationError",
     "BackendUnavailableError",
+    "CommBackend",
     "CommConfig",
     "CommError",
     "CommTimeoutError",
     "Communicator",
     "Handle",
     "Master",
+    "PcclCommunicator",
     "PcclMaster",
     "PeerFailureError",
     "PeerListener",
@@ -40,4 +44,5 @@ __all__: list[str] = [
     "TopologyError",
     "TruncatedFrameError",
     "connect_ring",
+    "open_communicator",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -218,6 +219,12 @@ def _wait_until_readable(conn: object) -> None:
     assert select.select([conn], [], [], 5.0)[0], "the peer's close never arrived"
 
 
+def _kept(comm: Communicator) -> dict[tuple[str, str, int], Any]:
+    """The communicator's kept point-to-point connections (the test drops some on purpose)."""
+    assert comm._p2p is not None
+    return comm._p2p.kept
+
+
 def _exchange(a: Communicator, b: Communicator, value: float, *, tag: int = 3) -> torch.Tensor:
     out = torch.zeros(1000)
     res = run_threads(
@@ -259,23 +266,23 @@ def test_point_to_point_keeps_one_connection_and_replaces_a_dropped_one(
     assert len(opened) == 1
 
     # The receiver drops its end: the sender notices before sending and opens a new one.
-    b._p2p_conns[("in", a.peer_id, 3)].close()
-    _wait_until_readable(a._p2p_conns[("out", b.peer_id, 3)])  # the FIN has reached the sender
+    _kept(b)[("in", a.peer_id, 3)].close()
+    _wait_until_readable(_kept(a)[("out", b.peer_id, 3)])  # the FIN has reached the sender
     assert torch.equal(_exchange(a, b, 6.0), torch.full((1000,), 6.0))
     assert len(opened) == 2
 
     # The sender drops its end: the receiver takes the new connection instead of the kept one.
-    a._p2p_conns[("out", b.peer_id, 3)].close()
+    _kept(a)[("out", b.peer_id, 3)].close()
     assert torch.equal(_exchange(a, b, 7.0), torch.full((1000,), 7.0))
     assert len(opened) == 3
 
     # A new tag per message does not pile up connections: past the cap the oldest is closed.
-    from lowcomm.comm import communicator as communicator_module
+    from lowcomm.comm import _p2p
 
-    monkeypatch.setattr(communicator_module, "_P2P_KEEP_MAX", 2)
+    monkeypatch.setattr(_p2p, "P2P_KEEP_MAX", 2)
     for tag in (10, 11, 12, 13):
         assert torch.equal(_exchange(a, b, 8.0, tag=tag), torch.full((1000,), 8.0))
-    assert len(a._p2p_conns) <= 2 and len(b._p2p_conns) <= 2
+    assert len(_kept(a)) <= 2 and len(_kept(b)) <= 2
     assert torch.equal(_exchange(a, b, 9.0, tag=10), torch.full((1000,), 9.0))  # reopened
     _close([a, b])
 

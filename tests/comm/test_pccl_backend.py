@@ -1,4 +1,5 @@
-"""The same Communicator API over the real PCCL (``backend="pccl"``), where its wheel loads.
+"""The same communicator API over the real PCCL (``open_communicator(backend="pccl")``), where its
+wheel loads.
 
 PCCL's wheel (PyPI ``pypccl``) needs CPython 3.12 and glibc >= 2.38: the multi-process test runs
 on the device machine (the wheel travels with the call) and is skipped elsewhere with the reason.
@@ -13,8 +14,8 @@ import pytest
 import torch
 from _control_harness import Peer
 
-from lowcomm.comm import CommConfig, Communicator, SharedState
-from lowcomm.comm._pccl_backend import BackendUnavailableError, PcclMaster, pccl_unavailable_reason
+from lowcomm.comm import CommConfig, SharedState, open_communicator
+from lowcomm.comm.pccl import BackendUnavailableError, PcclMaster, pccl_unavailable_reason
 from lowcomm.comm.shared_state import tensor_hash
 
 REASON = pccl_unavailable_reason()
@@ -22,13 +23,13 @@ REASON = pccl_unavailable_reason()
 
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
-        Communicator("127.0.0.1:1", backend="nccl")
+        open_communicator("127.0.0.1:1", backend="nccl")
 
 
 @pytest.mark.skipif(REASON is None, reason="pccl loads here")
 def test_pccl_backend_says_why_it_cannot_load_here() -> None:
     with pytest.raises(BackendUnavailableError, match="pypccl"):
-        Communicator("127.0.0.1:1", backend="pccl")
+        open_communicator("127.0.0.1:1", backend="pccl")
 
 
 def _free_port() -> int:
@@ -39,7 +40,7 @@ def _free_port() -> int:
 
 def _pccl_peer(address: str, index: int, n: int) -> dict[str, Any]:
     config = CommConfig(timeout_s=60.0)
-    c = Communicator(address, backend="pccl", config=config)
+    c = open_communicator(address, backend="pccl", config=config)
     c.connect(timeout_s=60)
     while c.world_size < n:
         c.update_topology(timeout_s=60)
