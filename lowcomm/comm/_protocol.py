@@ -113,12 +113,13 @@ class GateKind(enum.StrEnum):
 
 def describe_gate(kind: str, key: str) -> str:
     """The public call a gate stands for, for error messages (``all_reduce(tag=3)``)."""
-    return {
+    calls: dict[str, str] = {
         GateKind.TOPOLOGY: "update_topology()",
         GateKind.PENDING: "are_peers_pending()",
         GateKind.ALL_REDUCE: f"all_reduce(tag={key})",
         GateKind.SYNC: "sync_shared_state()",
-    }.get(kind, kind)  # type: ignore[call-overload]
+    }
+    return calls.get(kind, kind)
 
 
 class ErrorCode(enum.StrEnum):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import pytest
 import torch
-from _control_harness import addr, communicator, connect_all, run_threads, start_master
+from _control_harness import FAST, addr, communicator, connect_all, run_threads, start_master
 
-from lowcomm.comm import AllReduceInfo, Communicator
+from lowcomm.comm import AllReduceInfo, CommBackend, Communicator, open_communicator
 from lowcomm.comm.errors import TopologyError
+from lowcomm.faults import FaultInjector
 
 
 @pytest.fixture
@@ -303,3 +305,39 @@ def test_calls_before_connect_and_bad_arguments_are_refused_clearly(master) -> N
     info = c.all_reduce(x, "avg", timeout_s=10)  # alone: identity
     assert info.world_size == 1 and torch.equal(x, torch.full((5,), 3.0))
     c.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_corrupt_fault_at_p2p_send_damages_the_bytes_the_receiver_gets(master) -> None:  # type: ignore[no-untyped-def]
+    faults = FaultInjector()
+    config = dataclasses.replace(FAST, faults=faults)
+    a = communicator(addr(master), config=config)
+    b = communicator(addr(master))
+    _admit_one(a, b)
+    faults.inject("p2p.send", corrupt=True, where={"peer": b.peer_id, "tag": 5})
+    sent = torch.full((1000,), 2.0)
+    assert not torch.equal(_exchange(a, b, 2.0, tag=5), sent)  # the fault really fired
+    assert faults.fired("p2p.send") == 1
+    assert torch.equal(_exchange(a, b, 2.0, tag=5), sent)  # the next message is clean
+    _close([a, b])
+
+
+def _admit_one(a: Communicator, b: Communicator) -> None:
+    a.connect(timeout_s=20)
+    results = run_threads([lambda: b.connect(timeout_s=20), lambda: _admit(a, 2)])
+    assert results == [None, None], results
+
+
+def _admit(comm: Communicator, world: int) -> None:
+    deadline = time.monotonic() + 20
+    while comm.world_size < world and time.monotonic() < deadline:
+        if comm.are_peers_pending(timeout_s=10):
+            comm.update_topology(timeout_s=10)
+        else:
+            time.sleep(0.05)
+
+
+def test_the_tcp_communicator_is_a_comm_backend_made_by_the_factory() -> None:
+    c = open_communicator("127.0.0.1:1", token=b"t")
+    assert isinstance(c, Communicator) and isinstance(c, CommBackend)
+    assert c.backend == "tcp"

@@ -14,7 +14,14 @@ import pytest
 import torch
 from _control_harness import Peer
 
-from lowcomm.comm import CommConfig, SharedState, open_communicator
+from lowcomm.comm import (
+    CommBackend,
+    CommConfig,
+    Communicator,
+    PcclCommunicator,
+    SharedState,
+    open_communicator,
+)
 from lowcomm.comm.pccl import BackendUnavailableError, PcclMaster, pccl_unavailable_reason
 from lowcomm.comm.shared_state import tensor_hash
 
@@ -30,6 +37,14 @@ def test_unknown_backend_is_refused() -> None:
 def test_pccl_backend_says_why_it_cannot_load_here() -> None:
     with pytest.raises(BackendUnavailableError, match="pypccl"):
         open_communicator("127.0.0.1:1", backend="pccl")
+
+
+def test_the_pccl_communicator_offers_every_method_of_the_comm_backend_protocol() -> None:
+    members = [n for n in vars(CommBackend) if not n.startswith("_")]
+    assert {"connect", "all_reduce", "sync_shared_state", "send", "world_size"} <= set(members)
+    missing = [n for n in members if not hasattr(PcclCommunicator, n)]
+    assert not missing, missing
+    assert not issubclass(PcclCommunicator, Communicator)  # no subclassing of the TCP backend
 
 
 def _free_port() -> int:
