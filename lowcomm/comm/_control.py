@@ -140,10 +140,6 @@ class ControlClient:
         if not self._accepted:
             raise TopologyError("not accepted into the run yet: call connect() first")
 
-    @property
-    def has_session(self) -> bool:
-        return self._session is not None
-
     def poll(self, deadline: float) -> float:
         """How long the next request may wait at the master."""
         return max(0.0, min(self._poll_s, deadline - time.monotonic()))

@@ -110,7 +110,7 @@ class AllReduceInfo:
     seconds: float
 
 
-def resolve_codec(quantization: str | Codec | None) -> Codec | None:
+def _resolve_codec(quantization: str | Codec | None) -> Codec | None:
     """A codec name -> ``lowcomm.compression.get_codec(name)``; a codec (or None) as is."""
     # TODO(merge): lowcomm.compression.resolve_codec (H3) replaces this one.
     if quantization is None:
@@ -326,7 +326,7 @@ class Communicator:
         submit them in the same order (tags tell them apart; mismatched tags raise). Do not
         touch ``tensor``/``out`` until ``handle.wait()`` returned."""
         check_all_reduce_args(tensor, op, out=out, tag=tag)
-        codec = resolve_codec(quantization)
+        codec = _resolve_codec(quantization)
 
         def run(deadline: float) -> AllReduceInfo:
             return self._run_all_reduce(tensor, op, out, codec, tag, deadline)
