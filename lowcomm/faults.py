@@ -57,7 +57,7 @@ POINTS: dict[str, str] = {
     "trainer.inner_step": "DiLoCo.step() starts inner step `step` (context: step)",
 }
 # The points whose callers honour ``corrupt=True`` (damage what they send or write).
-CORRUPTIBLE = frozenset({"ring.send", "local.write"})
+CORRUPTIBLE = frozenset({"ring.send", "p2p.send", "local.write"})
 
 __doc__ = (__doc__ or "") + "".join(f"\n    ``{k}``: {v}" for k, v in POINTS.items()) + "\n"
 

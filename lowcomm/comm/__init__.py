@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from lowcomm.comm._pccl_backend import BackendUnavailableError, PcclMaster
+from lowcomm.comm._ops import DTYPES, OPS, check_all_reduce_args
 from lowcomm.comm._ring_setup import connect_ring
+from lowcomm.comm.backend import CommBackend, open_communicator
 from lowcomm.comm.communicator import AllReduceInfo, CommConfig, Communicator, Handle
 from lowcomm.comm.errors import (
     AuthenticationError,
+    BackendUnavailableError,
     CommError,
     CommTimeoutError,
     PeerFailureError,
@@ -16,20 +18,25 @@ from lowcomm.comm.errors import (
 )
 from lowcomm.comm.listener import PeerListener
 from lowcomm.comm.master import Master
+from lowcomm.comm.pccl import PcclCommunicator, PcclMaster
 from lowcomm.comm.ring import Ring, RingStats
 from lowcomm.comm.shaper import Shaper
 from lowcomm.comm.shared_state import SharedState, SyncInfo
 
 __all__: list[str] = [
+    "DTYPES",
+    "OPS",
     "AllReduceInfo",
     "AuthenticationError",
     "BackendUnavailableError",
+    "CommBackend",
     "CommConfig",
     "CommError",
     "CommTimeoutError",
     "Communicator",
     "Handle",
     "Master",
+    "PcclCommunicator",
     "PcclMaster",
     "PeerFailureError",
     "PeerListener",
@@ -41,5 +48,7 @@ __all__: list[str] = [
     "SyncInfo",
     "TopologyError",
     "TruncatedFrameError",
+    "check_all_reduce_args",
     "connect_ring",
+    "open_communicator",
 ]

@@ -20,20 +20,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from lowcomm._tensors import byte_view
 from lowcomm.comm import _frames, _handshake
+from lowcomm.comm._control import ControlClient
+from lowcomm.comm._protocol import KIND_STATE_DATA, KIND_STATE_REQUEST, GateKind
 from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError, TopologyError
-
-if TYPE_CHECKING:
-    from lowcomm.comm.communicator import Communicator
+from lowcomm.comm.listener import PeerListener
+from lowcomm.comm.shaper import Shaper
+from lowcomm.faults import FaultInjector
 
 __all__ = ["STRATEGIES", "SharedState", "SyncInfo", "tensor_hash"]
 
@@ -41,11 +43,6 @@ logger = logging.getLogger(__name__)
 
 STRATEGIES = ("enforce_popular", "receive_only", "send_only")
 _CHUNK_BYTES = 4 * 1024 * 1024
-_KIND_STATE_REQUEST = 0x50
-_KIND_STATE_DATA = 0x51
-# Fault injection for tests: a serving peer exits the process after sending this many chunks
-# (simulates a source dying mid-transfer). None in production.
-_FAULT_EXIT_AFTER_CHUNKS: int | None = None
 
 
 @dataclass
@@ -90,18 +87,13 @@ def tensor_hash(t: torch.Tensor) -> str:
     """BLAKE2b-128 over dtype, shape and the raw bytes of ``t`` (any device, any layout)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(_bytes_view(t))
+    h.update(_host_bytes(t))
     return h.hexdigest()
 
 
-def _bytes_view(t: torch.Tensor) -> memoryview:
+def _host_bytes(t: torch.Tensor) -> memoryview:
+    """``t``'s bytes, copied to contiguous CPU memory first where it is not already."""
     return byte_view(t.detach().to("cpu").contiguous())
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor as a flat memoryview (no copy; any dtype)."""
-    arr: Any = t.reshape(-1).view(torch.uint8).numpy()
-    return memoryview(arr)
 
 
 def _combine(hashes: dict[str, str]) -> str:
@@ -112,6 +104,7 @@ def _combine(hashes: dict[str, str]) -> str:
 
 
 def validate_strategy(strategy: str) -> None:
+    """ValueError unless ``strategy`` is one of ``STRATEGIES``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
 
@@ -123,8 +116,21 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def sync(comm: Communicator, state: SharedState, strategy: str, deadline: float) -> SyncInfo:
-    """Runs one sync on the communicator's worker thread (see the module docstring)."""
+def sync(
+    control: ControlClient,
+    state: SharedState,
+    strategy: str,
+    deadline: float,
+    *,
+    listener: PeerListener,
+    shaper: Shaper | None = None,
+    faults: FaultInjector | None = None,
+) -> SyncInfo:
+    """Runs one sync (see the module docstring); the communicator calls it on its worker thread.
+
+    ``control`` is the peer's master session, ``listener`` serves this peer's chunks when it is a
+    source, ``shaper`` shapes its fetches, ``faults`` is hit at ``state.serve`` per served chunk.
+    """
     hashes = state.hashes()
     meta = {n: [str(t.dtype), list(t.shape)] for n, t in state.tensors.items()}
     payload = {
@@ -134,7 +140,7 @@ def sync(comm: Communicator, state: SharedState, strategy: str, deadline: float)
         "hashes": hashes,
         "meta": meta,
     }
-    plan = comm._gate("sync", "", payload, deadline)
+    plan = control.gate(GateKind.SYNC, "", payload, deadline)
     op_id = str(plan["op_id"])
     need: list[str] = list(plan["need"])
     tx = rx = 0
@@ -144,7 +150,7 @@ def sync(comm: Communicator, state: SharedState, strategy: str, deadline: float)
     ok = False
     try:
         if plan["is_source"] and len(plan["world"]) > 1:
-            server = _Server(comm, state, op_id)
+            server = _Server(listener, state, op_id, faults=faults)
         if need:
             extra = set(state.tensors) - set(plan["hashes"])
             if extra:
@@ -152,7 +158,7 @@ def sync(comm: Communicator, state: SharedState, strategy: str, deadline: float)
                     f"this peer's shared state has tensors the others lack: {sorted(extra)}; "
                     "every peer must share the same names"
                 )
-            staging, rx, num_sources = _fetch(comm, plan, need, deadline)
+            staging, rx, num_sources = _fetch(control, plan, need, deadline, shaper=shaper)
             for name, buf in staging.items():
                 if tensor_hash(buf) != plan["hashes"][name]:
                     raise PeerFailureError(
@@ -172,7 +178,8 @@ def sync(comm: Communicator, state: SharedState, strategy: str, deadline: float)
         state.revision = int(plan["state_revision"])
         ok = True
     finally:
-        done = _report_done(comm, op_id, ok, deadline if ok else time.monotonic() + 5.0, server)
+        # ``server``, if any, keeps serving chunks on its own threads while this waits.
+        done = control.sync_done(op_id, ok, deadline if ok else time.monotonic() + 5.0)
         if server is not None:
             tx = server.close()
     if done.get("verdict") != "done":
@@ -186,33 +193,13 @@ def sync(comm: Communicator, state: SharedState, strategy: str, deadline: float)
     )
 
 
-def _report_done(
-    comm: Communicator, op_id: str, ok: bool, deadline: float, server: _Server | None
-) -> dict[str, Any]:
-    """Tells the master this peer is finished; waits until all are (``server``, if any, keeps
-    serving chunks on its own threads meanwhile)."""
-    while True:
-        try:
-            resp = comm._request(
-                {
-                    "op": "sync_done",
-                    "peer_id": comm.peer_id,
-                    "op_id": op_id,
-                    "ok": ok,
-                    "wait_s": min(0.2, max(0.0, deadline - time.monotonic())),
-                },
-                deadline=deadline,
-            )
-        except CommError:
-            if not ok:
-                return {}
-            raise
-        if resp.get("verdict") or time.monotonic() >= deadline:
-            return resp
-
-
 def _fetch(
-    comm: Communicator, plan: dict[str, Any], need: list[str], deadline: float
+    control: ControlClient,
+    plan: dict[str, Any],
+    need: list[str],
+    deadline: float,
+    *,
+    shaper: Shaper | None,
 ) -> tuple[dict[str, torch.Tensor], int, int]:
     """Pulls the needed tensors striped over every source; returns staging tensors."""
     sources = list(plan["sources"])
@@ -240,10 +227,10 @@ def _fetch(
         try:
             conn, _ = _handshake.connect(
                 address,
-                token=comm._token,
-                hello={"purpose": "state", "key": plan["op_id"], "peer_id": comm.peer_id},
+                token=control.token,
+                hello={"purpose": "state", "key": plan["op_id"], "peer_id": control.peer_id},
                 timeout_s=max(0.1, min(10.0, deadline - time.monotonic())),
-                shaper=comm.config.shaper,
+                shaper=shaper,
             )
         except CommError as e:
             with lock:
@@ -263,12 +250,12 @@ def _fetch(
                 try:
                     left = max(0.01, deadline - time.monotonic())
                     conn.send_json(
-                        _KIND_STATE_REQUEST,
+                        KIND_STATE_REQUEST,
                         {"name": name, "offset": off, "length": length},
                         timeout_s=left,
                     )
                     fh = conn.recv_header(timeout_s=left)
-                    if fh.kind != _KIND_STATE_DATA or fh.length != length:
+                    if fh.kind != KIND_STATE_DATA or fh.length != length:
                         raise PeerFailureError(f"bad state chunk from {source['peer_id']}")
                     conn.recv_into(views[name][off : off + length], timeout_s=left)
                 except CommError as e:
@@ -286,7 +273,7 @@ def _fetch(
                     rx[0] += length
                     used.add(str(source["peer_id"]))
             with contextlib.suppress(CommError):
-                conn.send_json(_KIND_STATE_REQUEST, {"done": True}, timeout_s=2.0)
+                conn.send_json(KIND_STATE_REQUEST, {"done": True}, timeout_s=2.0)
         finally:
             conn.close()
 
@@ -315,10 +302,18 @@ def _fetch(
 class _Server:
     """Serves this peer's state chunks on its listener (purpose "state", key = sync round)."""
 
-    def __init__(self, comm: Communicator, state: SharedState, op_id: str) -> None:
-        self._comm = comm
+    def __init__(
+        self,
+        listener: PeerListener,
+        state: SharedState,
+        op_id: str,
+        *,
+        faults: FaultInjector | None,
+    ) -> None:
+        self._listener = listener
+        self._faults = faults
         self._op_id = op_id
-        self._views = {n: _bytes_view(t) for n, t in state.tensors.items()}
+        self._views = {n: _host_bytes(t) for n, t in state.tensors.items()}
         self._stop = threading.Event()
         self._tx = 0
         self._served = 0
@@ -330,8 +325,7 @@ class _Server:
         self._acceptor.start()
 
     def _accept_loop(self) -> None:
-        listener = self._comm._listener
-        assert listener is not None
+        listener = self._listener
         while not self._stop.is_set():
             try:
                 conns = listener.wait_for("state", self._op_id, count=1, timeout_s=0.1)
@@ -353,28 +347,26 @@ class _Server:
                     return  # the connection is closed after a timeout; the puller moves on
                 if req.get("done"):
                     return
-                view = self._views[str(req["name"])]
+                name = str(req["name"])
+                view = self._views[name]
                 off, length = int(req["offset"]), int(req["length"])
                 if not (off >= 0 and length >= 0 and off + length <= view.nbytes):
                     raise ValueError(f"chunk out of range: {req}")
-                conn.send_frame(_KIND_STATE_DATA, view[off : off + length], timeout_s=30.0)
+                if self._faults is not None:
+                    with self._lock:
+                        chunk = self._served
+                    self._faults.hit("state.serve", chunk=chunk, name=name)
+                conn.send_frame(KIND_STATE_DATA, view[off : off + length], timeout_s=30.0)
                 with self._lock:
                     self._tx += length
                     self._served += 1
-                    if (
-                        _FAULT_EXIT_AFTER_CHUNKS is not None
-                        and self._served >= _FAULT_EXIT_AFTER_CHUNKS
-                    ):
-                        logger.error(
-                            "fault injection: state source exits after %d chunks", self._served
-                        )
-                        os._exit(17)
         except (CommError, KeyError, ValueError, TypeError) as e:
             logger.info("state serving connection ended: %s", e)
         finally:
             conn.close()
 
     def close(self) -> int:
+        """Stops serving; returns the bytes served."""
         self._stop.set()
         self._acceptor.join(timeout=2.0)
         for t in self._threads:

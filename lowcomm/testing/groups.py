@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lowcomm.comm._ops import check_all_reduce_args
+from lowcomm.comm import check_all_reduce_args
 from lowcomm.comm.errors import CommTimeoutError
 from lowcomm.compression import resolve_codec
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any
 
 import pytest
 import torch
-from _control_harness import addr, communicator, connect_all, run_threads, start_master
+from _control_harness import FAST, addr, communicator, connect_all, run_threads, start_master
 
-from lowcomm.comm import AllReduceInfo, Communicator
+from lowcomm.comm import AllReduceInfo, CommBackend, Communicator, open_communicator
 from lowcomm.comm.errors import TopologyError
+from lowcomm.faults import FaultInjector
 
 
 @pytest.fixture
@@ -218,6 +221,12 @@ def _wait_until_readable(conn: object) -> None:
     assert select.select([conn], [], [], 5.0)[0], "the peer's close never arrived"
 
 
+def _kept(comm: Communicator) -> dict[tuple[str, str, int], Any]:
+    """The communicator's kept point-to-point connections (the test drops some on purpose)."""
+    assert comm._p2p is not None
+    return comm._p2p.kept
+
+
 def _exchange(a: Communicator, b: Communicator, value: float, *, tag: int = 3) -> torch.Tensor:
     out = torch.zeros(1000)
     res = run_threads(
@@ -259,23 +268,23 @@ def test_point_to_point_keeps_one_connection_and_replaces_a_dropped_one(
     assert len(opened) == 1
 
     # The receiver drops its end: the sender notices before sending and opens a new one.
-    b._p2p_conns[("in", a.peer_id, 3)].close()
-    _wait_until_readable(a._p2p_conns[("out", b.peer_id, 3)])  # the FIN has reached the sender
+    _kept(b)[("in", a.peer_id, 3)].close()
+    _wait_until_readable(_kept(a)[("out", b.peer_id, 3)])  # the FIN has reached the sender
     assert torch.equal(_exchange(a, b, 6.0), torch.full((1000,), 6.0))
     assert len(opened) == 2
 
     # The sender drops its end: the receiver takes the new connection instead of the kept one.
-    a._p2p_conns[("out", b.peer_id, 3)].close()
+    _kept(a)[("out", b.peer_id, 3)].close()
     assert torch.equal(_exchange(a, b, 7.0), torch.full((1000,), 7.0))
     assert len(opened) == 3
 
     # A new tag per message does not pile up connections: past the cap the oldest is closed.
-    from lowcomm.comm import communicator as communicator_module
+    from lowcomm.comm import _p2p
 
-    monkeypatch.setattr(communicator_module, "_P2P_KEEP_MAX", 2)
+    monkeypatch.setattr(_p2p, "P2P_KEEP_MAX", 2)
     for tag in (10, 11, 12, 13):
         assert torch.equal(_exchange(a, b, 8.0, tag=tag), torch.full((1000,), 8.0))
-    assert len(a._p2p_conns) <= 2 and len(b._p2p_conns) <= 2
+    assert len(_kept(a)) <= 2 and len(_kept(b)) <= 2
     assert torch.equal(_exchange(a, b, 9.0, tag=10), torch.full((1000,), 9.0))  # reopened
     _close([a, b])
 
@@ -296,3 +305,39 @@ def test_calls_before_connect_and_bad_arguments_are_refused_clearly(master) -> N
     info = c.all_reduce(x, "avg", timeout_s=10)  # alone: identity
     assert info.world_size == 1 and torch.equal(x, torch.full((5,), 3.0))
     c.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_corrupt_fault_at_p2p_send_damages_the_bytes_the_receiver_gets(master) -> None:  # type: ignore[no-untyped-def]
+    faults = FaultInjector()
+    config = dataclasses.replace(FAST, faults=faults)
+    a = communicator(addr(master), config=config)
+    b = communicator(addr(master))
+    _admit_one(a, b)
+    faults.inject("p2p.send", corrupt=True, where={"peer": b.peer_id, "tag": 5})
+    sent = torch.full((1000,), 2.0)
+    assert not torch.equal(_exchange(a, b, 2.0, tag=5), sent)  # the fault really fired
+    assert faults.fired("p2p.send") == 1
+    assert torch.equal(_exchange(a, b, 2.0, tag=5), sent)  # the next message is clean
+    _close([a, b])
+
+
+def _admit_one(a: Communicator, b: Communicator) -> None:
+    a.connect(timeout_s=20)
+    results = run_threads([lambda: b.connect(timeout_s=20), lambda: _admit(a, 2)])
+    assert results == [None, None], results
+
+
+def _admit(comm: Communicator, world: int) -> None:
+    deadline = time.monotonic() + 20
+    while comm.world_size < world and time.monotonic() < deadline:
+        if comm.are_peers_pending(timeout_s=10):
+            comm.update_topology(timeout_s=10)
+        else:
+            time.sleep(0.05)
+
+
+def test_the_tcp_communicator_is_a_comm_backend_made_by_the_factory() -> None:
+    c = open_communicator("127.0.0.1:1", token=b"t")
+    assert isinstance(c, Communicator) and isinstance(c, CommBackend)
+    assert c.backend == "tcp"

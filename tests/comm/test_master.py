@@ -14,8 +14,18 @@ import torch
 from _control_harness import TOKEN, addr, communicator, connect_all, run_threads, start_master
 
 from lowcomm.comm import Communicator, Master, _frames, _handshake
-from lowcomm.comm.errors import AuthenticationError, TopologyError
-from lowcomm.comm.master import KIND_REQUEST, KIND_RESPONSE
+from lowcomm.comm._protocol import (
+    KIND_REQUEST,
+    KIND_RESPONSE,
+    ErrorCode,
+    GateKind,
+    GateRequest,
+    error_for,
+    parse_request,
+    to_wire,
+)
+from lowcomm.comm.errors import AuthenticationError, PeerFailureError, ProtocolError, TopologyError
+from lowcomm.faults import FaultInjector
 
 
 @pytest.mark.timeout(60)
@@ -66,9 +76,13 @@ def test_wrong_token_is_refused_with_a_clear_error_on_the_joiner() -> None:
             intruder.connect(timeout_s=10)
         intruder.close()
         assert master.snapshot()["accepted"] == []
-        assert master.num_rejected_connections >= 1
+        assert master.snapshot()["num_rejected_connections"] >= 1
     finally:
         master.stop()
+
+
+def _rejected(master: Master) -> int:
+    return int(master.snapshot()["num_rejected_connections"])
 
 
 def _raw(master: Master, data: bytes) -> bytes:
@@ -85,7 +99,7 @@ def _raw(master: Master, data: bytes) -> bytes:
 def test_garbage_and_oversized_frames_leave_the_master_serving() -> None:
     master = start_master()
     try:
-        before = master.num_rejected_connections
+        before = _rejected(master)
         _raw(master, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)  # not a lowcomm frame
         # A valid header announcing a 2**40-byte handshake frame: refused before any payload.
         _raw(master, _frames.HEADER.pack(_frames.MAGIC, _frames.VERSION, 1, 0, 0, 0, 2**40))
@@ -104,9 +118,9 @@ def test_garbage_and_oversized_frames_leave_the_master_serving() -> None:
         with pytest.raises(Exception):  # noqa: B017
             conn.recv_json(timeout_s=5)
         deadline = time.monotonic() + 10
-        while master.num_rejected_connections < before + 5 and time.monotonic() < deadline:
+        while _rejected(master) < before + 5 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert master.num_rejected_connections >= before + 5
+        assert _rejected(master) >= before + 5
         # ... and it still admits and serves real peers.
         comms = connect_all(addr(master), 2)
         assert [c.world_size for c in comms] == [2, 2]
@@ -255,10 +269,67 @@ def test_evicted_peers_get_a_clear_error_on_their_next_call() -> None:
     master = start_master(heartbeat_timeout_s=1.0)
     try:
         (a,) = connect_all(addr(master), 1)
-        with master._cond:  # evict it as the janitor would
-            master._evict(a.peer_id, "test eviction")
+        master.evict(a.peer_id, "test eviction")  # as the janitor would
         with pytest.raises(TopologyError, match="evicted"):
             a.update_topology(timeout_s=5)
         a.close()
+    finally:
+        master.stop()
+
+
+@pytest.mark.parametrize(
+    ("request_obj", "field"),
+    [
+        ({"op": "no-such-op"}, "op"),
+        ({"op": "register", "peer_id": "p", "peer_group": -1, "address": ["h", 1]}, "peer_group"),
+        ({"op": "register", "peer_id": "p", "peer_group": 0, "address": ["h", 70000]}, "address"),
+        ({"op": "gate", "peer_id": "p", "kind": "barrier", "rid": "r"}, "kind"),
+        ({"op": "gate", "peer_id": "p", "kind": "sync", "rid": "r", "wait_s": -1}, "wait_s"),
+        ({"op": "vote", "peer_id": "p", "op_id": "o", "ok": "yes"}, "ok"),
+        ({"op": "heartbeat", "peer_id": 7}, "peer_id"),
+    ],
+)
+def test_a_malformed_request_is_a_protocol_error_naming_the_field(
+    request_obj: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ProtocolError, match=f"'{field}'"):
+        parse_request(request_obj)
+
+
+def test_a_request_travels_as_the_same_json_it_is_parsed_from() -> None:
+    obj = {
+        "op": "gate",
+        "peer_id": "p",
+        "kind": "all_reduce",
+        "key": "3",
+        "payload": {"numel": 10},
+        "rid": "r",
+        "wait_s": 0.5,
+    }
+    req = parse_request(obj)
+    assert isinstance(req, GateRequest) and req.kind is GateKind.ALL_REDUCE
+    assert to_wire(req) == obj
+
+
+def test_master_error_codes_map_to_the_error_class_that_says_what_to_do() -> None:
+    assert type(error_for(ErrorCode.LOCKSTEP, "m")) is TopologyError
+    assert type(error_for(ErrorCode.EVICTED, "m")) is TopologyError
+    assert type(error_for(ErrorCode.UNKNOWN_PEER, "m")) is PeerFailureError
+    assert type(error_for("from-a-newer-master", "m")) is ProtocolError
+
+
+@pytest.mark.timeout(60)
+def test_a_fault_at_master_request_fires_where_the_master_answers() -> None:
+    faults = FaultInjector()
+    faults.inject("master.request", delay_s=0.01, where={"op": "gate"}, times=None)
+    master = start_master(faults=faults)
+    try:
+        a, b = connect_all(addr(master), 2)
+        assert faults.hits("master.request") > 0
+        fired = faults.fired("master.request")
+        run_threads([lambda: a.update_topology(timeout_s=10), lambda: b.update_topology(10)])
+        assert faults.fired("master.request") > fired  # every gate answer was delayed
+        for c in (a, b):
+            c.close()
     finally:
         master.stop()

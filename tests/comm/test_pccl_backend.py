@@ -1,4 +1,5 @@
-"""The same Communicator API over the real PCCL (``backend="pccl"``), where its wheel loads.
+"""The same communicator API over the real PCCL (``open_communicator(backend="pccl")``), where its
+wheel loads.
 
 PCCL's wheel (PyPI ``pypccl``) needs CPython 3.12 and glibc >= 2.38: the multi-process test runs
 on the device machine (the wheel travels with the call) and is skipped elsewhere with the reason.
@@ -13,8 +14,15 @@ import pytest
 import torch
 from _control_harness import Peer
 
-from lowcomm.comm import CommConfig, Communicator, SharedState
-from lowcomm.comm._pccl_backend import BackendUnavailableError, PcclMaster, pccl_unavailable_reason
+from lowcomm.comm import (
+    CommBackend,
+    CommConfig,
+    Communicator,
+    PcclCommunicator,
+    SharedState,
+    open_communicator,
+)
+from lowcomm.comm.pccl import BackendUnavailableError, PcclMaster, pccl_unavailable_reason
 from lowcomm.comm.shared_state import tensor_hash
 
 REASON = pccl_unavailable_reason()
@@ -22,13 +30,21 @@ REASON = pccl_unavailable_reason()
 
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
-        Communicator("127.0.0.1:1", backend="nccl")
+        open_communicator("127.0.0.1:1", backend="nccl")
 
 
 @pytest.mark.skipif(REASON is None, reason="pccl loads here")
 def test_pccl_backend_says_why_it_cannot_load_here() -> None:
     with pytest.raises(BackendUnavailableError, match="pypccl"):
-        Communicator("127.0.0.1:1", backend="pccl")
+        open_communicator("127.0.0.1:1", backend="pccl")
+
+
+def test_the_pccl_communicator_offers_every_method_of_the_comm_backend_protocol() -> None:
+    members = [n for n in vars(CommBackend) if not n.startswith("_")]
+    assert {"connect", "all_reduce", "sync_shared_state", "send", "world_size"} <= set(members)
+    missing = [n for n in members if not hasattr(PcclCommunicator, n)]
+    assert not missing, missing
+    assert not issubclass(PcclCommunicator, Communicator)  # no subclassing of the TCP backend
 
 
 def _free_port() -> int:
@@ -39,7 +55,7 @@ def _free_port() -> int:
 
 def _pccl_peer(address: str, index: int, n: int) -> dict[str, Any]:
     config = CommConfig(timeout_s=60.0)
-    c = Communicator(address, backend="pccl", config=config)
+    c = open_communicator(address, backend="pccl", config=config)
     c.connect(timeout_s=60)
     while c.world_size < n:
         c.update_topology(timeout_s=60)

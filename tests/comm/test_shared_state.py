@@ -11,6 +11,7 @@ from _control_harness import TOKEN, Peer, addr, communicator, connect_all, run_t
 
 from lowcomm.comm import CommConfig, Communicator, SharedState, SyncInfo, shared_state
 from lowcomm.comm.errors import TopologyError
+from lowcomm.faults import KILLED_EXIT_CODE, FaultInjector
 
 
 def _state(seed: int, revision: int) -> SharedState:
@@ -131,8 +132,11 @@ def test_strategies_popular_wins_send_only_overrides_receive_only_never_votes() 
 
 def _peer(master_address: str, seed: int, n: int, exit_after_chunks: int | None) -> dict[str, Any]:
     shared_state._CHUNK_BYTES = 16 * 1024
-    shared_state._FAULT_EXIT_AFTER_CHUNKS = exit_after_chunks
-    config = CommConfig(timeout_s=30.0, poll_s=0.2, num_connections=1)
+    faults = FaultInjector()
+    if exit_after_chunks is not None:
+        # Serve that many chunks, then die before the next one (a source lost mid-transfer).
+        faults.inject("state.serve", kill=True, after=exit_after_chunks)
+    config = CommConfig(timeout_s=30.0, poll_s=0.2, num_connections=1, faults=faults)
     c = Communicator(master_address, token=TOKEN, config=config)
     c.connect(timeout_s=60)
     while c.world_size < n:
@@ -164,7 +168,7 @@ def test_a_source_dying_mid_transfer_is_replaced_by_the_others() -> None:
         ]
         results = [peers[i].result(timeout_s=100) for i in (0, 2, 3)]
         peers[1].process.join(10)
-        assert peers[1].process.exitcode == 17  # the fault fired mid-transfer
+        assert peers[1].process.exitcode == KILLED_EXIT_CODE  # the fault fired mid-transfer
         stale = results[2]
         assert stale["before"] != results[0]["before"]
         assert stale["after"] == results[0]["after"] == results[1]["after"]

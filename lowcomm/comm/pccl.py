@@ -1,14 +1,14 @@
-"""The ``Communicator`` API over the real PCCL (PyPI ``pypccl``), selected with ``backend="pccl"``.
+"""The ``CommBackend`` API over the real PCCL (PyPI ``pypccl``): ``open_communicator(..., backend="pccl")``.
 
 PCCL's wheel loads only on CPython 3.12 with glibc >= 2.38 (Ubuntu 24.04, for example); elsewhere
-``Communicator(..., backend="pccl")`` raises ``BackendUnavailableError`` saying why. The run needs
+``open_communicator(..., backend="pccl")`` raises ``BackendUnavailableError`` saying why. The run needs
 a PCCL master (``PcclMaster``), not lowcomm's: the two speak different protocols.
 
 What differs from the default ``"tcp"`` backend, because PCCL itself does not offer it:
 
 - No run token: PCCL has no admission control (a token passed in is ignored, with a warning).
-- No ``send``/``recv`` (``NotImplementedError``), no ``config_blob`` (always ``b""``), ``rank`` is
-  -1 (PCCL does not expose one).
+- No ``send``/``recv`` (they raise ``BackendUnavailableError``: use the tcp backend), no
+  ``config_blob`` (always ``b""``), ``rank`` is -1 and ``peers`` empty (PCCL exposes neither).
 - Timeouts are enforced around PCCL's blocking calls: a call past ``timeout_s`` raises
   ``CommTimeoutError``, but PCCL keeps blocking inside (its SIGSTOP and lockstep hangs), so later
   calls on that communicator queue behind it and time out too.
@@ -22,27 +22,26 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
-from lowcomm.comm.communicator import (
-    AllReduceInfo,
-    CommConfig,
-    Communicator,
-    Handle,
-    check_all_reduce_args,
-)
+from lowcomm.comm._ops import check_all_reduce_args
+from lowcomm.comm._protocol import parse_address
+from lowcomm.comm._worker import Handle, TaskQueue, all_reduce_with_retry, deadline_after
+from lowcomm.comm.communicator import AllReduceInfo, CommConfig
 from lowcomm.comm.errors import BackendUnavailableError, CommError, PeerFailureError, TopologyError
-from lowcomm.comm.master import parse_address
 from lowcomm.comm.shared_state import SharedState, SyncInfo, validate_strategy
-
-if TYPE_CHECKING:
-    from lowcomm.compression import Codec
+from lowcomm.compression import Codec
 
 __all__ = ["BackendUnavailableError", "PcclCommunicator", "PcclMaster", "pccl_unavailable_reason"]
+
+T = TypeVar("T")
+_NO_P2P = "the pccl backend has no point-to-point send/recv: use open_communicator(backend='tcp')"
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def _pccl() -> Any:
     reason = pccl_unavailable_reason()
     if reason is not None:
         raise BackendUnavailableError(reason)
-    import pccl
+    import pccl  # an optional native dependency: imported only where it is asked for
 
     return pccl
 
@@ -103,9 +102,16 @@ class PcclMaster:
 _OPS = {"sum": "SUM", "avg": "AVG", "min": "MIN", "max": "MAX"}
 
 
-class PcclCommunicator(Communicator):
-    """``Communicator`` over PCCL. Made by ``Communicator(..., backend="pccl")``; see the module
-    docstring for what differs from the default backend."""
+class PcclCommunicator:
+    """A peer of a PCCL run, with the ``CommBackend`` API. Made by
+    ``open_communicator(..., backend="pccl")``; see the module docstring for what differs from the
+    default backend.
+
+    Raises:
+        BackendUnavailableError: PCCL does not load here (the message says why).
+    """
+
+    backend = "pccl"
 
     def __init__(
         self,
@@ -114,16 +120,21 @@ class PcclCommunicator(Communicator):
         peer_group: int = 0,
         token: bytes | str | None = None,
         config: CommConfig | None = None,
-        backend: str = "pccl",
     ) -> None:
-        super().__init__(master_address, peer_group=peer_group, token=None, config=config)
-        self.backend = "pccl"
+        if not isinstance(peer_group, int) or peer_group < 0:
+            raise ValueError(f"peer_group must be an int >= 0, got {peer_group!r}")
+        self.master_address = parse_address(master_address)
+        self.peer_group = peer_group
+        self.config = config or CommConfig()
         self._pccl_mod = _pccl()
         if token is not None:
             logger.warning("the pccl backend has no admission control: the run token is ignored")
         self.peer_id = uuid.uuid4().hex[:12]
         self._comm: Any = None
         self._world_cache = (0, 0)
+        self._accepted = False
+        self._closed = threading.Event()
+        self._worker = TaskQueue(f"lowcomm-pccl-{self.peer_id}", check=self._check_usable)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -141,6 +152,20 @@ class PcclCommunicator(Communicator):
     @property
     def peers(self) -> list[str]:
         return []
+
+    @property
+    def config_blob(self) -> bytes:
+        return b""  # PCCL's master hands out no run configuration
+
+    def _check_usable(self) -> None:
+        if self._closed.is_set():
+            raise TopologyError("the communicator is closed")
+        if not self._accepted:
+            raise TopologyError("not accepted into the run yet: call connect() first")
+
+    def _submit(self, fn: Callable[[float], T], timeout_s: float | None, what: str) -> Handle:
+        self._check_usable()
+        return self._worker.submit(fn, deadline_after(timeout_s, self.config.timeout_s), what)
 
     def _refresh(self) -> None:
         attr = self._pccl_mod.Attribute
@@ -183,17 +208,11 @@ class PcclCommunicator(Communicator):
     # ------------------------------------------------------------------ lifecycle
     def connect(self, timeout_s: float | None = None) -> None:
         """Connects to the PCCL master; blocks until accepted (PCCL's ``connect``)."""
-        import threading
-
         t = self.config.timeout_s if timeout_s is None else float(timeout_s)
         pccl = self._pccl_mod
         self._comm = pccl.Communicator(_to_ip_address(self.master_address), self.peer_group)
         self._accepted = True  # lets the worker run the connect call itself
-        worker = threading.Thread(
-            target=self._worker_loop, name=f"lowcomm-pccl-{self.peer_id}", daemon=True
-        )
-        worker.start()
-        self._threads.append(worker)
+        self._worker.start()
         try:
             self._call(lambda: self._comm.connect(n_attempts=max(1, int(t))), t, "connect()")
         except BaseException:
@@ -201,10 +220,16 @@ class PcclCommunicator(Communicator):
             raise
 
     def close(self, timeout_s: float = 5.0) -> None:
+        """Disconnects (PCCL's destructor does); fails collectives not yet started."""
         self._closed.set()
-        with self._tasks_cond:
-            self._tasks_cond.notify_all()
+        self._worker.close()
         self._comm = None  # PCCL's destructor disconnects
+
+    def __enter__(self) -> PcclCommunicator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ phases
     def are_peers_pending(self, timeout_s: float | None = None) -> bool:
@@ -281,6 +306,25 @@ class PcclCommunicator(Communicator):
         result: AllReduceInfo = handle.wait(timeout_s=t + 1.0)
         return result
 
+    def all_reduce_with_retry(
+        self,
+        tensor: torch.Tensor,
+        op: str = "avg",
+        *,
+        out: torch.Tensor | None = None,
+        quantization: str | Codec | None = None,
+        tag: int = 0,
+        timeout_s: float | None = None,
+        max_attempts: int = 3,
+    ) -> AllReduceInfo:
+        """``all_reduce`` retried after a peer failure or stall, at most ``max_attempts`` times."""
+        return all_reduce_with_retry(
+            lambda: self.all_reduce(
+                tensor, op, out=out, quantization=quantization, tag=tag, timeout_s=timeout_s
+            ),
+            max_attempts=max_attempts,
+        )
+
     def sync_shared_state(
         self,
         state: SharedState,
@@ -317,27 +361,23 @@ class PcclCommunicator(Communicator):
     def send(
         self, tensor: torch.Tensor, *, to: str, tag: int = 0, timeout_s: float | None = None
     ) -> None:
-        raise NotImplementedError(
-            "the pccl backend has no point-to-point send/recv: use backend='tcp'"
-        )
+        """Not offered by PCCL: raises ``BackendUnavailableError`` (use the tcp backend)."""
+        raise BackendUnavailableError(_NO_P2P)
 
     def recv(
         self, out: torch.Tensor, *, from_: str, tag: int = 0, timeout_s: float | None = None
     ) -> torch.Tensor:
-        raise NotImplementedError(
-            "the pccl backend has no point-to-point send/recv: use backend='tcp'"
-        )
+        """Not offered by PCCL: raises ``BackendUnavailableError`` (use the tcp backend)."""
+        raise BackendUnavailableError(_NO_P2P)
 
     def send_async(
         self, tensor: torch.Tensor, *, to: str, tag: int = 0, timeout_s: float | None = None
     ) -> Handle:
-        raise NotImplementedError(
-            "the pccl backend has no point-to-point send/recv: use backend='tcp'"
-        )
+        """Not offered by PCCL: raises ``BackendUnavailableError`` (use the tcp backend)."""
+        raise BackendUnavailableError(_NO_P2P)
 
     def recv_async(
         self, out: torch.Tensor, *, from_: str, tag: int = 0, timeout_s: float | None = None
     ) -> Handle:
-        raise NotImplementedError(
-            "the pccl backend has no point-to-point send/recv: use backend='tcp'"
-        )
+        """Not offered by PCCL: raises ``BackendUnavailableError`` (use the tcp backend)."""
+        raise BackendUnavailableError(_NO_P2P)

@@ -1,0 +1,591 @@
+"""The master's membership state machine: peers, admission, heartbeats, gates, votes, rounds.
+
+- **Membership.** ``register`` makes a peer *pending* (the very first peer of an empty run is
+  accepted at once). Pending peers become *accepted* only when every accepted peer has reached
+  the ``update_topology`` gate, so a joiner never blocks running peers beyond one
+  ``update_topology()``. A peer whose session connection closes, or that sends no heartbeat for
+  ``heartbeat_timeout_s`` (SIGSTOP, a dead host), is evicted.
+- **Gates (phases).** ``update_topology``, ``are_peers_pending``, each ``all_reduce`` (by tag) and
+  each shared-state sync is a gate: it opens once every accepted peer of its scope (the world, or
+  one peer group) has arrived with the same phase. The master knows the phase each waiting peer
+  is in, so two peers waiting at *different* gates that each need the other (one in
+  ``update_topology``, another in ``all_reduce``) is detected at once and both get a
+  ``lockstep`` error (a ``TopologyError`` on the peers) instead of a hang.
+- **Commit votes.** After a ring all-reduce every participant votes ok/fail; the result is
+  applied only if all voted ok (any fail, death or defection aborts it on everyone), so nobody
+  applies a partial result. A shared-state sync is a *round* that ends once every live
+  participant reported done; which state it agrees on is ``_election``'s.
+- **Restart.** A new master on the same address knows nothing; peers re-register as accepted and
+  tell it the world they knew. Peers of that world that do not come back within the heartbeat
+  timeout are evicted, so gates never open on a partial world by accident.
+
+All state is guarded by one condition (``cond``); each operation method takes it. A waiting
+operation holds its caller's thread for at most ``wait_s`` (capped at ``MAX_WAIT_S``).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lowcomm.comm._election import ElectionError, elect, plans
+from lowcomm.comm._protocol import (
+    ErrorCode,
+    GateKind,
+    GateRequest,
+    HeartbeatRequest,
+    LeaveGateRequest,
+    LeaveRequest,
+    RegisterRequest,
+    StatusRequest,
+    SyncDoneRequest,
+    VerdictRequest,
+    VoteRequest,
+)
+from lowcomm.comm._rounds import Round, RoundTable
+
+__all__ = ["MAX_WAIT_S", "Membership"]
+
+logger = logging.getLogger(__name__)
+
+# The longest a request may hold the master's handler thread before answering "waiting".
+MAX_WAIT_S = 1.0
+# A pending peer that has not polled for this long is not admitted (it stalled before admission).
+_ADMIT_GRACE_S = 2.0
+
+
+@dataclass
+class Arrival:
+    """A peer waiting at a gate."""
+
+    kind: GateKind
+    group: int
+    key: str
+    rid: str
+    payload: dict[str, Any]
+
+    def signature(self) -> tuple[GateKind, int, str]:
+        group = -1 if self.kind.world_scoped else self.group
+        return (self.kind, group, self.key)
+
+    def describe(self) -> str:
+        if self.kind == GateKind.ALL_REDUCE:
+            return f"all_reduce(tag={self.key}, peer_group={self.group})"
+        if self.kind == GateKind.SYNC:
+            return f"sync_shared_state(peer_group={self.group})"
+        if self.kind == GateKind.PENDING:
+            return "are_peers_pending()"
+        return "update_topology()"
+
+
+@dataclass
+class PeerRecord:
+    """What the master knows of one registered peer."""
+
+    peer_id: str
+    peer_group: int
+    address: tuple[str, int]
+    accepted: bool
+    join_seq: int
+    last_seen: float
+    ghost: bool = False  # known from a re-registering peer after a restart, not yet back
+    # A pending peer is admitted only while it is visibly waiting in connect(): a joiner that
+    # stalled or died before admission must not make the running peers wait for it.
+    polling: int = 0
+    last_poll: float = 0.0
+    gate: Arrival | None = None
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # rid -> response
+
+
+class Membership:
+    """The state of one run as the master sees it (see the module docstring). Thread-safe.
+
+    Args:
+        epoch: this master process's epoch (ring and op ids include it).
+        config_blob: the run's configuration, handed to every peer at registration.
+        heartbeat_timeout_s: a peer silent for this long is evicted (by ``expire``).
+    """
+
+    def __init__(self, *, epoch: str, config_blob: bytes, heartbeat_timeout_s: float) -> None:
+        self.epoch = epoch
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._config_blob = config_blob
+        self.cond = threading.Condition()
+        self._peers: dict[str, PeerRecord] = {}
+        self._evicted: dict[str, str] = {}  # peer_id -> reason
+        self._rounds = RoundTable(epoch)
+        self._ring_gen: dict[int, int] = {}
+        self._revision = 0
+        self._join_seq = itertools.count()
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-able view of membership, for logs and tests."""
+        with self.cond:
+            return {
+                "epoch": self.epoch,
+                "revision": self._revision,
+                "accepted": [p.peer_id for p in self._accepted()],
+                "pending": [p.peer_id for p in self._peers.values() if not p.accepted],
+                "evicted": dict(self._evicted),
+                "waiting": {p.peer_id: p.gate.describe() for p in self._peers.values() if p.gate},
+            }
+
+    def wake(self) -> None:
+        """Wakes every waiting operation (the master is stopping)."""
+        with self.cond:
+            self.cond.notify_all()
+
+    def _known_peer(self, peer_id: str) -> PeerRecord | dict[str, Any]:
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            return peer
+        if peer_id in self._evicted:
+            return {
+                "error": ErrorCode.EVICTED,
+                "message": f"peer {peer_id} was evicted: {self._evicted[peer_id]}",
+            }
+        return {
+            "error": ErrorCode.UNKNOWN_PEER,
+            "epoch": self.epoch,
+            "message": f"master (epoch {self.epoch}) does not know peer {peer_id}",
+        }
+
+    def register(self, req: RegisterRequest) -> dict[str, Any]:
+        """A session registers (or re-registers after a master restart, with the world it knew)."""
+        group = req.peer_group
+        host, port = req.address
+        peer_id = req.peer_id or secrets.token_hex(6)
+        rejoin = req.accepted  # was accepted by an earlier master
+        # A peer re-registering after a restart while still pending must stay pending even if
+        # it is the first one back: only a fresh run's first peer is accepted unasked.
+        returning = req.rejoin
+        with self.cond:
+            if peer_id in self._evicted:
+                return {
+                    "error": ErrorCode.EVICTED,
+                    "message": f"peer {peer_id} was evicted: {self._evicted[peer_id]}",
+                }
+            now = time.monotonic()
+            peer = self._peers.get(peer_id)
+            if peer is not None and not peer.ghost:
+                # A session reconnect of a live peer: keep its state.
+                peer.last_seen = now
+            elif peer is not None:
+                peer.ghost = False
+                peer.last_seen = now
+                peer.address = (str(host), int(port))
+            else:
+                # After a restart, re-registering peers come back accepted; on a fresh run only
+                # the first peer of an empty world is (nobody else could admit it).
+                accepted = rejoin or (not returning and not self._accepted())
+                self._peers[peer_id] = PeerRecord(
+                    peer_id=peer_id,
+                    peer_group=group,
+                    address=(str(host), int(port)),
+                    accepted=accepted,
+                    join_seq=req.join_seq if rejoin else next(self._join_seq),
+                    last_seen=now,
+                    last_poll=now,
+                )
+                if accepted:
+                    self._bump(group)
+                    if rejoin:
+                        self._revision = max(self._revision, req.revision + 1)
+                logger.info(
+                    "master: peer %s (group %d) registered %s",
+                    peer_id,
+                    group,
+                    "accepted" if accepted else "pending",
+                )
+            if rejoin:
+                # Peers it knew that are not back yet wait as ghosts until the heartbeat timeout.
+                for entry in req.world:
+                    pid = entry.peer_id
+                    if pid in self._peers or pid in self._evicted:
+                        continue
+                    self._peers[pid] = PeerRecord(
+                        peer_id=pid,
+                        peer_group=entry.peer_group,
+                        address=entry.address,
+                        accepted=True,
+                        join_seq=entry.join_seq,
+                        last_seen=now,
+                        ghost=True,
+                    )
+                    self._bump(entry.peer_group)
+                # Keep join order stable across the restart; new joiners go after.
+                top = max((p.join_seq for p in self._peers.values()), default=-1)
+                self._join_seq = itertools.count(max(top + 1, next(self._join_seq)))
+            self._evaluate()
+            return {
+                "peer_id": peer_id,
+                "epoch": self.epoch,
+                "heartbeat_timeout_s": self.heartbeat_timeout_s,
+                "config_blob": base64.b64encode(self._config_blob).decode("ascii"),
+                **self._status_of(self._peers[peer_id]),
+            }
+
+    def heartbeat(self, req: HeartbeatRequest) -> dict[str, Any]:
+        """A session's heartbeat: the peer is alive."""
+        with self.cond:
+            peer = self._known_peer(req.peer_id)
+            if isinstance(peer, dict):
+                return peer
+            peer.last_seen = time.monotonic()
+            return {"epoch": self.epoch, "accepted": peer.accepted, "revision": self._revision}
+
+    def status(self, req: StatusRequest) -> dict[str, Any]:
+        """Waits up to ``wait_s`` for this peer to be accepted; answers its status."""
+        deadline = time.monotonic() + min(req.wait_s, MAX_WAIT_S)
+        with self.cond:
+            peer = self._known_peer(req.peer_id)
+            if isinstance(peer, dict):
+                return peer
+            peer.polling += 1
+            try:
+                while not peer.accepted and time.monotonic() < deadline:
+                    self.cond.wait(max(0.0, deadline - time.monotonic()))
+                    if self._peers.get(peer.peer_id) is not peer:
+                        gone = self._known_peer(req.peer_id)  # evicted meanwhile
+                        return gone if isinstance(gone, dict) else self._status_of(gone)
+                return self._status_of(peer)
+            finally:
+                peer.polling -= 1
+                peer.last_poll = time.monotonic()
+
+    def _status_of(self, peer: PeerRecord) -> dict[str, Any]:
+        return {"accepted": peer.accepted, "epoch": self.epoch, **self._world()}
+
+    def _world(self) -> dict[str, Any]:
+        return {
+            "revision": self._revision,
+            "world": [
+                {
+                    "peer_id": p.peer_id,
+                    "peer_group": p.peer_group,
+                    "address": list(p.address),
+                    "join_seq": p.join_seq,
+                }
+                for p in self._accepted()
+            ],
+        }
+
+    def gate(self, req: GateRequest) -> dict[str, Any]:
+        """A peer arrives at (or polls again) a phase gate; answers once it opened, else after
+        ``wait_s`` with ``"waiting"`` and whom it waits for."""
+        kind = req.kind
+        rid = req.rid
+        deadline = time.monotonic() + min(req.wait_s, MAX_WAIT_S)
+        with self.cond:
+            peer = self._known_peer(req.peer_id)
+            if isinstance(peer, dict):
+                return peer
+            if not peer.accepted:
+                return {
+                    "error": ErrorCode.NOT_ACCEPTED,
+                    "message": f"peer {peer.peer_id} is not accepted yet: wait for connect()",
+                }
+            if rid not in peer.results and (peer.gate is None or peer.gate.rid != rid):
+                if peer.gate is not None:
+                    # A new phase replaces an abandoned one.
+                    self._abandon(peer)
+                self._abandon_votes(peer.peer_id, "it moved on to another phase")
+                peer.gate = Arrival(
+                    kind=kind,
+                    group=peer.peer_group,
+                    key=req.key,
+                    rid=rid,
+                    payload=dict(req.payload),
+                )
+                self._evaluate()
+            while True:
+                if rid in peer.results:
+                    return peer.results.pop(rid)
+                if self._peers.get(peer.peer_id) is not peer:
+                    return {
+                        "error": ErrorCode.EVICTED,
+                        "message": self._evicted.get(peer.peer_id, ""),
+                    }
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return {"status": "waiting", "waiting_for": self._waiting_for(peer)}
+                self.cond.wait(remaining)
+
+    def leave_gate(self, req: LeaveGateRequest) -> dict[str, Any]:
+        """A peer gave up waiting at a gate (its call timed out)."""
+        with self.cond:
+            peer = self._known_peer(req.peer_id)
+            if isinstance(peer, dict):
+                return peer
+            if peer.gate is not None and peer.gate.rid == req.rid:
+                self._abandon(peer)
+            peer.results.pop(req.rid, None)
+            self._abandon_votes(peer.peer_id, "it gave up (timeout)")
+            self._evaluate()
+            return {"ok": True}
+
+    def vote(self, req: VoteRequest) -> dict[str, Any]:
+        """A participant's ok/fail vote on an all-reduce; answers the verdict once known."""
+        op_id = req.op_id
+        deadline = time.monotonic() + min(req.wait_s, MAX_WAIT_S)
+        with self.cond:
+            op = self._rounds.get(op_id)
+            peer_id = req.peer_id
+            if op is None or peer_id not in op.participants:
+                return {
+                    "verdict": "abort",
+                    "reason": f"the master (epoch {self.epoch}) does not know operation {op_id} "
+                    "(it restarted mid-operation)",
+                }
+            if peer_id not in op.votes:
+                self._settle(op, op.vote(peer_id, req.ok))
+            while op.verdict is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return {"verdict": None, "waiting_for": op.missing()}
+                self.cond.wait(remaining)
+            return {"verdict": op.verdict, "reason": op.reason}
+
+    def verdict(self, req: VerdictRequest) -> dict[str, Any]:
+        """Waits up to ``wait_s`` for an all-reduce's verdict without voting: participants whose
+        ring is still running use it to abort early when another participant was evicted."""
+        deadline = time.monotonic() + min(req.wait_s, MAX_WAIT_S)
+        with self.cond:
+            op = self._rounds.get(req.op_id)
+            if op is None:
+                return {"verdict": "abort", "reason": "unknown operation (master restarted)"}
+            while op.verdict is None and time.monotonic() < deadline:
+                self.cond.wait(max(0.0, deadline - time.monotonic()))
+            return {"verdict": op.verdict, "reason": op.reason}
+
+    def sync_done(self, req: SyncDoneRequest) -> dict[str, Any]:
+        """A sync participant is finished (receivers: fetched and verified; sources: ready to
+        stop serving). Answers once every live participant is finished."""
+        op_id = req.op_id
+        deadline = time.monotonic() + min(req.wait_s, MAX_WAIT_S)
+        with self.cond:
+            op = self._rounds.get(op_id)
+            peer_id = req.peer_id
+            if op is None or peer_id not in op.participants:
+                return {"verdict": "abort", "reason": f"unknown sync round {op_id}"}
+            op.report(peer_id, req.ok)
+            self.cond.notify_all()
+            while op.verdict is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return {"verdict": None, "waiting_for": op.missing()}
+                self.cond.wait(remaining)
+            failed = [p for p, ok in op.votes.items() if not ok]
+            return {"verdict": op.verdict, "failed": failed}
+
+    def leave(self, req: LeaveRequest) -> dict[str, Any]:
+        """The peer closed its communicator: remove it now."""
+        with self.cond:
+            self._evict(req.peer_id, "it left (close())")
+            return {"ok": True}
+
+    def evict(self, peer_id: str, reason: str) -> None:
+        """Removes ``peer_id`` now (its session closed, or an operator's decision)."""
+        with self.cond:
+            self._evict(peer_id, reason)
+
+    # ------------------------------------------------------------------ state machine
+    def _accepted(self, group: int | None = None) -> list[PeerRecord]:
+        peers = [
+            p
+            for p in self._peers.values()
+            if p.accepted and (group is None or p.peer_group == group)
+        ]
+        return sorted(peers, key=lambda p: (p.join_seq, p.peer_id))
+
+    def _admissible(self, peer: PeerRecord) -> bool:
+        """A pending peer that is waiting in connect() right now (or polled a moment ago)."""
+        if peer.accepted or peer.ghost:
+            return False
+        return peer.polling > 0 or time.monotonic() - peer.last_poll < _ADMIT_GRACE_S
+
+    def _bump(self, group: int) -> None:
+        self._ring_gen[group] = self._ring_gen.get(group, 0) + 1
+
+    def _scope(self, arrival: Arrival) -> list[PeerRecord]:
+        if arrival.kind.world_scoped:
+            return self._accepted()
+        return self._accepted(arrival.group)
+
+    def _waiting_for(self, peer: PeerRecord) -> list[str]:
+        if peer.gate is None:
+            return []
+        sig = peer.gate.signature()
+        return [
+            p.peer_id for p in self._scope(peer.gate) if p.gate is None or p.gate.signature() != sig
+        ]
+
+    def _abandon(self, peer: PeerRecord) -> None:
+        peer.gate = None
+
+    def _abandon_votes(self, peer_id: str, why: str) -> None:
+        for op in self._rounds:
+            if op.verdict is None and peer_id in op.participants:
+                self._settle(op, op.abandon(peer_id, why))
+
+    def _settle(self, op: Round, aborted: bool) -> None:
+        """After a round changed: an aborted commit vote makes every participant drop its ring
+        and reconnect; waiters re-check their round."""
+        if aborted:
+            self._bump(op.group)
+        self.cond.notify_all()
+
+    def _evict(self, peer_id: str, reason: str) -> None:
+        """Removes a peer (caller holds the lock); aborts its ops and re-evaluates gates."""
+        peer = self._peers.pop(peer_id, None)
+        if peer is None:
+            return
+        self._evicted[peer_id] = reason
+        if peer.accepted:
+            self._revision += 1
+            self._bump(peer.peer_group)
+        logger.warning("master: evicted peer %s: %s", peer_id, reason)
+        for op in self._rounds:
+            if op.verdict is None and peer_id in op.participants:
+                self._settle(op, op.lose(peer_id, reason))
+        self._evaluate()
+        self.cond.notify_all()
+
+    def expire(self) -> None:
+        """Evicts every peer silent past the heartbeat timeout (the janitor calls it often)."""
+        now = time.monotonic()
+        with self.cond:
+            for peer in list(self._peers.values()):
+                if now - peer.last_seen > self.heartbeat_timeout_s:
+                    what = (
+                        "never came back after a master restart"
+                        if peer.ghost
+                        else (
+                            f"no heartbeat for {now - peer.last_seen:.1f} s "
+                            f"(heartbeat_timeout_s={self.heartbeat_timeout_s})"
+                        )
+                    )
+                    self._evict(peer.peer_id, what)
+
+    def _evaluate(self) -> None:
+        """Detects phases out of lockstep and opens complete gates (caller holds the lock)."""
+        waiting = [p for p in self._peers.values() if p.gate is not None]
+        # 1. Two peers waiting at different gates, each needing the other: a deadlock by
+        #    construction. Fail both now rather than hang until a timeout.
+        for p in waiting:
+            for q in waiting:
+                if p is q or p.gate is None or q.gate is None:
+                    continue
+                if p.gate.signature() == q.gate.signature():
+                    continue
+                if (
+                    p in self._scope(p.gate)
+                    and q in self._scope(p.gate)
+                    and p in self._scope(q.gate)
+                ):
+                    msg = (
+                        f"phases out of lockstep: peer {p.peer_id} is in {p.gate.describe()} "
+                        f"while peer {q.peer_id} is in {q.gate.describe()}; every peer must call "
+                        "the same phases in the same order"
+                    )
+                    logger.warning("master: %s", msg)
+                    for x in (p, q):
+                        assert x.gate is not None
+                        x.results[x.gate.rid] = {"error": ErrorCode.LOCKSTEP, "message": msg}
+                        x.gate = None
+        # 2. Open every gate whose whole scope has arrived.
+        seen: set[tuple[GateKind, int, str]] = set()
+        for p in list(self._peers.values()):
+            if p.gate is None or p.gate.signature() in seen:
+                continue
+            sig = p.gate.signature()
+            seen.add(sig)
+            scope = self._scope(p.gate)
+            if scope and all(q.gate is not None and q.gate.signature() == sig for q in scope):
+                self._open(sig[0], p.gate.group, scope)
+        self.cond.notify_all()
+
+    def _open(self, kind: GateKind, group: int, scope: list[PeerRecord]) -> None:
+        arrivals = {p.peer_id: p.gate for p in scope}
+        for p in scope:
+            p.gate = None
+        results: dict[str, dict[str, Any]]
+        if kind == GateKind.TOPOLOGY:
+            admitted = [p for p in self._peers.values() if self._admissible(p)]
+            for p in admitted:
+                p.accepted = True
+                p.join_seq = next(self._join_seq)
+                self._bump(p.peer_group)
+            if admitted:
+                self._revision += 1
+                logger.info(
+                    "master: admitted %s at revision %d",
+                    ", ".join(p.peer_id for p in admitted),
+                    self._revision,
+                )
+            results = {p.peer_id: {"status": "open", **self._world()} for p in scope}
+        elif kind == GateKind.PENDING:
+            pending = any(self._admissible(p) for p in self._peers.values())
+            results = {
+                p.peer_id: {"status": "open", "pending": pending, **self._world()} for p in scope
+            }
+        elif kind == GateKind.ALL_REDUCE:
+            results = self._open_all_reduce(group, scope, arrivals)
+        else:
+            results = self._open_sync(group, scope, arrivals)
+        for p in scope:
+            arrival = arrivals[p.peer_id]
+            assert arrival is not None
+            p.results[arrival.rid] = results[p.peer_id]
+
+    def _open_all_reduce(
+        self, group: int, scope: list[PeerRecord], arrivals: dict[str, Arrival | None]
+    ) -> dict[str, dict[str, Any]]:
+        # Every participant must describe the same operation, else the ring would mix
+        # unrelated buffers: refuse it on all of them.
+        described = {pid: a.payload for pid, a in arrivals.items() if a is not None}
+        first = next(iter(described.values()))
+        for pid, payload in described.items():
+            if payload != first:
+                msg = (
+                    f"peers disagree on the all_reduce arguments: {scope[0].peer_id} has "
+                    f"{first}, {pid} has {payload}"
+                )
+                return {p.peer_id: {"error": ErrorCode.MISMATCH, "message": msg} for p in scope}
+        op = self._rounds.new(GateKind.ALL_REDUCE, group, [p.peer_id for p in scope])
+        ring_id = f"{self.epoch}.g{group}.r{self._ring_gen.get(group, 0)}"
+        addresses = [list(p.address) for p in scope]
+        return {
+            p.peer_id: {
+                "status": "open",
+                "op_id": op.op_id,
+                "ring_id": ring_id,
+                "rank": i,
+                "participants": op.participants,
+                "addresses": addresses,
+                **self._world(),
+            }
+            for i, p in enumerate(scope)
+        }
+
+    def _open_sync(
+        self, group: int, scope: list[PeerRecord], arrivals: dict[str, Arrival | None]
+    ) -> dict[str, dict[str, Any]]:
+        payloads = {pid: a.payload for pid, a in arrivals.items() if a is not None}
+        try:
+            election = elect(payloads)
+        except ElectionError as e:
+            return {pid: {"error": ErrorCode.SYNC, "message": str(e)} for pid in payloads}
+        op = self._rounds.new(GateKind.SYNC, group, list(payloads))
+        addresses = {p.peer_id: p.address for p in scope}
+        world = self._world()
+        return {
+            pid: {**plan, **world}
+            for pid, plan in plans(election, payloads, addresses, op_id=op.op_id).items()
+        }

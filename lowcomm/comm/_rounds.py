@@ -1,0 +1,120 @@
+"""The master's vote-decided operations: an all-reduce's commit vote and a shared-state sync round.
+
+A ``Round`` has participants, their votes and a verdict. A commit vote (``GateKind.ALL_REDUCE``)
+commits only if every participant voted ok; any fail, or a participant lost before it voted ok,
+aborts it on everyone. A sync round (``GateKind.SYNC``) is ``"done"`` once every live participant
+reported; one lost meanwhile simply leaves it. The methods that change a round return True when
+they just aborted a commit vote: the master then bumps the group's ring generation, so every
+participant drops its ring and reconnects. Not thread-safe: ``Membership`` holds its lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from lowcomm.comm._protocol import GateKind
+
+__all__ = ["Round", "RoundTable"]
+
+# Kept round records; older decided ones are forgotten.
+_MAX_ROUNDS = 4096
+
+
+@dataclass
+class Round:
+    """One commit vote or sync round (see the module docstring)."""
+
+    op_id: str
+    kind: GateKind  # ALL_REDUCE | SYNC
+    group: int
+    participants: list[str]
+    votes: dict[str, bool] = field(default_factory=dict)
+    verdict: str | None = None  # "commit" | "abort" for all_reduce; "done" for sync
+    reason: str = ""
+
+    def missing(self) -> list[str]:
+        """Participants that have not voted (reported) yet."""
+        return [p for p in self.participants if p not in self.votes]
+
+    def vote(self, peer_id: str, ok: bool) -> bool:
+        """A commit vote's first vote by ``peer_id`` (later ones are ignored)."""
+        if peer_id in self.votes:
+            return False
+        self.votes[peer_id] = ok
+        return self._decide(failed_by=None if ok else peer_id)
+
+    def report(self, peer_id: str, ok: bool) -> None:
+        """A sync participant is finished (``ok``: it got or served the state)."""
+        self.votes.setdefault(peer_id, ok)
+        self._decide_sync()
+
+    def abandon(self, peer_id: str, why: str) -> bool:
+        """``peer_id`` gave up (timed out, moved on) before voting: it counts as a failed vote."""
+        if self.verdict is not None or peer_id not in self.participants or peer_id in self.votes:
+            return False
+        self.votes[peer_id] = False
+        if self.kind == GateKind.ALL_REDUCE:
+            return self._decide(failed_by=peer_id, why=why)
+        self._decide_sync()
+        return False
+
+    def lose(self, peer_id: str, reason: str) -> bool:
+        """``peer_id`` was evicted: a commit vote aborts unless it had voted ok; a sync round goes
+        on without it."""
+        if self.verdict is not None or peer_id not in self.participants:
+            return False
+        if self.kind == GateKind.ALL_REDUCE:
+            if peer_id not in self.votes or not self.votes[peer_id]:
+                return self._decide(failed_by=peer_id, why=reason)
+            # It voted ok before dying: the others may still commit.
+            return self._decide(failed_by=None)
+        self.participants.remove(peer_id)
+        self.votes.pop(peer_id, None)
+        self._decide_sync()
+        return False
+
+    def _decide(self, *, failed_by: str | None, why: str = "it reported a failure") -> bool:
+        if self.verdict is not None:
+            return False
+        if failed_by is not None:
+            self.verdict = "abort"
+            self.reason = f"peer {failed_by} failed this all-reduce: {why}"
+            return True
+        if all(self.votes.get(p) for p in self.participants):
+            self.verdict = "commit"
+        return False
+
+    def _decide_sync(self) -> None:
+        if self.verdict is None and all(p in self.votes for p in self.participants):
+            self.verdict = "done"
+
+
+class RoundTable:
+    """The rounds of one master process, by op id (``"<epoch>-<n>"``), with bounded retention."""
+
+    def __init__(self, epoch: str) -> None:
+        self._epoch = epoch
+        self._seq = itertools.count()
+        self._rounds: dict[str, Round] = {}
+
+    def new(self, kind: GateKind, group: int, participants: list[str]) -> Round:
+        r = Round(
+            op_id=f"{self._epoch}-{next(self._seq)}",
+            kind=kind,
+            group=group,
+            participants=participants,
+        )
+        self._rounds[r.op_id] = r
+        if len(self._rounds) > _MAX_ROUNDS:
+            for old in list(self._rounds)[: len(self._rounds) - _MAX_ROUNDS]:
+                if self._rounds[old].verdict is not None:
+                    del self._rounds[old]
+        return r
+
+    def get(self, op_id: str) -> Round | None:
+        return self._rounds.get(op_id)
+
+    def __iter__(self) -> Iterator[Round]:
+        return iter(list(self._rounds.values()))
