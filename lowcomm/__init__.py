@@ -21,8 +21,7 @@ Units are in names: ``timeout_s``, ``*_bytes``, ``bandwidth_bps``; counts start 
 
 from __future__ import annotations
 
+from lowcomm._version import __version__
 from lowcomm.errors import LowcommError
-
-__version__ = "0.1.0"
 
 __all__ = ["LowcommError", "__version__"]

@@ -1,12 +1,13 @@
 """The package's house rules, read from the source with ``ast`` (no lowcomm module is imported).
 
 Layers, lowest first (docs/architecture.md): the base modules ``lowcomm.errors``,
-``lowcomm.faults``, ``lowcomm._tensors`` (and the root ``lowcomm/__init__.py``, which may re-export
-only them); ``comm`` and ``compression``; ``diloco``, ``checkpoint`` and ``recovery``; ``launch``
-and ``testing``. A module imports only its own layer or lower ones, with these exceptions and
-restrictions: comm may import compression but not the reverse; diloco, checkpoint and recovery do
-not import one another (``SIDEWAYS_ALLOWED`` lists the pairs the architecture allows); testing
-does not import launch; only launch and testing import ``lowcomm.testing``.
+``lowcomm.faults``, ``lowcomm._tensors``, ``lowcomm._version``; ``comm`` and ``compression``;
+``diloco``, ``checkpoint`` and ``recovery``; ``trainer`` and ``testing``; ``launch``; and the root
+``lowcomm/__init__.py``, which re-exports the user-facing names of every layer. A module imports
+only its own layer or lower ones, with these restrictions: comm may import compression but not the
+reverse; diloco, checkpoint and recovery do not import one another, nor trainer and testing
+(``SIDEWAYS_ALLOWED`` lists the pairs the architecture allows); only launch and testing import
+``lowcomm.testing``.
 
 An import counts wherever it sits (a function-local import is a dependency too), except that one
 under ``if TYPE_CHECKING:`` counts for the layers and not for cycles, since it never runs.
@@ -22,24 +23,29 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "lowcomm"
 MAX_LINES = 650
 
-BASE = ("lowcomm", "lowcomm.errors", "lowcomm.faults", "lowcomm._tensors")
+BASE = ("lowcomm.errors", "lowcomm.faults", "lowcomm._tensors", "lowcomm._version")
+# The root package re-exports the user-facing names of every layer, so it sits above them all.
+ROOT_LAYER = 5
 LAYERS = {
     "comm": 1,
     "compression": 1,
     "diloco": 2,
     "checkpoint": 2,
     "recovery": 2,
-    "launch": 3,
+    "trainer": 3,
     "testing": 3,
+    "launch": 4,
 }
 LAYER_NAMES = {
     0: "base",
     1: "comm/compression",
     2: "diloco/checkpoint/recovery",
-    3: "launch/testing",
+    3: "trainer/testing",
+    4: "launch",
+    ROOT_LAYER: "the root package",
 }
 # (importer, imported) subpackage pairs of one layer that may depend on each other.
-SIDEWAYS_ALLOWED = {("comm", "compression"), ("launch", "testing")}
+SIDEWAYS_ALLOWED = {("comm", "compression")}
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,8 @@ def _subpackage(module: str) -> str | None:
 
 
 def _layer(module: str) -> int | None:
+    if module == "lowcomm":
+        return ROOT_LAYER
     sub = _subpackage(module)
     return 0 if sub is None and module in BASE else LAYERS.get(sub or "")
 
@@ -150,7 +158,7 @@ def test_the_import_graph_is_read_from_every_module() -> None:
     # Guards the other tests against passing vacuously on a graph that lost its edges.
     assert "lowcomm.comm" in PACKAGES and "lowcomm.faults" in MODULES
     edges = {(i.source, i.target) for i in IMPORTS}
-    assert ("lowcomm", "lowcomm.errors") in edges
+    assert ("lowcomm", "lowcomm.errors") in edges and _layer("lowcomm") == ROOT_LAYER
     assert any(source.startswith("lowcomm.launch.") for source, _ in edges)
     unassigned = sorted(m for m in MODULES if _layer(m) is None)
     assert not unassigned, f"modules in no layer (add them to BASE or LAYERS): {unassigned}"

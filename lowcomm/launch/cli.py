@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-import lowcomm
+from lowcomm._version import __version__
 from lowcomm.launch import demo, join_cmd, master_cmd, run_cmd
 from lowcomm.launch.logs import setup_logging
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lowcomm",
         description="Fault-tolerant, low-communication training across far-apart GPUs.",
     )
-    parser.add_argument("--version", action="version", version=f"lowcomm {lowcomm.__version__}")
+    parser.add_argument("--version", action="version", version=f"lowcomm {__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _COMMANDS:
