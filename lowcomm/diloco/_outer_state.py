@@ -63,6 +63,9 @@ class OuterState:
         self.dn_count = 0
         self.round_steps = 0
         self.carry: torch.Tensor | None = None  # a dropped round's progress, sent with the next
+        # The outer step the last shared-state sync agreed on: a saved outer state older than it
+        # is never loaded (DiLoCo.load_state_dict), so a resumed peer cannot roll the run back.
+        self.synced_outer_step = 0
         rules: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = {
             "co2": self._co2,
             "delayed_nesterov": self._delayed_nesterov,
@@ -165,6 +168,7 @@ class OuterState:
         self.stats.rx_bytes += int(getattr(info, "rx_bytes", 0))
         self.stats.tx_bytes += int(getattr(info, "tx_bytes", 0))
         self.load_shared(tensors)  # counters travel as a tensor; read them back
+        self.synced_outer_step = self.stats.outer_steps
         self.layout.scatter(self.theta)
         if self.offset is not None and self.offset_momentum is not None:
             self.offset.zero_()

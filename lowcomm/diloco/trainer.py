@@ -87,6 +87,17 @@ _LOOPS: dict[str, type[SyncLoop] | type[PipelinedLoop] | type[StreamingLoop]] = 
 }
 
 
+def _clone_tensors(obj: Any) -> Any:
+    """``obj`` with every tensor in its dicts, lists and tuples cloned (the rest shared)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tensors(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_clone_tensors(v) for v in obj)
+    return obj
+
+
 class DiLoCo:
     """Wraps a model and its inner optimizer; runs the DiLoCo-family outer loop over ``comm``.
 
@@ -208,37 +219,56 @@ class DiLoCo:
             self._state.carry = None
         self._layout.scatter(self._state.theta)
 
-    def state_dict(self, *, timeout_s: float | None = None) -> dict[str, Any]:
-        """Everything needed to resume this peer exactly: outer state, local state, inner optimizer.
+    def state_dict(self, *, timeout_s: float | None = None, clone: bool = True) -> dict[str, Any]:
+        """Everything needed to resume this peer exactly: model, outer state, local state, inner
+        optimizer.
 
         Blocks until the all-reduces in flight complete (at most ``timeout_s``), since a collective
         cannot be resumed: their averages are saved and applied on schedule after loading. A round
         that fails here is dropped as usual and its contribution saved to travel with the next one.
+        ``clone=False`` returns references to the live tensors instead of copies (what a lazy
+        checkpointer wants: it copies them itself before the next ``step()`` changes them).
         """
         timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
         self._loop.settle(timeout_s=timeout_s)
-        flights = {
-            name: (f.buf.clone(), f.sent.clone()) for name, f in self._loop.flights().items()
-        }
+
+        def c(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else (t.clone() if clone else t)
+
+        flights = {name: (c(f.buf), c(f.sent)) for name, f in self._loop.flights().items()}
         state, ef = self._state, self._reducer.error_feedback
         return {
             "config": self.config,
-            "outer": {k: v.clone() for k, v in state.shared_tensors().items()},
-            "offset": None if state.offset is None else state.offset.clone(),
-            "offset_momentum": None
-            if state.offset_momentum is None
-            else state.offset_momentum.clone(),
+            "model": _clone_tensors(self.model.state_dict()) if clone else self.model.state_dict(),
+            "outer": {k: c(v) for k, v in state.shared_tensors().items()},
+            "offset": c(state.offset),
+            "offset_momentum": c(state.offset_momentum),
             "error": None if ef is None else ef.state_dict(),
-            "carry": None if state.carry is None else state.carry.clone(),
+            "carry": c(state.carry),
             "flights": flights,
             "round_steps": state.round_steps,
             "local_steps": self._speed.local_steps,
             "last_speed": self._speed.last_speed,
-            "inner_optimizer": self.inner_optimizer.state_dict(),
+            "inner_optimizer": _clone_tensors(self.inner_optimizer.state_dict())
+            if clone
+            else self.inner_optimizer.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores ``state_dict()``'s output into this trainer and its model (same layout)."""
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restores ``state_dict()``'s output into this trainer, its model and its inner optimizer.
+
+        The one rule that keeps a resumed peer from rolling the run back: a saved outer state is
+        never loaded over a newer one received from the run (its outer step is below the one the
+        last shared-state sync agreed on, e.g. a joiner's constructor received it). Then only the inner optimizer's moments are restored; the model is set
+        to the current outer parameters and the saved local round (its in-flight averages, eager
+        offset, dropped carry) is discarded, as it belongs to an outer step the run has left.
+
+        Returns:
+            True if the saved outer state was loaded, False if the newer current one was kept.
+
+        Raises:
+            ValueError: another ``OuterConfig``, or outer state of another layout.
+        """
         if state["config"] != self.config:
             raise ValueError("DiLoCo.load_state_dict: the saved OuterConfig differs from this one")
         outer = state["outer"]
@@ -247,7 +277,20 @@ class DiLoCo:
                 raise ValueError(
                     f"DiLoCo.load_state_dict: outer state {name!r} is missing or misshapen"
                 )
+        self.inner_optimizer.load_state_dict(state["inner_optimizer"])
         mine = self._state
+        saved_step = int(outer["counters"][0])
+        if saved_step < mine.synced_outer_step:
+            logger.info(
+                "load_state_dict: kept the run's outer step %d over the checkpoint's %d",
+                mine.synced_outer_step,
+                saved_step,
+            )
+            self._layout.scatter(mine.theta)
+            mine.round_steps = 0
+            mine.carry = None
+            self._loop.restore({})
+            return False
         mine.load_shared(outer)
         for attr in ("offset", "offset_momentum"):
             local = getattr(mine, attr)
@@ -266,4 +309,41 @@ class DiLoCo:
                 for name, (buf, sent) in state["flights"].items()
             }
         )
-        self.inner_optimizer.load_state_dict(state["inner_optimizer"])
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+        return True
+
+    def sync_with_run(self, *, joining: bool) -> bool:
+        """The constructor's shared-state sync, run later (after ``load_state_dict``): every peer
+        of the group calls it at the same point (a joiner when the running peers admit it).
+
+        If the run's outer state equals this peer's (a whole run restarted from one checkpoint),
+        the local round (model, eager offset, in-flight averages, round position) is kept, so the
+        resume is exact; otherwise the run's current outer state is taken and the local round
+        restarts from it, never the other way round. Blocks up to ``config.timeout_s``.
+
+        Returns:
+            True if this peer's outer state changed (the run had moved on).
+        """
+        before = self.outer_hash()
+        mine = self._state
+        local = mine.local_params()
+        kept = (
+            mine.round_steps,
+            None if mine.offset is None else mine.offset.clone(),
+            None if mine.offset_momentum is None else mine.offset_momentum.clone(),
+            dict(self._loop.flights()),
+        )
+        mine.sync("receive_only" if joining else "enforce_popular")
+        if self.outer_hash() != before:
+            mine.carry = None
+            self._loop.restore({})
+            return True
+        self._layout.scatter(local)
+        mine.round_steps, offset, offset_momentum, flights = kept
+        if mine.offset is not None and offset is not None:
+            mine.offset.copy_(offset)
+        if mine.offset_momentum is not None and offset_momentum is not None:
+            mine.offset_momentum.copy_(offset_momentum)
+        self._loop.restore(flights)
+        return False
