@@ -268,6 +268,8 @@ class Trainer:
             obj.load_state_dict(state["stateful"][name])
         self.inner_step = int(state["step"])
         self.resumed_from = self.inner_step
+        # The fault point's context (``step``) counts from the resumed step, as the Trainer does.
+        self.diloco.stats.inner_steps = self.inner_step
         report = self.checkpointer.last_restore
         logger.info(
             "restored inner step %d (outer step %d) from the %s level",
