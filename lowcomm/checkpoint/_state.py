@@ -62,10 +62,15 @@ def flatten_state(state: Any) -> tuple[bytes, list[TensorRef]]:
             data = obj
             if dtensor_cls is not None and isinstance(obj, dtensor_cls):
                 dt: Any = obj
+                # Where this shard sits in the global tensor (DCP's chunk protocol), so that a
+                # checkpoint of N ranks can be restored on M (``_reshard``).
+                chunk = dt.__create_chunk_list__()[0]
                 meta = {
                     "global_shape": list(dt.shape),
                     "placements": [repr(p) for p in dt.placements],
                     "mesh_shape": list(dt.device_mesh.shape),
+                    "offsets": [int(o) for o in chunk.offsets],
+                    "local_shape": [int(n) for n in chunk.sizes],
                 }
                 data = dt.to_local()
             refs.append(TensorRef(key=path, tensor=data.detach(), dtensor=meta))

@@ -80,7 +80,8 @@ class Checkpointer:
     called from it too. With ``world_size > 1`` every rank creates a Checkpointer over the same
     level URLs, every rank calls ``save`` for the same steps with its own (sharded) state, and every
     rank calls ``restore`` (it agrees on a step through ``torch.distributed`` when it is
-    initialized). Restoring needs the same world size and sharding as the save.
+    initialized). A checkpoint saved by another number of ranks is restored with ``into=`` (this
+    job's sharded state): each rank reads the byte ranges of the saved shards that overlap its own.
 
     Every level implements ``StorageLevel``; listing and restore go through its verbs, fastest
     level first, and the background ``LevelPipeline`` writes each save to its levels in order.

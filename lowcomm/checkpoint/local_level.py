@@ -16,11 +16,13 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lowcomm.checkpoint import _format as fmt
 from lowcomm.checkpoint._reads import decode_part, rank_part
+from lowcomm.checkpoint._reshard import load_resharded, needs_reshard
 from lowcomm.checkpoint._state import restore_state, template_tensors
 from lowcomm.checkpoint.errors import (
     CheckpointCorruptError,
@@ -270,6 +272,8 @@ class LocalLevel:
         Raises ``CheckpointCorruptError`` if anything fails verification."""
         with open(self.manifest_path(step), "rb") as f:
             body = fmt.load_manifest_bytes(f.read())
+        if needs_reshard(body, rank=self.rank, world_size=self.world_size, into=into):
+            return self._load_resharded(step, body, into), dict(body.get("metadata", {}))
         part = rank_part(body, step=step, rank=self.rank, world_size=self.world_size)
         path = os.path.join(self.step_dir(step), part["data_file"])
         fd = os.open(path, os.O_RDONLY)
@@ -288,6 +292,25 @@ class LocalLevel:
         finally:
             os.close(fd)
         return restore_state(skeleton, tensors, into), dict(body.get("metadata", {}))
+
+    def _load_resharded(self, step: int, body: dict[str, Any], into: Any) -> Any:
+        fds: dict[int, int] = {}
+
+        def readers(r: int) -> Callable[[int, int], bytes]:
+            part = body["ranks"][r]
+            path = os.path.join(self.step_dir(step), part["data_file"])
+            fds[r] = fd = os.open(path, os.O_RDONLY)
+            if os.fstat(fd).st_size != int(part["data_bytes"]):
+                raise CheckpointCorruptError(
+                    f"{path} has {os.fstat(fd).st_size} bytes, manifest says {part['data_bytes']}"
+                )
+            return lambda off, n: os.pread(fd, n, off)
+
+        try:
+            return load_resharded(body, rank=self.rank, into=into, readers=readers, pool=self._pool)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     # ---- retention -----------------------------------------------------------------------------
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lowcomm.checkpoint import _format as fmt
 from lowcomm.checkpoint._reads import decode_part, rank_part
+from lowcomm.checkpoint._reshard import load_resharded, needs_reshard
 from lowcomm.checkpoint._state import restore_state
 from lowcomm.checkpoint.errors import (
     CheckpointCorruptError,
@@ -125,6 +127,19 @@ class RemoteLevel:
 
         Remote data goes through a host buffer, then into ``into`` when it is given."""
         body = fmt.load_manifest_bytes(self.fs.cat_file(self._path(step, fmt.MANIFEST_NAME)))
+        if needs_reshard(body, rank=self.rank, world_size=self.world_size, into=into):
+
+            def readers(r: int) -> Callable[[int, int], bytes]:
+                path = self._path(step, body["ranks"][r]["data_file"])
+
+                def read(off: int, n: int) -> bytes:
+                    data: bytes = self.fs.cat_file(path, start=off, end=off + n)
+                    return data
+
+                return read
+
+            state = load_resharded(body, rank=self.rank, into=into, readers=readers, pool=self._pool)
+            return state, dict(body.get("metadata", {}))
         part = rank_part(body, step=step, rank=self.rank, world_size=self.world_size)
         path = self._path(step, part["data_file"])
         size = self.fs.size(path)
