@@ -29,7 +29,7 @@ from lowcomm.checkpoint import _format as fmt
 from lowcomm.checkpoint._state import flatten_state, restore_state
 from lowcomm.checkpoint.errors import CheckpointCorruptError
 
-__all__ = ["load_resharded", "needs_reshard"]
+__all__ = ["Chunks", "load_resharded", "needs_reshard"]
 
 Reader = Callable[[int, int], bytes | memoryview]  # (file offset, length) of one rank's data
 
@@ -53,7 +53,7 @@ def _region(meta: dict[str, Any] | None, shape: list[int]) -> tuple[list[int], l
     return [int(o) for o in meta["offsets"]], [int(n) for n in meta["local_shape"]]
 
 
-class _Chunks:
+class Chunks:
     """One saved rank's chunks, read on demand (verified, decoded) and kept for this restore."""
 
     def __init__(self, part: dict[str, Any], read: Reader) -> None:
@@ -194,14 +194,14 @@ def load_resharded(
             plans.append((p.rank, src_lo, src_lo + (b - a) * row_bytes, out, (a - lo_row) * row_bytes))
 
     # Read every chunk the plan touches (in parallel, verified), then copy the byte ranges.
-    sources: dict[int, _Chunks] = {}
+    sources: dict[int, Chunks] = {}
     needed: set[tuple[int, int]] = set()
     for r, lo, hi, _, _ in plans:
         if hi <= lo:
             continue
         src = sources.get(r)
         if src is None:
-            src = sources[r] = _Chunks(parts[r], readers(r))
+            src = sources[r] = Chunks(parts[r], readers(r))
         needed.update((r, i) for i in src.covering(lo, hi))
     futures = [pool.submit(sources[r].load, i) for r, i in sorted(needed)]
     for f in futures:

@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import free_port
+
+from lowcomm.checkpoint.reader import CheckpointReader
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,3 +56,12 @@ def test_a_checkpoint_of_n_fsdp_ranks_restores_on_m_ranks_equal_to_the_saved_ten
     _launch(1, f"save:{one}")
     _launch(2, f"save:{two}", f"restore:{one},{two}", f"trainer:{two}")
     _launch(1, f"restore:{one},{two}")
+    # What `lowcomm checkpoint export` writes: the 2 ranks' shards assembled whole, off any job.
+    with CheckpointReader(str(two / "ckpt")) as reader:
+        whole = reader.load_full(2)
+    ref = torch.load(two / "ref.pt")
+    for k, v in whole["model"].items():
+        assert torch.equal(v, ref[f"model/{k}"]), k
+    for idx, s in whole["optim"]["state"].items():
+        for name, v in s.items():
+            assert torch.equal(v, ref[f"optim/{idx}/{name}"]), (idx, name)
