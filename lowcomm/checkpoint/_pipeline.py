@@ -19,7 +19,7 @@ from lowcomm.checkpoint._retention import prune
 from lowcomm.checkpoint.errors import CheckpointWriteError
 from lowcomm.checkpoint.handle import SaveHandle
 from lowcomm.checkpoint.levels import StorageLevel
-from lowcomm.checkpoint.staging import HostBufferPool, Snapshot
+from lowcomm.checkpoint.staging import HostBufferPool, Snapshot, lower_thread_priority
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,11 @@ class LevelPipeline:
         pool: HostBufferPool,
         rank: int,
         keep_every: int | None,
+        nice: int = 0,
     ) -> None:
-        """``chain``: the levels after host, in order, each with its ``keep_last``."""
+        """``chain``: the levels after host, in order, each with its ``keep_last``; ``nice``: the
+        writer threads' added niceness (``CheckpointConfig.background_nice``)."""
+        self._nice = nice
         self._host = host
         self._pool = pool
         self._rank = rank
@@ -103,6 +106,7 @@ class LevelPipeline:
 
     def _run(self, writer: _Writer) -> None:
         level, index = writer.level, self._writers.index(writer)
+        lower_thread_priority(self._nice)
         while True:
             snap = writer.queue.get()
             if snap is None:

@@ -46,7 +46,13 @@ from lowcomm.checkpoint.host_level import HostLevel
 from lowcomm.checkpoint.levels import StorageLevel
 from lowcomm.checkpoint.local_level import LocalLevel
 from lowcomm.checkpoint.remote_level import RemoteLevel
-from lowcomm.checkpoint.staging import HostBufferPool, Snapshot, Stager, plan_layout
+from lowcomm.checkpoint.staging import (
+    HostBufferPool,
+    Snapshot,
+    Stager,
+    lower_thread_priority,
+    plan_layout,
+)
 from lowcomm.faults import FaultInjector
 
 logger = logging.getLogger(__name__)
@@ -117,7 +123,10 @@ class Checkpointer:
                 "num_host_buffers must be >= 2 with the host level: one keeps the newest snapshot"
             )
         self._io_pool = ThreadPoolExecutor(
-            config.num_io_threads, thread_name_prefix="lowcomm-ckpt-io"
+            config.num_io_threads,
+            thread_name_prefix="lowcomm-ckpt-io",
+            initializer=lower_thread_priority,
+            initargs=(config.background_nice,),
         )
         self._pool = HostBufferPool(config.num_host_buffers)
         host: HostLevel | None = None
@@ -165,6 +174,7 @@ class Checkpointer:
             pool=self._pool,
             rank=self.rank,
             keep_every=config.keep_every,
+            nice=config.background_nice,
         )
         self._stager = Stager(
             pool=self._pool,
@@ -173,6 +183,7 @@ class Checkpointer:
             on_copied=self._pipeline.on_copied,
             buffer_levels=frozenset(lvl.name for lvl in self._levels if lvl.holds_host_buffer),
             buffer_timeout_s=config.commit_timeout_s,
+            nice=config.background_nice,
         )
         self._closed = False
 

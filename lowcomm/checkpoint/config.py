@@ -36,6 +36,10 @@ class CheckpointConfig:
             instead of after the whole copy. Off by default: on a CPU-bound host the writes
             compete with the copy the training thread may be waiting for (measured here: the
             barrier grew while durability barely improved).
+        background_nice: niceness added to the background threads (copier, writers, I/O pool;
+            Linux), so that on a CPU-bound host they run on the cycles training leaves idle instead
+            of slowing every step they overlap: measured in ``benchmarks/trainer.py``, which runs
+            both settings in one loop. 0 keeps them at the training thread's priority.
     """
 
     levels: tuple[str, ...] = ("host://",)
@@ -51,6 +55,7 @@ class CheckpointConfig:
     commit_timeout_s: float = 600.0
     raise_on_failure: bool = False
     stream_during_copy: bool = False
+    background_nice: int = 10
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, str):
@@ -73,6 +78,8 @@ class CheckpointConfig:
             raise ValueError(
                 f"chunk_bytes must be >= 4096 and a multiple of 64, got {self.chunk_bytes}"
             )
+        if not 0 <= self.background_nice <= 19:
+            raise ValueError(f"background_nice must be in [0, 19], got {self.background_nice}")
         if self.commit_timeout_s <= 0:
             raise ValueError(f"commit_timeout_s must be > 0, got {self.commit_timeout_s}")
 

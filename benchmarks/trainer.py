@@ -1,0 +1,435 @@
+"""The Trainer's checkpointing in a training loop: its cost against none and against DCP async_save,
+a restarted replica's time back to training, and N-to-M restore against DCP's.
+
+A. One process trains an MLP + AdamW through ``lowcomm.Trainer`` (SoloCommunicator, no outer step
+   in the window). Blocks of ``--every`` inner steps, one checkpoint at the start of each, rotate
+   between three methods so all see the same load: none; the Trainer's own lazy checkpoint (host +
+   local disk); DCP ``async_save`` of the same state (``trainer.state_dict()``) with its
+   ``DefaultStager`` (thread), waiting for staging before the next optimizer step as torchtitan does.
+   The block's time counts everything the training thread lost: the save call, the wait before
+   the next step, and slower steps while the copy and write run. Between blocks, untimed, every
+   save is made durable so no method's writes spill into another's block.
+   Claim ``ckpt_overhead_vs_dcp_async``: (lowcomm block - none block) / (DCP block - none block).
+B. ``resume_to_training_s``: a new process (this script, ``--child resume``) from its start to its
+   first inner step: import, build the model, restore the Trainer's checkpoint, one step.
+C. ``reshard_restore_vs_dcp``: a 2-rank FSDP2 state saved by both (lowcomm and ``dcp.save``),
+   restored on 1 rank into an unsharded model and fresh optimizer by each; time ratio.
+D. GPU claims (``ckpt_every_step_overhead_gpu``, ``ckpt_copy_vs_d2h_limit``): with CUDA only.
+
+    .venv/bin/python benchmarks/trainer.py            # 100M parameters (1.2 GB model + AdamW)
+    .venv/bin/python benchmarks/trainer.py --quick    # 12M parameters, < 1 minute
+
+Last line: one JSON object with the claims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+T_START = time.time()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from lowcomm.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
+from lowcomm.diloco import OuterConfig  # noqa: E402
+from lowcomm.testing import SoloCommunicator  # noqa: E402
+from lowcomm.trainer import Trainer  # noqa: E402
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+OUTER = OuterConfig(method="diloco", sync_every=1_000_000, quantization="none")
+
+
+def build(params: float, width: int, device: str, seed: int = 0) -> tuple[Any, Any]:
+    torch.manual_seed(seed)
+    depth = max(1, round(params / (width * width)))
+    layers: list[torch.nn.Module] = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width, bias=False), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers).to(device)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Dcp:
+    def __init__(self, root: str, device: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        self.dcp, self.root, self.response, self.n = dcp, root, None, 0
+        cuda = device == "cuda"
+        self.stager = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=cuda,
+                use_shared_memory=False,
+                use_async_staging=True,
+                use_non_blocking_copy=cuda,
+            )
+        )
+
+    def save(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        self.n += 1
+        self.response = self.dcp.async_save(
+            state,
+            checkpoint_id=os.path.join(self.root, f"step_{self.n}"),
+            async_checkpointer_type=AsyncCheckpointerType.THREAD,
+            async_stager=self.stager,
+        )
+
+    def barrier(self) -> None:
+        if self.response is not None:
+            self.response.staging_completion.result()
+
+    def durable(self) -> None:
+        if self.response is not None:
+            self.response.upload_completion.result()
+            self.response = None
+            shutil.rmtree(os.path.join(self.root, f"step_{self.n}"), ignore_errors=True)
+
+    def close(self) -> None:
+        self.durable()
+        self.stager.close()
+
+
+def part_a(args: argparse.Namespace, base: str) -> dict[str, Any]:
+    device = args.device
+    model, opt = build(args.params, args.width, device)
+    cks = {
+        name: Checkpointer(
+            CheckpointConfig(
+                levels=("host://", os.path.join(base, name)), keep_last_local=1, background_nice=n
+            )
+        )
+        for name, n in (("lowcomm", 10), ("lowcomm_nice0", 0))
+    }
+    ck = cks["lowcomm"]
+    trainer = Trainer(model, opt, SoloCommunicator(), outer=OUTER, checkpoint=ck)
+    dcp = Dcp(os.path.join(base, "dcp"), device)
+    x = torch.randn(args.batch, args.width, device=device)
+
+    def step(before: Any = None) -> None:
+        model(x).square().mean().backward()
+        if before is not None:
+            before()  # DCP: staging must be done before the optimizer changes the tensors
+        trainer.step()
+
+    for _ in range(3):
+        step()
+    for c in cks.values():  # warm-up checkpoints: first-touch of buffers and files for all
+        trainer.checkpointer = c
+        trainer.save()
+        step()
+        c.wait()
+    dcp.save(trainer.state_dict())
+    step(dcp.barrier)
+    dcp.durable()
+    methods = ("none", "lowcomm", "lowcomm_nice0", "dcp")
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    steps: dict[str, list[float]] = {m: [] for m in methods}
+    for cycle in range(args.blocks):
+        k = cycle % len(methods)
+        for m in methods[k:] + methods[:k]:
+            sync(device)
+            if m in cks:
+                trainer.checkpointer = cks[m]
+            t0 = time.perf_counter()
+            if m in cks:
+                trainer.save()
+            elif m == "dcp":
+                dcp.save(trainer.state_dict())
+            for _ in range(args.every):
+                ts = time.perf_counter()
+                step(dcp.barrier if m == "dcp" else None)
+                sync(device)
+                steps[m].append(time.perf_counter() - ts)
+            times[m].append(time.perf_counter() - t0)
+            for c in cks.values():  # untimed: durable before the next block
+                c.wait()
+            dcp.durable()
+    for c in cks.values():
+        c.close()
+    dcp.close()
+    state_bytes = 5 * 4 * trainer.diloco.outer_params.numel()  # params, 2 moments, theta, momentum
+    none = statistics.median(times["none"])
+    out = {
+        m: {
+            "block_s": statistics.median(times[m]),
+            "added_s": statistics.median(times[m]) - none,
+            "first_step_s": statistics.median(steps[m][:: args.every]),
+        }
+        for m in methods
+    }
+    out["step_s"] = statistics.median(steps["none"])
+    out["state_bytes"] = state_bytes
+    return out
+
+
+def child_resume(args: argparse.Namespace) -> None:
+    model, opt = build(args.params, args.width, "cpu", seed=1)
+    trainer = Trainer(
+        model,
+        opt,
+        SoloCommunicator(),
+        outer=OUTER,
+        checkpoint=CheckpointConfig(levels=(args.root,)),
+    )
+    assert trainer.resumed_from == 1
+    model(torch.randn(args.batch, args.width)).square().mean().backward()
+    trainer.step()
+    print(json.dumps({"first_step_at": time.time(), "started": T_START}), flush=True)
+
+
+def part_b(args: argparse.Namespace, base: str) -> float:
+    root = os.path.join(base, "resume")
+    model, opt = build(args.params, args.width, "cpu")
+    trainer = Trainer(
+        model, opt, SoloCommunicator(), outer=OUTER, checkpoint=CheckpointConfig(levels=(root,))
+    )
+    model(torch.randn(args.batch, args.width)).square().mean().backward()
+    trainer.step()
+    trainer.save()
+    trainer.finish()
+    launched = time.time()
+    cmd = [sys.executable, __file__, "--child", "resume", "--root", root]
+    cmd += ["--params", str(args.params), "--width", str(args.width), "--batch", str(args.batch)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(child["first_step_at"] - launched)
+
+
+def child_save_sharded(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    model, opt = build(args.params, args.width, "cpu")
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # over the sharded parameters
+    model(torch.randn(args.batch, args.width)).square().mean().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    with Checkpointer(CheckpointConfig(levels=(os.path.join(args.root, "lowcomm"),))) as ck:
+        ck.save(1, state)
+    dcp.save(state, checkpoint_id=os.path.join(args.root, "dcp"))
+    dist.destroy_process_group()
+
+
+def part_c(args: argparse.Namespace, base: str) -> dict[str, float]:
+    root = os.path.join(base, "reshard")
+    os.makedirs(root)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29_500 + os.getpid() % 1000))
+    env["WORLD_SIZE"] = "2"
+    cmd = [sys.executable, __file__, "--child", "save_sharded", "--root", root]
+    cmd += ["--params", str(args.params), "--width", str(args.width), "--batch", str(args.batch)]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
+    for p in procs:
+        if p.wait(timeout=600):
+            raise RuntimeError("the sharded save failed")
+    import torch.distributed.checkpoint as dcp
+    from lowcomm.trainer.trainer import prime_optimizer
+
+    result: dict[str, float] = {}
+    for rep in range(2):  # 2 rounds, alternating which goes first; best of each
+        for name in ("lowcomm", "dcp") if rep == 0 else ("dcp", "lowcomm"):
+            model, opt = build(args.params, args.width, "cpu", seed=3)
+            t0 = time.perf_counter()
+            if name == "lowcomm":
+                prime_optimizer(opt)
+                template = {"model": model.state_dict(), "optim": opt.state_dict()}
+                with Checkpointer(CheckpointConfig(levels=(os.path.join(root, "lowcomm"),))) as ck:
+                    state = ck.restore(into=template)
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optim"])
+            else:
+                prime_optimizer(opt)  # DCP needs a primed optimizer too (its own helper does this)
+                state = {"model": model.state_dict(), "optim": opt.state_dict()}
+                dcp.load(state, checkpoint_id=os.path.join(root, "dcp"))
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optim"])
+            dt = time.perf_counter() - t0
+            result[name] = min(result.get(name, float("inf")), dt)
+    return result
+
+
+def part_d(args: argparse.Namespace, base: str) -> dict[str, Any] | None:
+    if not torch.cuda.is_available():
+        return None
+    model, opt = build(args.gpu_params, args.width, "cuda")
+    ck = Checkpointer(CheckpointConfig(levels=("host://",), num_host_buffers=2))
+    trainer = Trainer(model, opt, SoloCommunicator(), outer=OUTER, checkpoint=ck)
+    x = torch.randn(args.gpu_batch, args.width, device="cuda")
+
+    def step() -> None:
+        model(x).square().mean().backward()
+        trainer.step()
+
+    for _ in range(3):
+        step()
+    nbytes = sum(r.numel() * r.element_size() for r in trainer.state_dict()["diloco"]["model"].values())
+    nbytes += sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
+    nbytes += 2 * trainer.diloco.outer_params.numel() * 4
+    # The link's limit: one pinned D2H copy of the same size.
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty(nbytes // 4, dtype=torch.float32, pin_memory=True)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    d2h_bps = 3 * nbytes / (time.perf_counter() - t0)
+    del src, dst
+    plain, ckpt, copies = [], [], []
+    for _ in range(args.gpu_steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        plain.append(time.perf_counter() - t0)
+    for _ in range(args.gpu_steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        trainer.save()
+        torch.cuda.synchronize()
+        ckpt.append(time.perf_counter() - t0)
+    # The copy alone: a save, then wait for it with nothing else running.
+    for _ in range(3):
+        ck.wait_until_safe_to_mutate()
+        t0 = time.perf_counter()
+        trainer.save()
+        ck.wait_until_safe_to_mutate()
+        copies.append(time.perf_counter() - t0)
+    ck.close()
+    step_s, ckpt_s, copy_s = statistics.median(plain), statistics.median(ckpt), min(copies)
+    return {
+        "state_bytes": nbytes,
+        "step_s": step_s,
+        "ckpt_step_s": ckpt_s,
+        "copy_s": copy_s,
+        "copy_bps": nbytes / copy_s,
+        "d2h_bps": d2h_bps,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--params", type=float, default=None)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--every", type=int, default=None, help="steps per block (one checkpoint)")
+    ap.add_argument("--blocks", type=int, default=None, help="blocks per method")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gpu-params", type=float, default=700e6)
+    ap.add_argument("--gpu-batch", type=int, default=32768)
+    ap.add_argument("--gpu-steps", type=int, default=8)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.params is None:
+        args.params = 8e6 if args.quick else 100e6
+    if args.batch is None:
+        args.batch = 256 if args.quick else 512
+    if args.every is None:
+        args.every = 3 if args.quick else 4
+    if args.blocks is None:
+        args.blocks = 3 if args.quick else 5
+    if args.child == "resume":
+        child_resume(args)
+        return
+    if args.child == "save_sharded":
+        child_save_sharded(args)
+        return
+    base = tempfile.mkdtemp(prefix="lowcomm-bench-trainer-", dir=os.environ.get("BENCH_DIR"))
+    try:
+        t = time.perf_counter()
+        a = part_a(args, base)
+        print(f"part A {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        t = time.perf_counter()
+        resume_s = part_b(args, base)
+        print(f"part B {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        t = time.perf_counter()
+        c = part_c(args, base)
+        print(f"part C {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        d = part_d(args, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    mb = a["state_bytes"] / 1e6
+    print(f"\nA. {args.params / 1e6:.0f}M parameters, checkpointed state (model, AdamW, outer) "
+          f"~{mb:.0f} MB; blocks of {args.every} steps, {args.blocks} per method, medians")
+    hdr = f"{'method':34} {'block s':>8} {'added s':>8} {'step after save s':>18}"
+    print(hdr)
+    print("-" * len(hdr))
+    names = {"none": "no checkpoint", "lowcomm": "lowcomm Trainer (host + local)",
+             "lowcomm_nice0": "  same, background_nice=0",
+             "dcp": "DCP async_save + DefaultStager"}
+    for m in ("none", "lowcomm", "lowcomm_nice0", "dcp"):
+        r = a[m]
+        print(f"{names[m]:34} {r['block_s']:8.3f} {r['added_s']:8.3f} {r['first_step_s']:18.3f}")
+    print(f"(plain step {a['step_s']:.3f} s)")
+    print(f"B. restarted replica, start to first inner step: {resume_s:.2f} s "
+          f"({args.params / 1e6:.0f}M parameters{'; --quick: smaller than the 100M goal' if args.quick else ''}; "
+          "SoloCommunicator: no peer to sync with)")
+    print(f"C. 2-rank FSDP2 state restored on 1 rank: lowcomm {c['lowcomm']:.2f} s, DCP {c['dcp']:.2f} s")
+    claims = []
+
+    def claim(name: str, value: float | None, goal: str, ok: bool, note: str = "") -> None:
+        entry: dict[str, Any] = {"name": name, "value": None if value is None else round(value, 4),
+                                 "goal": goal, "ok": ok}
+        if note:
+            entry["note"] = note
+        claims.append(entry)
+
+    dcp_added = max(a["dcp"]["added_s"], 1e-9)
+    ratio = max(a["lowcomm"]["added_s"], 0.0) / dcp_added
+    claim("ckpt_overhead_vs_dcp_async", ratio, "<= 0.5", ratio <= 0.5)
+    claim("resume_to_training_s", resume_s, "<= 10", resume_s <= 10,
+          "--quick: 8M parameters, not 100M" if args.quick else "")
+    rr = c["lowcomm"] / max(c["dcp"], 1e-9)
+    claim("reshard_restore_vs_dcp", rr, "<= 1.0", rr <= 1.0)
+    if d is None:
+        claim("ckpt_every_step_overhead_gpu", None, "<= 0.02", False, "needs CUDA")
+        claim("ckpt_copy_vs_d2h_limit", None, ">= 0.9", False, "needs CUDA")
+    else:
+        print(f"D. GPU: state {d['state_bytes'] / 1e9:.2f} GB, step {d['step_s']:.3f} s, "
+              f"checkpointed step {d['ckpt_step_s']:.3f} s, copy {d['copy_s']:.3f} s "
+              f"({d['copy_bps'] / 1e9:.1f} GB/s; pinned D2H {d['d2h_bps'] / 1e9:.1f} GB/s)")
+        over = d["ckpt_step_s"] / d["step_s"] - 1
+        note = "" if d["step_s"] > d["copy_s"] else "the step is shorter than the copy"
+        claim("ckpt_every_step_overhead_gpu", over, "<= 0.02", over <= 0.02, note)
+        bw = d["copy_bps"] / d["d2h_bps"]
+        claim("ckpt_copy_vs_d2h_limit", bw, ">= 0.9", bw >= 0.9)
+    print(json.dumps({"benchmark": "trainer", "claims": claims}))
+
+
+if __name__ == "__main__":
+    main()
