@@ -102,9 +102,9 @@ def needs_reshard(body: dict[str, Any], *, rank: int, world_size: int, into: Any
             continue  # the plain restore names the mismatch
         if list(ref.tensor.shape) != e.shape:
             return True
-        if ref.dtensor is not None and e.dtensor is not None:
-            if ref.dtensor.get("offsets") != e.dtensor.get("offsets"):
-                return True
+        moved = ref.dtensor is not None and e.dtensor is not None
+        if moved and ref.dtensor.get("offsets") != e.dtensor.get("offsets"):  # type: ignore[union-attr]
+            return True
     return False
 
 
@@ -146,17 +146,23 @@ def load_resharded(
     for e in (fmt.TensorEntry.from_json(x) for x in own["tensors"]):
         dtype = getattr(torch, e.dtype.removeprefix("torch."))
         ref = dests.get(e.key)
-        if e.dtensor is None and ref is not None and ref.dtensor is not None:
+        if (
+            e.dtensor is None
+            and ref is not None
+            and ref.dtensor is not None
+            and [int(n) for n in ref.dtensor["global_shape"]] == e.shape
+        ):
             # A whole tensor saved unsharded (one plain rank) restored into a DTensor shard.
-            if [int(n) for n in ref.dtensor["global_shape"]] == e.shape:
-                e = fmt.TensorEntry(
-                    e.key, e.dtype, e.shape, e.offset, e.nbytes,
-                    {"global_shape": e.shape, "offsets": [0] * len(e.shape), "local_shape": e.shape},
-                )
-                pieces[e.key] = [_Piece(own_rank, e, [0] * len(e.shape), e.shape)]
+            whole = {"global_shape": e.shape, "offsets": [0] * len(e.shape), "local_shape": e.shape}
+            e = fmt.TensorEntry(e.key, e.dtype, e.shape, e.offset, e.nbytes, whole)
+            pieces[e.key] = [_Piece(own_rank, e, [0] * len(e.shape), e.shape)]
         if e.dtensor is None:  # not sharded: this rank's (or rank 0's) own copy
             if ref is not None and list(ref.tensor.shape) == e.shape and ref.tensor.is_contiguous():
-                out = ref.tensor if ref.tensor.device.type == "cpu" else torch.empty_like(ref.tensor, device="cpu")
+                out = (
+                    ref.tensor
+                    if ref.tensor.device.type == "cpu"
+                    else torch.empty_like(ref.tensor, device="cpu")
+                )
             else:
                 out = torch.empty(e.shape, dtype=dtype)
             tensors.append(out)
@@ -180,18 +186,26 @@ def load_resharded(
         tensors.append(out)
         if out.numel() == 0:
             continue
-        if any(o != 0 or n != g for o, n, g in zip(offsets[1:], local[1:], global_shape[1:], strict=True)):
+        if any(
+            o != 0 or n != g
+            for o, n, g in zip(offsets[1:], local[1:], global_shape[1:], strict=True)
+        ):
             raise ValueError(f"{e.key}: only shards split along dimension 0 can be resharded")
         row_bytes = math.prod(global_shape[1:]) * out.element_size()
         lo_row, hi_row = offsets[0], offsets[0] + local[0]
         for p in pieces[e.key]:
-            if any(o != 0 or n != g for o, n, g in zip(p.offsets[1:], p.local_shape[1:], global_shape[1:], strict=True)):
+            if any(
+                o != 0 or n != g
+                for o, n, g in zip(p.offsets[1:], p.local_shape[1:], global_shape[1:], strict=True)
+            ):
                 raise ValueError(f"{e.key}: only shards split along dimension 0 can be resharded")
             a, b = max(lo_row, p.offsets[0]), min(hi_row, p.offsets[0] + p.local_shape[0])
             if a >= b:
                 continue
             src_lo = p.entry.offset + (a - p.offsets[0]) * row_bytes
-            plans.append((p.rank, src_lo, src_lo + (b - a) * row_bytes, out, (a - lo_row) * row_bytes))
+            plans.append(
+                (p.rank, src_lo, src_lo + (b - a) * row_bytes, out, (a - lo_row) * row_bytes)
+            )
 
     # Read every chunk the plan touches (in parallel, verified), then copy the byte ranges.
     sources: dict[int, Chunks] = {}

@@ -138,7 +138,9 @@ class RemoteLevel:
 
                 return read
 
-            state = load_resharded(body, rank=self.rank, into=into, readers=readers, pool=self._pool)
+            state = load_resharded(
+                body, rank=self.rank, into=into, readers=readers, pool=self._pool
+            )
             return state, dict(body.get("metadata", {}))
         part = rank_part(body, step=step, rank=self.rank, world_size=self.world_size)
         path = self._path(step, part["data_file"])

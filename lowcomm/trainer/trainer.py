@@ -62,13 +62,13 @@ class _Stateful(Protocol):
 def _comm_of(run_or_comm: Any) -> OuterComm:
     comm = getattr(run_or_comm, "comm", None)
     if comm is not None:
-        return comm  # type: ignore[no-any-return]
+        return comm
     if not hasattr(run_or_comm, "all_reduce_async"):
         raise ValueError(
             "Trainer: run_or_comm must be lowcomm.init()'s Run or a connected communicator, "
             f"got {type(run_or_comm).__name__}"
         )
-    return run_or_comm  # type: ignore[no-any-return]
+    return run_or_comm
 
 
 def rng_state() -> dict[str, Any]:

@@ -63,7 +63,9 @@ def trainer_round_trip(root: str) -> None:
     outer = OuterConfig(sync_every=2, quantization="none")
     ckpt = CheckpointConfig(levels=(f"{root}/trainer",))
     model, opt = build(0, shard=True)
-    trainer = Trainer(model, opt, SoloCommunicator(), outer=outer, checkpoint=ckpt, checkpoint_every=3)
+    trainer = Trainer(
+        model, opt, SoloCommunicator(), outer=outer, checkpoint=ckpt, checkpoint_every=3
+    )
     for i in range(3):
         g = torch.Generator().manual_seed(i)
         model(torch.randn(8, 16, generator=g)).square().mean().backward()

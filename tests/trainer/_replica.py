@@ -35,11 +35,10 @@ def main() -> None:
     faults = FaultInjector()
     if args.kill_at is not None:
         faults.inject("trainer.inner_step", kill=True, where={"step": args.kill_at})
-    out = open(args.out, "a")
 
     def emit(kind: str, **payload: object) -> None:
-        out.write(json.dumps({"kind": kind, **payload}) + "\n")
-        out.flush()
+        with open(args.out, "a") as out:
+            out.write(json.dumps({"kind": kind, **payload}) + "\n")
 
     torch.manual_seed(args.index)
     model = make_model(0)

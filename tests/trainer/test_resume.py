@@ -22,8 +22,16 @@ def _start(master: Master, index: int, root: Path, *extra: str) -> subprocess.Po
     env = dict(os.environ, PYTHONPATH=str(REPO))
     address = "{}:{}".format(*master.address)
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.trainer._replica", address, str(index), str(root),
-         str(root / f"out{index}.jsonl"), *extra],
+        [
+            sys.executable,
+            "-m",
+            "tests.trainer._replica",
+            address,
+            str(index),
+            str(root),
+            str(root / f"out{index}.jsonl"),
+            *extra,
+        ],
         cwd=REPO,
         env=env,
     )

@@ -104,7 +104,9 @@ def test_a_saved_outer_state_is_never_loaded_over_a_newer_one_from_the_run() -> 
         train_step(model, Batches(seed=3), newer)
     newer.sync_with_run(joining=False)  # as received from the live peers
     theta = newer.outer_params.clone()
-    assert newer.stats.outer_steps == 5 and not torch.equal(theta[: saved["outer"]["theta"].numel()], saved["outer"]["theta"])
+    assert newer.stats.outer_steps == 5 and not torch.equal(
+        theta[: saved["outer"]["theta"].numel()], saved["outer"]["theta"]
+    )
     assert newer.load_state_dict(saved) is False
     assert newer.stats.outer_steps == 5
     assert torch.equal(newer.outer_params, theta)  # the run's state was kept
