@@ -95,18 +95,27 @@ class Method:
             raise ValueError(f"Method.checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
 
-def standard_methods(*, rollback_every: Sequence[int] = (50, 100)) -> dict[str, Method]:
-    """The methods of the benchmark, by name (docs/algorithms.md section 4)."""
+def standard_methods(
+    *, rollback_every: Sequence[int] = (50, 100), checkpoint_every: int = 100
+) -> dict[str, Method]:
+    """The methods of the benchmark, by name (docs/algorithms.md section 4): ``rollback_K`` for
+    each K in ``rollback_every``; the others fall back to a checkpoint every ``checkpoint_every``
+    steps where their rules cannot rebuild a stage."""
     plus = RecoveryConfig(checkfree_plus=True)
+    k = checkpoint_every
     methods = [
-        Method(name="no_failure", failures=False),
-        Method(name="no_failure_swaps", recovery=plus, failures=False),
-        Method(name="random", middle="random"),
-        Method(name="copy", middle="copy"),
-        Method(name="uniform", recovery=RecoveryConfig(average="uniform")),
-        Method(name="gradavg"),
-        Method(name="gradavg_after_clip", recovery=RecoveryConfig(norm_point="after_clip")),
-        Method(name="checkfree_plus", recovery=plus),
+        Method(name="no_failure", failures=False, checkpoint_every=k),
+        Method(name="no_failure_swaps", recovery=plus, failures=False, checkpoint_every=k),
+        Method(name="random", middle="random", checkpoint_every=k),
+        Method(name="copy", middle="copy", checkpoint_every=k),
+        Method(name="uniform", recovery=RecoveryConfig(average="uniform"), checkpoint_every=k),
+        Method(name="gradavg", checkpoint_every=k),
+        Method(
+            name="gradavg_after_clip",
+            recovery=RecoveryConfig(norm_point="after_clip"),
+            checkpoint_every=k,
+        ),
+        Method(name="checkfree_plus", recovery=plus, checkpoint_every=k),
     ]
     methods += [
         Method(name=f"rollback_{k}", rollback=True, checkpoint_every=k) for k in rollback_every
