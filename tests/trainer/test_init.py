@@ -383,3 +383,35 @@ def test_a_peer_that_rolled_its_outer_state_back_is_refused_then_resynced() -> N
     assert r0 == r1 == 1  # refused once, on every peer
     assert s0 == s1 == 2  # nobody averaged into the stale round; the run was not rolled back
     assert torch.equal(h0, h1) and torch.equal(h0, before0)  # peer 1 took the run's state
+
+
+# ------------------------------------------------------------------ configuration
+def test_run_config_reads_arguments_then_environment_then_defaults(tmp_path: Path) -> None:
+    from lowcomm import RunConfig
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = {
+        "LOWCOMM_MASTER": "10.0.0.1:48000",
+        "LOWCOMM_TOKEN_FILE": str(token_file),
+        "LOWCOMM_MIN_REPLICAS": "3",
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.7",
+        "MASTER_PORT": "29500",
+    }
+    cfg = RunConfig.from_env(env, min_replicas=2)
+    assert (cfg.master, cfg.token, cfg.min_replicas) == ("10.0.0.1:48000", TOKEN, 2)
+    assert (cfg.shard_index, cfg.num_shards, cfg.replica_id) == (1, 2, "10.0.0.7:29500")
+    assert cfg.timeout_s == 60.0 and TOKEN not in repr(cfg)
+    assert RunConfig.from_env({**env, "TORCHELASTIC_RUN_ID": "job7"}).replica_id == "job7"
+    with pytest.raises(ValueError, match=r"RunConfig.min_replicas \(LOWCOMM_MIN_REPLICAS\)"):
+        RunConfig.from_env({**env, "LOWCOMM_MIN_REPLICAS": "0"})
+    with pytest.raises(ValueError, match=r"LOWCOMM_JOIN_TIMEOUT_S.*'soon'"):
+        RunConfig.from_env({**env, "LOWCOMM_JOIN_TIMEOUT_S": "soon"})
+    with pytest.raises(ValueError, match=r"RunConfig.shard_index \(RANK\) must be in \[0, 2\)"):
+        RunConfig.from_env({**env, "RANK": "2"})
+    with pytest.raises(ValueError, match=r"LOWCOMM_MASTER.*is not set"):
+        RunConfig.from_env({})
+    with pytest.raises(ValueError, match=r"cannot read the token file.*lowcomm token new"):
+        RunConfig.from_env({**env, "LOWCOMM_TOKEN_FILE": str(tmp_path / "missing")})
