@@ -13,6 +13,7 @@ from lowcomm.comm.errors import (
     CommTimeoutError,
     PeerFailureError,
     ProtocolError,
+    StaleStateError,
     TopologyError,
     TruncatedFrameError,
 )
@@ -45,6 +46,7 @@ __all__: list[str] = [
     "RingStats",
     "Shaper",
     "SharedState",
+    "StaleStateError",
     "SyncInfo",
     "TopologyError",
     "TruncatedFrameError",

@@ -74,6 +74,8 @@ class ControlClient:
         poll_s: the longest one request waits at the master before asking again.
         heartbeat_interval_s: seconds between heartbeats; None: a quarter of the master's
             heartbeat timeout.
+        replica: ``(replica_id, replica_rank, num_replica_ranks)``: this peer is one rank of a
+            replica the master admits and evicts as one unit; None: a peer on its own.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class ControlClient:
         token: bytes | None,
         poll_s: float,
         heartbeat_interval_s: float | None,
+        replica: tuple[str, int, int] | None = None,
     ) -> None:
         self.master_address = master_address
         self.peer_id = peer_id
@@ -107,6 +110,9 @@ class ControlClient:
         self.revision = 0
         self.heartbeat_timeout_s = 10.0
         self.config_blob = b""
+        self.replica = replica
+        self.pending_replicas: dict[str, dict[str, Any]] = {}  # as of the last phase
+        self.admission = ""  # why the master has not admitted this peer yet (while pending)
 
     # ------------------------------------------------------------------ the world as last seen
     @property
@@ -163,17 +169,18 @@ class ControlClient:
                 StatusRequest(peer_id=self.peer_id, wait_s=self.poll(deadline)), deadline=deadline
             )
             self._raise_for(resp, "connect()")
+            self.admission = str(resp.get("admission", ""))
             if resp.get("accepted"):
                 with self._cond:
                     self._accepted = True
                 self._update_world(resp)
                 return
             if time.monotonic() >= deadline:
-                raise CommTimeoutError(
-                    f"peer {self.peer_id} was not accepted within the timeout: the running peers "
-                    "have not called update_topology() (or there are none and the master did "
-                    "not admit this peer)"
+                why = self.admission or (
+                    "the running peers have not called update_topology() (or there are none "
+                    "and the master did not admit this peer)"
                 )
+                raise CommTimeoutError(f"peer {self.peer_id} was not accepted in time: {why}")
 
     def close(self, timeout_s: float) -> None:
         """Leaves the run (the master removes this peer at once), marks the client closed and
@@ -223,11 +230,15 @@ class ControlClient:
                     peer_group=int(p["peer_group"]),
                     address=(str(p["address"][0]), int(p["address"][1])),
                     join_seq=int(p.get("join_seq", -1)),
+                    replica_id=str(p.get("replica_id", "")),
+                    replica_rank=int(p.get("replica_rank", 0)),
+                    num_replica_ranks=int(p.get("num_replica_ranks", 0)),
                 )
                 for p in world
             ]
             if rejoin
             else [],
+            **_replica_fields(self.replica),
         )
         try:
             conn.send_json(KIND_REQUEST, to_wire(req), timeout_s=10.0)
@@ -446,7 +457,7 @@ class ControlClient:
             return
         if err == ErrorCode.EVICTED:
             self._evicted = str(resp.get("message", "evicted"))
-        raise error_for(str(err), f"{what}: {resp.get('message', err)}")
+        raise error_for(str(err), f"{what}: {resp.get('message', err)}", resp)
 
     def _update_world(self, resp: dict[str, Any]) -> None:
         if "world" not in resp:
@@ -454,6 +465,14 @@ class ControlClient:
         with self._cond:
             self._world = list(resp["world"])
             self.revision = int(resp.get("revision", self.revision))
+            self.pending_replicas = dict(resp.get("pending_replicas", {}))
             for p in self._world:
                 if p["peer_id"] == self.peer_id:
                     self._join_seq = int(p.get("join_seq", -1))
+
+
+def _replica_fields(replica: tuple[str, int, int] | None) -> dict[str, Any]:
+    if replica is None:
+        return {}
+    replica_id, rank, num_ranks = replica
+    return {"replica_id": replica_id, "replica_rank": rank, "num_replica_ranks": num_ranks}

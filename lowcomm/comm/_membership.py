@@ -5,6 +5,8 @@
   the ``update_topology`` gate, so a joiner never blocks running peers beyond one
   ``update_topology()``. A peer whose session connection closes, or that sends no heartbeat for
   ``heartbeat_timeout_s`` (SIGSTOP, a dead host), is evicted.
+- **Replicas.** The ranks of a replica (a torchrun job) are admitted together or not at all, and
+  evicted together: ``_admission`` holds the rules.
 - **Gates (phases).** ``update_topology``, ``are_peers_pending``, each ``all_reduce`` (by tag) and
   each shared-state sync is a gate: it opens once every accepted peer of its scope (the world, or
   one peer group) has arrived with the same phase. The master knows the phase each waiting peer
@@ -34,6 +36,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowcomm.comm._admission import (
+    LEAVES_AS_A_WHOLE,
+    admissible_units,
+    admission_of,
+    copy_replica_fields,
+    describe,
+    is_complete,
+    pending_replicas,
+    registration_conflict,
+    stale_stamps,
+)
 from lowcomm.comm._election import ElectionError, elect, plans
 from lowcomm.comm._protocol import (
     ErrorCode,
@@ -101,6 +114,10 @@ class PeerRecord:
     last_poll: float = 0.0
     gate: Arrival | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # rid -> response
+    # Rank ``replica_rank`` of the ``num_replica_ranks`` ranks of replica ``replica_id`` (0: alone).
+    replica_id: str = ""
+    replica_rank: int = 0
+    num_replica_ranks: int = 0
 
 
 class Membership:
@@ -171,6 +188,11 @@ class Membership:
                     "error": ErrorCode.EVICTED,
                     "message": f"peer {peer_id} was evicted: {self._evicted[peer_id]}",
                 }
+            refused, replaced = registration_conflict(req, self._replica_ranks(req.replica_id))
+            if refused:
+                return {"error": ErrorCode.MISMATCH, "message": refused}
+            for old in replaced:  # a restarted replica: its old incarnation goes as a whole
+                self._evict(old.peer_id, f"peer {req.peer_id} registered as its replica rank")
             now = time.monotonic()
             peer = self._peers.get(peer_id)
             if peer is not None and not peer.ghost:
@@ -180,10 +202,12 @@ class Membership:
                 peer.ghost = False
                 peer.last_seen = now
                 peer.address = (str(host), int(port))
+                copy_replica_fields(peer, req)
             else:
                 # After a restart, re-registering peers come back accepted; on a fresh run only
-                # the first peer of an empty world is (nobody else could admit it).
-                accepted = rejoin or (not returning and not self._accepted())
+                # the first peer (or replica) of an empty world is (nobody else could admit it).
+                first = not returning and not self._accepted()
+                accepted = rejoin or (first and not req.num_replica_ranks)
                 self._peers[peer_id] = PeerRecord(
                     peer_id=peer_id,
                     peer_group=group,
@@ -193,6 +217,10 @@ class Membership:
                     last_seen=now,
                     last_poll=now,
                 )
+                copy_replica_fields(self._peers[peer_id], req)
+                replica = self._replica_ranks(req.replica_id)
+                if first and req.num_replica_ranks and is_complete(replica):
+                    self._admit(replica)  # the first replica of an empty run, once complete
                 if accepted:
                     self._bump(group)
                     if rejoin:
@@ -218,6 +246,7 @@ class Membership:
                         last_seen=now,
                         ghost=True,
                     )
+                    copy_replica_fields(self._peers[pid], entry)
                     self._bump(entry.peer_group)
                 # Keep join order stable across the restart; new joiners go after.
                 top = max((p.join_seq for p in self._peers.values()), default=-1)
@@ -260,7 +289,11 @@ class Membership:
                 peer.last_poll = time.monotonic()
 
     def _status_of(self, peer: PeerRecord) -> dict[str, Any]:
-        return {"accepted": peer.accepted, "epoch": self.epoch, **self._world()}
+        status = {"accepted": peer.accepted, "epoch": self.epoch, **self._world()}
+        if not peer.accepted:
+            replica = self._replica_ranks(peer.replica_id)
+            status["admission"] = admission_of(peer, replica, self._admissible)
+        return status
 
     def _world(self) -> dict[str, Any]:
         return {
@@ -271,9 +304,13 @@ class Membership:
                     "peer_group": p.peer_group,
                     "address": list(p.address),
                     "join_seq": p.join_seq,
+                    "replica_id": p.replica_id,
+                    "replica_rank": p.replica_rank,
+                    "num_replica_ranks": p.num_replica_ranks,
                 }
                 for p in self._accepted()
             ],
+            "pending_replicas": pending_replicas(list(self._peers.values())),
         }
 
     def gate(self, req: GateRequest) -> dict[str, Any]:
@@ -441,8 +478,9 @@ class Membership:
             self._bump(op.group)
         self.cond.notify_all()
 
-    def _evict(self, peer_id: str, reason: str) -> None:
-        """Removes a peer (caller holds the lock); aborts its ops and re-evaluates gates."""
+    def _evict(self, peer_id: str, reason: str, *, whole_replica: bool = True) -> None:
+        """Removes a peer (caller holds the lock); aborts its ops and re-evaluates gates. With
+        ``whole_replica``, the other ranks of its replica go with it."""
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return
@@ -454,8 +492,33 @@ class Membership:
         for op in self._rounds:
             if op.verdict is None and peer_id in op.participants:
                 self._settle(op, op.lose(peer_id, reason))
+        if peer.num_replica_ranks and whole_replica:
+            # The replica leaves as a whole: a rank of a half replica would block in FSDP.
+            why = f"its replica lost {describe(peer)} ({reason}); {LEAVES_AS_A_WHOLE}"
+            for other in self._replica_ranks(peer.replica_id):
+                self._evict(other.peer_id, why, whole_replica=False)
         self._evaluate()
         self.cond.notify_all()
+
+    # ------------------------------------------------------------------ replica admission
+    def _replica_ranks(self, replica_id: str) -> list[PeerRecord]:
+        return sorted(
+            (p for p in self._peers.values() if p.num_replica_ranks and p.replica_id == replica_id),
+            key=lambda p: p.replica_rank,
+        )
+
+    def _admit(self, admitted: list[PeerRecord]) -> None:
+        for p in admitted:
+            p.accepted = True
+            p.join_seq = next(self._join_seq)
+            self._bump(p.peer_group)
+        if admitted:
+            self._revision += 1
+            logger.info(
+                "master: admitted %s at revision %d",
+                ", ".join(p.peer_id for p in admitted),
+                self._revision,
+            )
 
     def expire(self) -> None:
         """Evicts every peer silent past the heartbeat timeout (the janitor calls it often)."""
@@ -517,21 +580,10 @@ class Membership:
             p.gate = None
         results: dict[str, dict[str, Any]]
         if kind == GateKind.TOPOLOGY:
-            admitted = [p for p in self._peers.values() if self._admissible(p)]
-            for p in admitted:
-                p.accepted = True
-                p.join_seq = next(self._join_seq)
-                self._bump(p.peer_group)
-            if admitted:
-                self._revision += 1
-                logger.info(
-                    "master: admitted %s at revision %d",
-                    ", ".join(p.peer_id for p in admitted),
-                    self._revision,
-                )
+            self._admit(admissible_units(list(self._peers.values()), self._admissible))
             results = {p.peer_id: {"status": "open", **self._world()} for p in scope}
         elif kind == GateKind.PENDING:
-            pending = any(self._admissible(p) for p in self._peers.values())
+            pending = bool(admissible_units(list(self._peers.values()), self._admissible))
             results = {
                 p.peer_id: {"status": "open", "pending": pending, **self._world()} for p in scope
             }
@@ -547,6 +599,9 @@ class Membership:
     def _open_all_reduce(
         self, group: int, scope: list[PeerRecord], arrivals: dict[str, Arrival | None]
     ) -> dict[str, dict[str, Any]]:
+        stale = stale_stamps(scope, {p: a.payload for p, a in arrivals.items() if a is not None})
+        if stale is not None:
+            return stale
         # Every participant must describe the same operation, else the ring would mix
         # unrelated buffers: refuse it on all of them.
         described = {pid: a.payload for pid, a in arrivals.items() if a is not None}

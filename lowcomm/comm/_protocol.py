@@ -19,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowcomm.comm.errors import CommError, PeerFailureError, ProtocolError, TopologyError
+from lowcomm.comm.errors import (
+    CommError,
+    PeerFailureError,
+    ProtocolError,
+    StaleStateError,
+    TopologyError,
+)
 
 __all__ = [
     "KIND_P2P_ACK",
@@ -131,6 +137,7 @@ class ErrorCode(enum.StrEnum):
     LOCKSTEP = "lockstep"  # two peers are in different phases
     MISMATCH = "mismatch"  # the peers of an all-reduce describe different operations
     SYNC = "sync"  # the shared-state election found no state to agree on
+    STALE = "stale"  # the peers of an all-reduce are at different stamps (outer step, revision)
 
 
 _ERROR_CLASSES: dict[str, type[CommError]] = {
@@ -141,17 +148,27 @@ _ERROR_CLASSES: dict[str, type[CommError]] = {
     ErrorCode.LOCKSTEP: TopologyError,
     ErrorCode.MISMATCH: TopologyError,
     ErrorCode.SYNC: TopologyError,
+    ErrorCode.STALE: StaleStateError,
     # The master lost this peer (it restarted); the session re-registers, the call may be retried.
     ErrorCode.UNKNOWN_PEER: PeerFailureError,
 }
 
 
-def error_for(code: str, message: str) -> CommError:
+def error_for(code: str, message: str, answer: dict[str, Any] | None = None) -> CommError:
     """The exception for a master answer's ``"error"`` code; an unknown code is a protocol error
-    (a master of another version)."""
+    (a master of another version). ``answer``: the whole answer, for errors that carry details
+    (``StaleStateError``'s ``stamps``)."""
     cls = _ERROR_CLASSES.get(code)
     if cls is None:
         return ProtocolError(f"{message} (the master answered an unknown error code {code!r})")
+    if cls is StaleStateError:
+        stamps = (answer or {}).get("stamps")
+        mine = (answer or {}).get("peer_id")
+        return StaleStateError(
+            message,
+            stamps=stamps if isinstance(stamps, dict) else {},
+            mine=mine if isinstance(mine, str) else None,
+        )
     return cls(message)
 
 
@@ -204,6 +221,9 @@ class WorldEntry:
     peer_group: int
     address: tuple[str, int]
     join_seq: int = -1
+    replica_id: str = ""
+    replica_rank: int = 0
+    num_replica_ranks: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -211,13 +231,20 @@ class WorldEntry:
             "peer_group": self.peer_group,
             "address": list(self.address),
             "join_seq": self.join_seq,
+            "replica_id": self.replica_id,
+            "replica_rank": self.replica_rank,
+            "num_replica_ranks": self.num_replica_ranks,
         }
 
 
 @dataclass(frozen=True, kw_only=True)
 class RegisterRequest:
     """Join the run. ``rejoin``: re-registering after a master restart; ``accepted``: an earlier
-    master had accepted this peer (it then comes back accepted, with the ``world`` it knew)."""
+    master had accepted this peer (it then comes back accepted, with the ``world`` it knew).
+
+    ``replica_id`` / ``replica_rank`` / ``num_replica_ranks``: this peer is rank ``replica_rank``
+    of the ``num_replica_ranks`` ranks of replica ``replica_id`` (a torchrun job), which the master
+    admits and evicts as one unit. ``num_replica_ranks=0``: a peer on its own."""
 
     OP = Op.REGISTER
     peer_id: str
@@ -228,6 +255,9 @@ class RegisterRequest:
     revision: int = 0
     join_seq: int = -1
     world: list[WorldEntry] = field(default_factory=list)
+    replica_id: str = ""
+    replica_rank: int = 0
+    num_replica_ranks: int = 0
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> RegisterRequest:
@@ -248,10 +278,25 @@ class RegisterRequest:
                     peer_group=_int(e, "peer_group"),
                     address=_address(e.get("address"), "world[].address"),
                     join_seq=_int(e, "join_seq", -1, low=-1),
+                    **_replica_fields(e),
                 )
                 for e in world
             ],
+            **_replica_fields(obj),
         )
+
+
+def _replica_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """The replica-unit fields of a registration or world entry, validated together."""
+    size = _int(obj, "num_replica_ranks", 0)
+    rank = _int(obj, "replica_rank", 0)
+    replica = _str(obj, "replica_id", "")
+    if size and (not replica or rank >= size):
+        raise ProtocolError(
+            f"request fields 'replica_id' ({replica!r}) and 'replica_rank' ({rank}) must name a "
+            f"rank in [0, {size}) of a non-empty replica id when 'num_replica_ranks' is {size}"
+        )
+    return {"replica_id": replica, "replica_rank": rank, "num_replica_ranks": size}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -122,6 +122,12 @@ class Communicator:
             the local shard index).
         token: the run token; must match the master's and every peer's.
         config: see ``CommConfig``.
+        replica_id, replica_rank, num_replica_ranks: this peer is rank ``replica_rank`` of the
+            ``num_replica_ranks`` ranks of replica ``replica_id`` (one torchrun job; under FSDP,
+            rank = local shard index = ``peer_group``). The master admits a replica's ranks
+            together (all of them at one ``update_topology()``, or none) and evicts them together
+            (one rank lost: every rank's next call raises ``TopologyError`` naming it). Leave them
+            unset for a peer on its own. ``lowcomm.init()`` sets them from torchrun's variables.
 
     Thread safety: public methods may be called from any thread; collectives are serialised on
     the worker thread in call order. ``close()`` is idempotent.
@@ -136,9 +142,20 @@ class Communicator:
         peer_group: int = 0,
         token: bytes | str | None = None,
         config: CommConfig | None = None,
+        replica_id: str | None = None,
+        replica_rank: int = 0,
+        num_replica_ranks: int = 1,
     ) -> None:
         if not isinstance(peer_group, int) or peer_group < 0:
             raise ValueError(f"peer_group must be an int >= 0, got {peer_group!r}")
+        if replica_id is not None and not (
+            replica_id and num_replica_ranks >= 1 and 0 <= replica_rank < num_replica_ranks
+        ):
+            raise ValueError(
+                f"replica_id must be non-empty and 0 <= replica_rank < num_replica_ranks, got "
+                f"{replica_id!r}, {replica_rank}, {num_replica_ranks}"
+            )
+        self.replica_id = replica_id
         self.master_address = parse_address(master_address)
         self.peer_group = peer_group
         self.config = config or CommConfig()
@@ -150,6 +167,7 @@ class Communicator:
             token=_handshake.normalize_token(token),
             poll_s=self.config.poll_s,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
+            replica=None if replica_id is None else (replica_id, replica_rank, num_replica_ranks),
         )
         self._worker = TaskQueue(f"lowcomm-worker-{self.peer_id}", check=self._control.check_usable)
         self._listener: PeerListener | None = None
@@ -181,6 +199,22 @@ class Communicator:
     def peers(self) -> list[str]:
         """Peer ids of the accepted world in join order (for ``send``/``recv``)."""
         return [p["peer_id"] for p in self._control.world]
+
+    @property
+    def replicas(self) -> dict[str, list[int]]:
+        """Accepted replicas (``replica_id`` -> its accepted ranks), as of this peer's last phase.
+        Peers on their own are not listed."""
+        out: dict[str, list[int]] = {}
+        for p in self._control.world:
+            if p.get("num_replica_ranks"):
+                out.setdefault(str(p["replica_id"]), []).append(int(p["replica_rank"]))
+        return {r: sorted(ranks) for r, ranks in out.items()}
+
+    @property
+    def pending_replicas(self) -> dict[str, dict[str, Any]]:
+        """Replicas with ranks waiting to be admitted, as of this peer's last phase:
+        ``replica_id`` -> ``{"num_ranks": n, "ranks": [the ranks registered so far]}``."""
+        return dict(self._control.pending_replicas)
 
     @property
     def revision(self) -> int:
@@ -290,16 +324,28 @@ class Communicator:
         quantization: str | Codec | None = None,
         tag: int = 0,
         timeout_s: float | None = None,
+        stamp: dict[str, int] | None = None,
     ) -> AllReduceInfo:
         """All-reduces ``tensor`` over the accepted peers of this peer group, in place or into
         ``out``. Every peer of the group must call it with the same op, size, dtype, codec, tag.
+
+        ``stamp`` names the state the caller's tensor belongs to (the outer loops pass
+        ``{"outer_step": ..., "revision": ...}``); the master compares the participants' stamps
+        before any data moves, and if they differ refuses the all-reduce on every participant
+        with ``StaleStateError`` (its ``stamps`` say who is behind): never a silent average.
 
         Blocks until committed everywhere. On failure raises ``PeerFailureError`` (a peer died)
         or ``CommTimeoutError`` (a peer stalled), with ``tensor``/``out`` untouched on every peer;
         call it again (or use ``all_reduce_with_retry``) to reduce among the survivors.
         """
         result: AllReduceInfo = self.all_reduce_async(
-            tensor, op, out=out, quantization=quantization, tag=tag, timeout_s=timeout_s
+            tensor,
+            op,
+            out=out,
+            quantization=quantization,
+            tag=tag,
+            timeout_s=timeout_s,
+            stamp=stamp,
         ).wait()
         return result
 
@@ -312,6 +358,7 @@ class Communicator:
         quantization: str | Codec | None = None,
         tag: int = 0,
         timeout_s: float | None = None,
+        stamp: dict[str, int] | None = None,
     ) -> Handle:
         """Like ``all_reduce`` but returns a ``Handle`` at once. Several may be in flight; they
         run one after the other in submission order on the worker thread, so every peer must
@@ -320,8 +367,10 @@ class Communicator:
         check_all_reduce_args(tensor, op, out=out, tag=tag)
         codec = resolve_codec(quantization)
 
+        stamp = None if stamp is None else {str(k): int(v) for k, v in stamp.items()}
+
         def run(deadline: float) -> AllReduceInfo:
-            return self._run_all_reduce(tensor, op, out, codec, tag, deadline)
+            return self._run_all_reduce(tensor, op, out, codec, tag, deadline, stamp)
 
         return self._submit(run, timeout_s, f"all_reduce(tag={tag})")
 
@@ -479,6 +528,7 @@ class Communicator:
         codec: Codec | None,
         tag: int,
         deadline: float,
+        stamp: dict[str, int] | None = None,
     ) -> AllReduceInfo:
         start = time.perf_counter()
         payload = {
@@ -487,6 +537,8 @@ class Communicator:
             "dtype": str(tensor.dtype),
             "codec": None if codec is None else type(codec).__name__,
         }
+        if stamp is not None:
+            payload["stamp"] = stamp
         gate = self._control.gate(GateKind.ALL_REDUCE, str(tag), payload, deadline)
         participants = list(gate["participants"])
         # The ring works on 1-D contiguous CPU tensors; it writes into ``scratch``, which is

@@ -16,6 +16,7 @@ __all__ = [
     "CommTimeoutError",
     "PeerFailureError",
     "ProtocolError",
+    "StaleStateError",
     "TopologyError",
     "TruncatedFrameError",
 ]
@@ -55,6 +56,44 @@ class TruncatedFrameError(PeerFailureError, ProtocolError):
 class TopologyError(CommError):
     """The peers are out of lockstep: different phases, a changed world, or this peer was not
     accepted. Call ``update_topology()`` on every peer and retry."""
+
+
+class StaleStateError(TopologyError):
+    """The participants of an all-reduce are at different states: their ``stamp`` arguments (for
+    the outer loops: outer step and shared-state revision) differ. Refused on every participant
+    before any data moved, so nothing was averaged. ``stamps`` maps each participant's peer id to
+    its stamp; ``behind(peer_id)`` tells whether that peer is below the newest stamp, and must take
+    the newer peers' state (``sync_shared_state(..., "receive_only")``) before averaging again."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stamps: dict[str, dict[str, int]] | None = None,
+        mine: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.stamps: dict[str, dict[str, int]] = dict(stamps or {})
+        self.mine = mine  # the peer id of the participant that raised it
+
+    @staticmethod
+    def order(stamp: dict[str, int]) -> tuple[int, ...]:
+        """A stamp as a sortable tuple (its values in key order)."""
+        return tuple(int(stamp[k]) for k in sorted(stamp))
+
+    def newest(self) -> tuple[int, ...]:
+        """The newest stamp among the participants, as ``order`` gives it."""
+        return max((self.order(s) for s in self.stamps.values()), default=())
+
+    @property
+    def is_behind(self) -> bool:
+        """True if the participant that raised it is behind (unknown ``mine``: False)."""
+        return self.mine is not None and self.behind(self.mine)
+
+    def behind(self, peer_id: str) -> bool:
+        """True if ``peer_id``'s stamp is older than the newest one (it must resync)."""
+        stamp = self.stamps.get(peer_id)
+        return stamp is not None and self.order(stamp) < self.newest()
 
 
 class BackendUnavailableError(CommError, ImportError):

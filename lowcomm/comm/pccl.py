@@ -249,7 +249,10 @@ class PcclCommunicator:
         quantization: str | Codec | None = None,
         tag: int = 0,
         timeout_s: float | None = None,
+        stamp: dict[str, int] | None = None,
     ) -> Handle:
+        # ``stamp`` is accepted for API parity but not checked: PCCL's master has no payload to
+        # compare it in (the TCP backend refuses mismatched stamps).
         check_all_reduce_args(tensor, op, out=out, tag=tag)
         if quantization not in (None, "uint8"):
             raise ValueError(

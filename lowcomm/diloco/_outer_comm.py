@@ -37,6 +37,7 @@ class OuterComm(Protocol):
         quantization: Any = ...,
         tag: int = ...,
         timeout_s: float = ...,
+        stamp: dict[str, int] | None = ...,
     ) -> AllReduceHandle: ...
 
     def sync_shared_state(

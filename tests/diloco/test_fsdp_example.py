@@ -14,6 +14,7 @@ import pytest
 from lowcomm.comm import Master
 
 ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "fsdp-token-0123456789abcdef01234"  # 128 bits and more
 
 
 def _free_port() -> int:
@@ -23,16 +24,17 @@ def _free_port() -> int:
 
 
 def _run_replicas(num_procs: int, extra_env: dict[str, str]) -> list[str]:
-    master = Master(("127.0.0.1", 0), token=b"fsdp-token", heartbeat_timeout_s=10.0).start()
+    master = Master(("127.0.0.1", 0), token=TOKEN.encode(), heartbeat_timeout_s=10.0).start()
     try:
         procs = []
         for replica in range(2):
             env = dict(
                 os.environ,
                 LOWCOMM_MASTER="{}:{}".format(*master.address),
-                LOWCOMM_TOKEN="fsdp-token",
-                LOWCOMM_REPLICA=str(replica),
-                LOWCOMM_NUM_REPLICAS="2",
+                LOWCOMM_TOKEN=TOKEN,
+                LOWCOMM_REPLICA_ID=str(replica),
+                LOWCOMM_MIN_REPLICAS="2",
+                LOWCOMM_LISTEN_HOST="127.0.0.1",
                 OMP_NUM_THREADS="1",
                 **extra_env,
             )
