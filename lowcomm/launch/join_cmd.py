@@ -301,8 +301,10 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.tty:
-            from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
+            from tqdm.contrib.logging import (  # type: ignore[import-untyped]
+                logging_redirect_tqdm,
+            )
 
             self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger("lowcomm")])
             self._redirect.__enter__()

@@ -24,6 +24,7 @@ from torch import nn
 from lowcomm.checkpoint import CheckpointConfig, Checkpointer, NoCheckpointError
 from lowcomm.diloco import DiLoCo, OuterConfig
 from lowcomm.diloco.trainer import OuterStats
+from lowcomm.faults import FaultInjector
 
 __all__ = ["RunArchive", "VolunteerTrainer", "open_trainer"]
 
@@ -39,8 +40,11 @@ def open_trainer(
     checkpoint: CheckpointConfig | None,
     checkpoint_every: int,
     stateful: Mapping[str, Any],
+    faults: FaultInjector | None = None,
+    joining: bool | None = None,
 ) -> VolunteerTrainer:
-    """The trainer ``lowcomm join`` drives (at merge: ``lowcomm.Trainer`` with these arguments)."""
+    """The trainer ``lowcomm join`` and the demo's peers drive (at merge: ``lowcomm.Trainer``
+    with these arguments)."""
     return VolunteerTrainer(
         model,
         inner_optimizer,
@@ -49,6 +53,8 @@ def open_trainer(
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         stateful=stateful,
+        faults=faults,
+        joining=joining,
     )
 
 
@@ -58,7 +64,9 @@ class VolunteerTrainer:
     On start it restores its own newest checkpoint: when it is alone in the run, all of it (model,
     outer state, inner optimizer, data position, RNG); when it joins live peers, only its own local
     state (inner optimizer moments, data position, inner step), since the outer state it just
-    received from them is the run's current one (never rolled back). Training thread only.
+    received from them is the run's current one (never rolled back). ``joining``: whether live
+    peers hold the run's state (default: ``comm.world_size > 1``; peers that start a run together
+    pass False). Training thread only.
     """
 
     def __init__(
@@ -71,14 +79,19 @@ class VolunteerTrainer:
         checkpoint: CheckpointConfig | None,
         checkpoint_every: int,
         stateful: Mapping[str, Any],
+        faults: FaultInjector | None = None,
+        joining: bool | None = None,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.model, self.inner_optimizer, self.comm = model, inner_optimizer, comm
         self.stateful = dict(stateful)
         self.checkpoint_every = checkpoint_every
-        joining = comm.world_size > 1
-        self.diloco = DiLoCo(model, inner_optimizer, comm, config=outer, joining=joining)
+        if joining is None:  # the world at connect(): live peers hold the run's outer state
+            joining = comm.world_size > 1
+        self.diloco = DiLoCo(
+            model, inner_optimizer, comm, config=outer, joining=joining, faults=faults
+        )
         self.inner_step = 0
         self.resumed_from: int | None = None  # the inner step of the checkpoint restored
         self._ckpt = Checkpointer(checkpoint) if checkpoint is not None else None
@@ -207,7 +220,7 @@ class RunArchive:
             state = self._ckpt.restore()
         except NoCheckpointError:
             return None
-        return state  # type: ignore[no-any-return]
+        return state
 
     def save(self, outer: dict[str, torch.Tensor]) -> None:
         """Starts saving ``outer`` (from ``VolunteerTrainer.outer_state``); returns at once."""

@@ -58,7 +58,7 @@ def test_master_on_an_address_in_use_names_the_address() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        address = "127.0.0.1:{}".format(busy.getsockname()[1])
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
         out = run_lowcomm("master", "--listen", address)
     _one_error_line(out, f"cannot listen on {address}: the address is in use", "--listen")
 

@@ -48,13 +48,19 @@ def test_an_empty_config_is_the_tiny_gpt_run() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('task = "a.b:c"\n[outer]\nsync_every = 0', "run.toml: [outer].sync_every must be >= 1, got 0"),
+        (
+            'task = "a.b:c"\n[outer]\nsync_every = 0',
+            "run.toml: [outer].sync_every must be >= 1, got 0",
+        ),
         ('task = "a.b:c"\n[outer]\nsync_evry = 5', "run.toml: [outer] has no field 'sync_evry'"),
         ('task = "a.b:c"\n[outer]\nsync_every = "5"', "run.toml: [outer].sync_every must be int"),
         ('task = "a.b:c"\n[outer]\nmethod = "adam"', "run.toml: [outer].method must be one of"),
         ('task = "a.b:c"\n[outer]\nouter_lr = -1.0', "run.toml: [outer].outer_lr must be finite"),
         ('task = "a.b:c"\n[checkpoint]\nevery = 0', "run.toml: [checkpoint].every must be >= 1"),
-        ('task = "a.b:c"\n[checkpoint]\nremote = "/x"', "run.toml: [checkpoint].remote must be a URL"),
+        (
+            'task = "a.b:c"\n[checkpoint]\nremote = "/x"',
+            "run.toml: [checkpoint].remote must be a URL",
+        ),
         ('task = "a.b:c"\nouter_steps = 0', "run.toml: outer_steps must be an integer >= 1"),
         ('task = "a.b:c"\nsettings = 3', "run.toml: [settings] must be a table"),
         ('task = "a.b:c"\ntaks = 1', "run.toml: unknown key 'taks'"),
