@@ -424,7 +424,7 @@ class Membership:
     def leave(self, req: LeaveRequest) -> dict[str, Any]:
         """The peer closed its communicator: remove it now."""
         with self.cond:
-            self._evict(req.peer_id, "it left (close())")
+            self._evict(req.peer_id, "it left (close())", clean=True)
             return {"ok": True}
 
     def evict(self, peer_id: str, reason: str) -> None:
@@ -478,9 +478,12 @@ class Membership:
             self._bump(op.group)
         self.cond.notify_all()
 
-    def _evict(self, peer_id: str, reason: str, *, whole_replica: bool = True) -> None:
+    def _evict(
+        self, peer_id: str, reason: str, *, whole_replica: bool = True, clean: bool = False
+    ) -> None:
         """Removes a peer (caller holds the lock); aborts its ops and re-evaluates gates. With
-        ``whole_replica``, the other ranks of its replica go with it."""
+        ``whole_replica``, the other ranks of its replica go with it. ``clean``: the peer asked to
+        leave, which is normal (logged at INFO, not as an eviction)."""
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return
@@ -488,7 +491,10 @@ class Membership:
         if peer.accepted:
             self._revision += 1
             self._bump(peer.peer_group)
-        logger.warning("master: evicted peer %s: %s", peer_id, reason)
+        if clean:
+            logger.info("master: peer %s left the run", peer_id)
+        else:
+            logger.warning("master: evicted peer %s: %s", peer_id, reason)
         for op in self._rounds:
             if op.verdict is None and peer_id in op.participants:
                 self._settle(op, op.lose(peer_id, reason))

@@ -238,13 +238,23 @@ class Communicator:
         return self._advertised()
 
     # ------------------------------------------------------------------ connect / close
-    def connect(self, timeout_s: float | None = None) -> None:
+    def connect(
+        self,
+        timeout_s: float | None = None,
+        *,
+        before_admission: Callable[[bytes], None] | None = None,
+    ) -> None:
         """Registers with the master and blocks until this peer is accepted into the world.
 
         The first peer of an empty run is accepted at once; later ones when the running peers
         next call ``update_topology()``. ``connect`` returns at the same point as that
         ``update_topology()``, so the joiner's next phase must be the one the running peers
         call after it.
+
+        ``before_admission(config_blob)`` runs once registered, before this peer asks to be
+        admitted: a joiner checks the run's configuration and does its slow set-up there, so the
+        running peers never admit a peer that then refuses the run or keeps them waiting. If it
+        raises, the communicator is closed and the error propagates.
 
         Raises:
             AuthenticationError: the master does not know this run's token.
@@ -266,6 +276,12 @@ class Communicator:
                 faults=self.config.faults,
             )
         self._control.start_session(self._advertised(), deadline=deadline)
+        if before_admission is not None:
+            try:
+                before_admission(self.config_blob)
+            except BaseException:
+                self.close()
+                raise
         self._worker.start()
         self._control.wait_accepted(deadline=deadline)
         logger.info(
