@@ -301,8 +301,8 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.tty:
-            from tqdm import tqdm  # type: ignore[import-untyped]
-            from tqdm.contrib.logging import (  # type: ignore[import-untyped]
+            from tqdm import tqdm
+            from tqdm.contrib.logging import (
                 logging_redirect_tqdm,
             )
 
