@@ -32,7 +32,7 @@ import torch.distributed as dist
 from lowcomm.comm import PeerListener, connect_ring
 from lowcomm.comm.shaper import Shaper
 
-TOKEN = b"benchmark-token"
+TOKEN = b"benchmark-token-0123456789abcdef"
 
 
 def _free_port() -> int:

@@ -27,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config-file", default=None, help="file whose bytes every joining peer downloads"
     )
     parser.add_argument(
+        "--no-encryption",
+        action="store_true",
+        help="send frames unencrypted after the token proof (trusted networks only; every peer "
+        "must then use CommConfig(encryption=False))",
+    )
+    parser.add_argument(
         "--heartbeat-timeout",
         type=float,
         default=10.0,
@@ -43,9 +49,16 @@ def run(args: argparse.Namespace) -> int:
         if not token:
             raise SystemExit(f"--token-file {args.token_file} is empty")
     blob = Path(args.config_file).read_bytes() if args.config_file else b""
-    master = Master(
-        args.listen, token=token, config_blob=blob, heartbeat_timeout_s=args.heartbeat_timeout
-    ).start()
+    try:
+        master = Master(
+            args.listen,
+            token=token,
+            config_blob=blob,
+            heartbeat_timeout_s=args.heartbeat_timeout,
+            encryption=not args.no_encryption,
+        ).start()
+    except ValueError as exc:  # a weak token: one line saying how to make a good one
+        raise SystemExit(f"lowcomm master: {exc}") from None
     host, port = master.address
     # Scripts (and tests) parse this line to learn the port when --listen asked for port 0.
     print(f"lowcomm master listening on {host}:{port}", flush=True)

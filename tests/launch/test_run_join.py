@@ -12,6 +12,7 @@ import pytest
 
 from lowcomm.comm import Master
 from lowcomm.launch.join_cmd import parse_run_config
+from tests._tokens import TOKEN
 
 
 def _lowcomm(*args: str) -> list[str]:
@@ -37,9 +38,9 @@ def test_two_volunteers_join_a_run_and_end_bit_identical(tmp_path: Path) -> None
     config = {"outer": {"method": "async", "sync_every": 5}, "gpt": {"num_layers": 1, "width": 32,
               "num_heads": 2, "context": 32}, "batch_size": 8, "outer_steps": 40}  # fmt: skip
     token = tmp_path / "token"
-    token.write_bytes(b"volunteer-secret\n")
+    token.write_bytes(TOKEN + b"\n")
     master = Master(
-        ("127.0.0.1", 0), token=b"volunteer-secret", config_blob=json.dumps(config).encode()
+        ("127.0.0.1", 0), token=TOKEN, config_blob=json.dumps(config).encode()
     ).start()
     try:
         address = "{}:{}".format(*master.address)
