@@ -106,7 +106,8 @@ class HandshakeSlots:
             own = [s for s in self._active if s.host == host]
             if len(own) >= self.max_per_source:
                 if not priority:
-                    return self._refused(host, "too many handshakes from this source")
+                    self._count_and_log(host, "too many handshakes from this source")
+                    return None
                 victim = own[0]
             elif len(self._active) >= self.max_total:
                 strangers = [s for s in self._active if not s.priority]
@@ -116,7 +117,8 @@ class HandshakeSlots:
                 elif priority:
                     victim = self._active[0]
                 else:
-                    return self._refused(host, "too many handshakes in progress")
+                    self._count_and_log(host, "too many handshakes in progress")
+                    return None
             if victim is not None:
                 self._active.remove(victim)
                 victim.evicted = True
@@ -143,10 +145,6 @@ class HandshakeSlots:
         """Counts a connection refused or failed before authentication; logs the first per host."""
         with self._lock:
             self._count_and_log(host, reason)
-
-    def _refused(self, host: str, reason: str) -> None:
-        self._count_and_log(host, reason)
-        return None
 
     def _count_and_log(self, host: str, reason: str) -> None:
         self.num_rejected += 1

@@ -19,15 +19,11 @@ its receivers), so each is used by one thread at a time.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lowcomm.comm.errors import ProtocolError
-
-if TYPE_CHECKING:
-    from typing_extensions import Buffer
 
 __all__ = ["FLAG_SEALED", "KEY_BYTES", "TAG_BYTES", "FrameCipher"]
 
@@ -68,7 +64,7 @@ class FrameCipher:
         ``header`` as associated data. Valid until the next call."""
         out = self.buffer(length + TAG_BYTES)
         if len(views) == 1:
-            data: Buffer = views[0]
+            data: memoryview = views[0]
         else:  # the AEAD takes one contiguous input: gather the parts, then seal in place
             pos = 0
             for v in views:

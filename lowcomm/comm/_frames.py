@@ -437,7 +437,9 @@ class Connection:
         self._recv_exact(sealed, deadline, in_frame=True)
         self._open(cipher, pending[0], sealed, mv)
 
-    def _open(self, cipher: FrameCipher, header: bytes, sealed: memoryview, out: memoryview) -> None:
+    def _open(
+        self, cipher: FrameCipher, header: bytes, sealed: memoryview, out: memoryview
+    ) -> None:
         try:
             cipher.open_into(header, sealed, out, peer=self.peer)
         except ProtocolError as exc:

@@ -33,6 +33,7 @@ Errors: a token mismatch raises ``AuthenticationError``; the framing errors (``P
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -278,7 +279,12 @@ def _connect_handshake(
         return max(_remaining(deadline), 1e-3)
 
     nonce_c = os.urandom(_NONCE_BYTES)
-    first = {"v": _VERSION, "auth": key is not None, "encryption": encryption, "nonce": nonce_c.hex()}
+    first = {
+        "v": _VERSION,
+        "auth": key is not None,
+        "encryption": encryption,
+        "nonce": nonce_c.hex(),
+    }
     first_raw = _dumps(first)
     conn.send_frame(KIND_AUTH_HELLO, first_raw, timeout_s=left())
     frame = conn.recv_frame(timeout_s=_remaining(deadline), max_bytes=PREAUTH_MAX_BYTES)
@@ -383,10 +389,8 @@ def _accept_handshake(
 
     def reject(reason: str) -> AuthenticationError:
         # The connector may already be gone; the rejection stands either way.
-        try:
+        with contextlib.suppress(CommTimeoutError, PeerFailureError):
             conn.send_json(KIND_AUTH_RESULT, {"ok": False, "reason": reason}, timeout_s=left())
-        except (CommTimeoutError, PeerFailureError):
-            pass
         conn.fail(f"authentication failed: {reason}")
         return AuthenticationError(f"connection from {conn.peer} refused: {reason}")
 

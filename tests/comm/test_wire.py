@@ -133,9 +133,7 @@ def test_acceptor_with_wrong_token_cannot_impersonate_the_run(listener: socket.s
     # the connection before the hello (sent only after both proofs) could reach it.
     acc = _accept_in_thread(listener, token=OTHER_TOKEN)
     with pytest.raises(AuthenticationError, match="run token rejected by"):
-        _handshake.connect(
-            listener.getsockname(), token=TOKEN, hello={"secret": 1}, timeout_s=10
-        )
+        _handshake.connect(listener.getsockname(), token=TOKEN, hello={"secret": 1}, timeout_s=10)
     assert acc.done.wait(10)
     assert isinstance(acc.error, CommError)
 
@@ -214,7 +212,12 @@ def test_malformed_handshake_json_is_a_protocol_error(listener: socket.socket) -
         assert isinstance(acc.error, ProtocolError)
     acc = _accept_in_thread(listener, token=TOKEN)
     with socket.create_connection(listener.getsockname()) as raw:
-        raw.sendall(_raw_frame(_handshake.KIND_AUTH_HELLO, b'{"v": 2, "auth": true, "encryption": true, "nonce": "zz"}'))
+        raw.sendall(
+            _raw_frame(
+                _handshake.KIND_AUTH_HELLO,
+                b'{"v": 2, "auth": true, "encryption": true, "nonce": "zz"}',
+            )
+        )
         assert acc.done.wait(10)
         assert isinstance(acc.error, ProtocolError)
         assert "nonce" in str(acc.error)

@@ -39,9 +39,7 @@ def test_two_volunteers_join_a_run_and_end_bit_identical(tmp_path: Path) -> None
               "num_heads": 2, "context": 32}, "batch_size": 8, "outer_steps": 40}  # fmt: skip
     token = tmp_path / "token"
     token.write_bytes(TOKEN + b"\n")
-    master = Master(
-        ("127.0.0.1", 0), token=TOKEN, config_blob=json.dumps(config).encode()
-    ).start()
+    master = Master(("127.0.0.1", 0), token=TOKEN, config_blob=json.dumps(config).encode()).start()
     try:
         address = "{}:{}".format(*master.address)
         procs = [
