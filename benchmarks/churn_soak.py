@@ -37,7 +37,7 @@ import torch
 from lowcomm.comm import CommConfig, Communicator, Master
 from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError, TopologyError
 
-TOKEN = b"churn-soak-token"
+TOKEN = b"churn-soak-token-0123456789abcdef"
 MAX_PEERS = 256  # marker slots: peer ids are 0..255
 PAYLOAD = 20_000
 HEARTBEAT_TIMEOUT_S = 2.0

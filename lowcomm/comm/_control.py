@@ -71,6 +71,7 @@ class ControlClient:
         peer_id: this peer's id (unique in the run).
         peer_group: the peer group it all-reduces and syncs state with.
         token: the normalized run token (None: no auth).
+        encryption: seal the frames of every connection (see ``_handshake``).
         poll_s: the longest one request waits at the master before asking again.
         heartbeat_interval_s: seconds between heartbeats; None: a quarter of the master's
             heartbeat timeout.
@@ -88,11 +89,13 @@ class ControlClient:
         poll_s: float,
         heartbeat_interval_s: float | None,
         replica: tuple[str, int, int] | None = None,
+        encryption: bool = True,
     ) -> None:
         self.master_address = master_address
         self.peer_id = peer_id
         self.peer_group = peer_group
         self.token = token
+        self.encryption = encryption
         self._poll_s = poll_s
         self._heartbeat_interval_s = heartbeat_interval_s
         self._cond = threading.Condition()
@@ -211,6 +214,7 @@ class ControlClient:
         conn, _hello = _handshake.connect(
             self.master_address,
             token=self.token,
+            encryption=self.encryption,
             hello={"role": "session", "peer_id": self.peer_id},
             timeout_s=max(0.1, min(10.0, deadline - time.monotonic())),
             max_frame_bytes=MAX_CONTROL_FRAME_BYTES,
@@ -310,6 +314,7 @@ class ControlClient:
                         conn, _ = _handshake.connect(
                             self.master_address,
                             token=self.token,
+                            encryption=self.encryption,
                             hello={"role": "control", "peer_id": self.peer_id},
                             timeout_s=max(0.1, min(5.0, deadline - time.monotonic())),
                             max_frame_bytes=MAX_CONTROL_FRAME_BYTES,

@@ -80,6 +80,10 @@ class CommConfig:
         shaper: optional WAN emulation applied to this peer's sends.
         faults: optional fault injector for this peer's points (``state.serve``, ``p2p.send``,
             ``ring.send``; see ``lowcomm.faults``). None in production.
+        encryption: seal (encrypt and authenticate) every frame after the handshake, on every
+            connection (default). False only on a trusted network, and then on the master and
+            every peer too: the handshake fails if the two ends differ. The token proof is made
+            either way.
     """
 
     num_connections: int = 4
@@ -90,6 +94,7 @@ class CommConfig:
     poll_s: float = 0.5
     shaper: Shaper | None = None
     faults: FaultInjector | None = None
+    encryption: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_connections <= 64:
@@ -168,6 +173,7 @@ class Communicator:
             poll_s=self.config.poll_s,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             replica=None if replica_id is None else (replica_id, replica_rank, num_replica_ranks),
+            encryption=self.config.encryption,
         )
         self._worker = TaskQueue(f"lowcomm-worker-{self.peer_id}", check=self._control.check_usable)
         self._listener: PeerListener | None = None
@@ -268,6 +274,7 @@ class Communicator:
                 port=0,
                 token=self._control.token,
                 shaper=self.config.shaper,
+                encryption=self.config.encryption,
             )
             self._p2p = PointToPoint(
                 self._control,
@@ -532,6 +539,7 @@ class Communicator:
             timeout_s=max(0.1, build_s),
             shaper=self.config.shaper,
             faults=self.config.faults,
+            encryption=self.config.encryption,
         )
         self._ring_id = str(gate["ring_id"])
         return self._ring

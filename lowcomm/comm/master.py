@@ -12,6 +12,10 @@ membership state is guarded by one lock. Requests never block the master for lon
 request holds its handler thread for at most ``wait_s`` (capped) and the peer polls again. A
 connection whose content the master cannot parse is closed and counted in
 ``snapshot()["num_rejected_connections"]``.
+
+Before authentication a connection is admitted by ``_handshake_slots.HandshakeSlots`` (a short handshake
+deadline, caps per source host and in total, hosts that authenticated before served ahead of
+strangers); after it, at most ``max_connections`` authenticated connections are kept.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lowcomm.comm import _frames, _handshake
+from lowcomm.comm._handshake_slots import HandshakeSlots, Slot
 from lowcomm.comm._membership import Membership
 from lowcomm.comm._protocol import (
     KIND_REQUEST,
@@ -45,7 +50,7 @@ logger = logging.getLogger(__name__)
 # How long a connection may sit idle before the master drops it (a peer's session connection
 # heartbeats far more often; a control connection may idle through a long training phase).
 _IDLE_TIMEOUT_S = 7 * 24 * 3600.0
-_HANDSHAKE_TIMEOUT_S = 10.0
+_SEND_TIMEOUT_S = 10.0
 
 
 class Master:
@@ -53,11 +58,18 @@ class Master:
 
     Args:
         listen: ``(host, port)`` or ``"host:port"`` to listen on; port 0 picks a free one.
-        token: the run token (bytes); every connection must prove it knows it. None: no auth.
+        token: the run token; every connection must prove it knows it (at least 128 bits, see
+            ``_handshake.check_token``; ``lowcomm token new`` makes one). None: no auth.
         config_blob: the run's configuration, handed to every peer at registration.
         heartbeat_timeout_s: a peer silent for this long is evicted.
         faults: optional fault injector, hit at ``master.request`` before each answer (context:
             ``op``, ``peer``). None in production.
+        encryption: seal every frame after the handshake (default); False only on a trusted
+            network, and then on every peer too (``CommConfig(encryption=False)``).
+        handshake_timeout_s: how long an unauthenticated connection may take to prove the token.
+        max_handshakes, max_handshakes_per_source: concurrent unauthenticated handshakes, in
+            total and from one host.
+        max_connections: authenticated connections kept at once (a peer holds about three).
 
     ``start()`` binds and serves on background threads; ``stop()`` closes everything. Both are
     idempotent and thread-safe. The master survives malformed, oversized or unauthenticated
@@ -68,17 +80,30 @@ class Master:
         self,
         listen: tuple[str, int] | str = ("127.0.0.1", 0),
         *,
-        token: bytes | None = None,
+        token: bytes | str | None = None,
         config_blob: bytes = b"",
         heartbeat_timeout_s: float = 10.0,
         faults: FaultInjector | None = None,
+        encryption: bool = True,
+        handshake_timeout_s: float = _handshake.DEFAULT_HANDSHAKE_TIMEOUT_S,
+        max_handshakes: int = 64,
+        max_handshakes_per_source: int = 8,
+        max_connections: int = 4096,
     ) -> None:
         if heartbeat_timeout_s <= 0:
             raise ValueError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
-        if token is not None and not isinstance(token, bytes | bytearray):
-            raise ValueError("token must be bytes or None")
+        if handshake_timeout_s <= 0:
+            raise ValueError(f"handshake_timeout_s must be > 0, got {handshake_timeout_s}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         self._listen = parse_address(listen)
-        self._token = bytes(token) if token is not None else None
+        self._token = _handshake.normalize_token(token)
+        self.encryption = bool(encryption)
+        self._handshake_timeout_s = float(handshake_timeout_s)
+        self._max_connections = int(max_connections)
+        self._slots = HandshakeSlots(
+            name="master", max_total=max_handshakes, max_per_source=max_handshakes_per_source
+        )
         self._config_blob = bytes(config_blob)
         self.heartbeat_timeout_s = float(heartbeat_timeout_s)
         # A fresh epoch per master process: ring ids include it, so rings are rebuilt after a
@@ -166,7 +191,7 @@ class Master:
         lowcomm) or closed for content the master could not parse, since ``start()``.
         """
         with self._lock:
-            rejected = self._num_rejected
+            rejected = self._num_rejected + self._slots.num_rejected
         return {**self._membership.snapshot(), "num_rejected_connections": rejected}
 
     def evict(self, peer_id: str, reason: str = "evicted by the operator") -> None:
@@ -188,29 +213,48 @@ class Master:
                 continue
             except OSError:
                 return
-            t = threading.Thread(
-                target=self._serve_connection,
-                args=(client, addr),
-                name=f"lowcomm-master-conn-{addr[1]}",
-                daemon=True,
-            )
-            t.start()
+            slot = self._slots.admit(client, str(addr[0]))
+            if slot is not None:
+                with self._lock:
+                    full = len(self._conns) >= self._max_connections
+                if full:
+                    self._slots.release(slot)
+                    self._slots.rejected(slot.host, "the master's connection cap is reached")
+                    slot = None
+            if slot is None:
+                with contextlib.suppress(OSError):
+                    client.close()
+                continue
+            try:
+                threading.Thread(
+                    target=self._serve_connection,
+                    args=(client, addr, slot),
+                    name=f"lowcomm-master-conn-{addr[1]}",
+                    daemon=True,
+                ).start()
+            except RuntimeError:  # cannot start a thread (resource limit): refuse this one
+                self._slots.release(slot)
+                client.close()
 
-    def _serve_connection(self, client: socket.socket, addr: Any) -> None:
+    def _serve_connection(self, client: socket.socket, addr: Any, slot: Slot) -> None:
         try:
             conn, _hello = _handshake.accept(
                 client,
                 token=self._token,
                 hello={"role": "master", "epoch": self.epoch},
-                timeout_s=_HANDSHAKE_TIMEOUT_S,
+                timeout_s=self._handshake_timeout_s,
                 max_frame_bytes=MAX_CONTROL_FRAME_BYTES,
+                encryption=self.encryption,
             )
         except (CommError, OSError, ValueError) as e:
-            self._reject()
-            logger.warning("master: refused connection from %s: %s", addr, e)
+            if not slot.evicted:
+                self._slots.rejected(slot.host, str(e))
             with contextlib.suppress(OSError):
                 client.close()
             return
+        finally:
+            self._slots.release(slot)
+        self._slots.authenticated(slot.host)
         with self._lock:
             if self._stopped.is_set():
                 conn.close()
@@ -228,7 +272,7 @@ class Master:
                     session_peer = str(response.get("peer_id", req.peer_id))
                 if self._faults is not None:
                     self._faults.hit("master.request", op=str(req.OP), peer=req.peer_id)
-                conn.send_json(KIND_RESPONSE, response, timeout_s=_HANDSHAKE_TIMEOUT_S)
+                conn.send_json(KIND_RESPONSE, response, timeout_s=_SEND_TIMEOUT_S)
         except _BadRequest as e:
             self._reject()
             logger.warning("master: closing connection from %s: bad request: %s", addr, e)

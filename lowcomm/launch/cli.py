@@ -14,12 +14,12 @@ from types import ModuleType
 
 from lowcomm._version import __version__
 from lowcomm.errors import LowcommError
-from lowcomm.launch import demo, join_cmd, master_cmd, run_cmd
+from lowcomm.launch import demo, join_cmd, master_cmd, run_cmd, token_cmd
 from lowcomm.launch.logs import setup_logging
 
 __all__ = ["build_parser", "main", "one_line"]
 
-_COMMANDS: tuple[ModuleType, ...] = (demo, master_cmd, run_cmd, join_cmd)
+_COMMANDS: tuple[ModuleType, ...] = (demo, master_cmd, run_cmd, join_cmd, token_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tiny GPT task",
     )
     parser.add_argument(
+        "--no-encryption",
+        action="store_true",
+        help="send frames unencrypted after the token proof (trusted networks only; every peer "
+        "must then use CommConfig(encryption=False))",
+    )
+    parser.add_argument(
         "--heartbeat-timeout",
         type=float,
         default=10.0,
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         token=token,
         config_blob=cfg.text.encode(),
         heartbeat_timeout_s=args.heartbeat_timeout,
+        encryption=not args.no_encryption,
     )
     try:
         master.start()

@@ -10,8 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lowcomm.comm import CommConfig, Communicator, Master
-
-TOKEN = b"test-run-token"
+from tests._tokens import TOKEN
 
 # Short timeouts so that faults resolve in seconds; generous enough for a loaded 2-core box.
 FAST = CommConfig(timeout_s=30.0, poll_s=0.2, num_connections=2)

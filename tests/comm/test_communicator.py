@@ -13,6 +13,7 @@ from _control_harness import FAST, addr, communicator, connect_all, run_threads,
 from lowcomm.comm import AllReduceInfo, CommBackend, Communicator, open_communicator
 from lowcomm.comm.errors import TopologyError
 from lowcomm.faults import FaultInjector
+from tests._tokens import TOKEN
 
 
 @pytest.fixture
@@ -338,6 +339,6 @@ def _admit(comm: Communicator, world: int) -> None:
 
 
 def test_the_tcp_communicator_is_a_comm_backend_made_by_the_factory() -> None:
-    c = open_communicator("127.0.0.1:1", token=b"t")
+    c = open_communicator("127.0.0.1:1", token=TOKEN)
     assert isinstance(c, Communicator) and isinstance(c, CommBackend)
     assert c.backend == "tcp"

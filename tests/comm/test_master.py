@@ -26,6 +26,7 @@ from lowcomm.comm._protocol import (
 )
 from lowcomm.comm.errors import AuthenticationError, PeerFailureError, ProtocolError, TopologyError
 from lowcomm.faults import FaultInjector
+from tests._tokens import OTHER_TOKEN
 
 
 @pytest.mark.timeout(60)
@@ -71,7 +72,7 @@ def test_peers_download_the_runs_config_blob() -> None:
 def test_wrong_token_is_refused_with_a_clear_error_on_the_joiner() -> None:
     master = start_master()
     try:
-        intruder = Communicator(addr(master), token=b"not-the-token")
+        intruder = Communicator(addr(master), token=OTHER_TOKEN)
         with pytest.raises(AuthenticationError, match="run token rejected"):
             intruder.connect(timeout_s=10)
         intruder.close()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from lowcomm.comm import Master
+from tests._tokens import TOKEN
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "fsdp-token-0123456789abcdef01234"  # 128 bits and more
 
 
 def _free_port() -> int:
@@ -24,14 +24,14 @@ def _free_port() -> int:
 
 
 def _run_replicas(num_procs: int, extra_env: dict[str, str]) -> list[str]:
-    master = Master(("127.0.0.1", 0), token=TOKEN.encode(), heartbeat_timeout_s=10.0).start()
+    master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=10.0).start()
     try:
         procs = []
         for replica in range(2):
             env = dict(
                 os.environ,
                 LOWCOMM_MASTER="{}:{}".format(*master.address),
-                LOWCOMM_TOKEN=TOKEN,
+                LOWCOMM_TOKEN=TOKEN.decode(),
                 LOWCOMM_REPLICA_ID=str(replica),
                 LOWCOMM_MIN_REPLICAS="2",
                 LOWCOMM_LISTEN_HOST="127.0.0.1",
