@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from lowcomm.comm import _handshake
-from lowcomm.comm._handshake_slots import HandshakeSlots, Slot
 from lowcomm.comm._frames import DEFAULT_MAX_FRAME_BYTES, Connection
+from lowcomm.comm._handshake_slots import HandshakeSlots, Slot
 from lowcomm.comm.errors import CommError, CommTimeoutError
 from lowcomm.comm.shaper import Shaper
 
