@@ -30,10 +30,12 @@ from lowcomm.comm._protocol import (
     KIND_REQUEST,
     KIND_RESPONSE,
     MAX_CONTROL_FRAME_BYTES,
+    ErrorCode,
     Op,
     Request,
     parse_address,
     parse_request,
+    parse_secret,
 )
 from lowcomm.comm.errors import CommError, PeerFailureError, ProtocolError
 from lowcomm.faults import FaultInjector
@@ -57,7 +59,9 @@ class Master:
         config_blob: the run's configuration, handed to every peer at registration.
         heartbeat_timeout_s: a peer silent for this long is evicted.
         faults: optional fault injector, hit at ``master.request`` before each answer (context:
-            ``op``, ``peer``). None in production.
+            ``op``, ``peer``) and at ``master.commit`` on each commit-protocol message (each
+            peer's vote received, each verdict sent: context ``message``, ``index``, ``op``,
+            ``peer``). None in production.
 
     ``start()`` binds and serves on background threads; ``stop()`` closes everything. Both are
     idempotent and thread-safe. The master survives malformed, oversized or unauthenticated
@@ -108,6 +112,8 @@ class Master:
         self._stopped = threading.Event()
         # Failed handshakes and connections closed for content the master could not parse.
         self._num_rejected = 0
+        # (message, op id) -> peers already counted at the master.commit fault point.
+        self._commit_seen: dict[tuple[str, str], set[str]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -217,18 +223,21 @@ class Master:
                 return
             self._conns.add(conn)
         session_peer: str | None = None  # set when this connection registered (its session)
+        bound: list[str] = []  # the one peer this connection speaks for, once it proved it
         try:
             while not self._stopped.is_set():
                 kind, _tag, request = conn.recv_json(timeout_s=_IDLE_TIMEOUT_S)
                 if kind != KIND_REQUEST or not isinstance(request, dict):
                     raise _BadRequest(f"expected a request object, got kind {kind}")
                 req = self._parse(request)
-                response = self._handle(req)
+                response = self._dispatch(req, self._parse_secret(request), bound)
                 if req.OP in (Op.REGISTER, Op.HEARTBEAT) and "error" not in response:
                     session_peer = str(response.get("peer_id", req.peer_id))
                 if self._faults is not None:
                     self._faults.hit("master.request", op=str(req.OP), peer=req.peer_id)
                 conn.send_json(KIND_RESPONSE, response, timeout_s=_HANDSHAKE_TIMEOUT_S)
+                if req.OP == Op.VOTE and response.get("verdict"):
+                    self._commit_point("verdict", req.op_id, req.peer_id)
         except _BadRequest as e:
             self._reject()
             logger.warning("master: closing connection from %s: bad request: %s", addr, e)
@@ -258,11 +267,57 @@ class Master:
         except ProtocolError as e:
             raise _BadRequest(str(e)) from e
 
-    def _handle(self, req: Request) -> dict[str, Any]:
+    @staticmethod
+    def _parse_secret(obj: dict[str, Any]) -> str:
         try:
-            return self._handlers[req.OP](req)
-        except (KeyError, TypeError, ValueError) as e:  # e.g. a sync payload missing a field
-            raise _BadRequest(f"malformed {str(req.OP)!r} request: {e!r}") from e
+            return parse_secret(obj)
+        except ProtocolError as e:
+            raise _BadRequest(str(e)) from e
+
+    def _dispatch(self, req: Request, secret: str, bound: list[str]) -> dict[str, Any]:
+        """Checks that the request speaks for the peer this connection is bound to (binding it at
+        its first request) and with that peer's secret, then runs it."""
+        if bound and req.peer_id != bound[0]:
+            self._reject()
+            return {
+                "error": ErrorCode.FORBIDDEN,
+                "message": f"this connection speaks for peer {bound[0]}, not {req.peer_id}",
+            }
+        if req.OP == Op.REGISTER:
+            response = self._handle(lambda: self._membership.register(req, secret), req)
+        else:
+            refused = self._membership.authorize(req.peer_id, secret)
+            if refused is not None:
+                self._reject()
+                return refused
+            if req.OP == Op.VOTE:
+                self._commit_point("vote", req.op_id, req.peer_id)
+            response = self._handle(lambda: self._handlers[req.OP](req), req)
+        if not bound and "error" not in response:
+            bound.append(str(response.get("peer_id") or req.peer_id))
+        return response
+
+    def _commit_point(self, message: str, op_id: str, peer_id: str) -> None:
+        """The ``master.commit`` fault point, at each peer's first vote received and first
+        verdict sent per operation (``index``: how many came before it)."""
+        if self._faults is None:
+            return
+        with self._lock:
+            seen = self._commit_seen.setdefault((message, op_id), set())
+            if peer_id in seen:
+                return
+            seen.add(peer_id)
+            index = len(seen) - 1
+            while len(self._commit_seen) > 4096:
+                del self._commit_seen[next(iter(self._commit_seen))]
+        self._faults.hit("master.commit", message=message, index=index, op=op_id, peer=peer_id)
+
+    @staticmethod
+    def _handle(run: Callable[[], dict[str, Any]], req: Request) -> dict[str, Any]:
+        try:
+            return run()
+        except Exception as e:  # hostile input must never kill the thread with a traceback
+            raise _BadRequest(f"malformed {str(req.OP)!r} request: {e!r}"[:300]) from e
 
     def _janitor(self) -> None:
         period = min(0.1, self.heartbeat_timeout_s / 10)

@@ -304,6 +304,7 @@ def test_a_request_travels_as_the_same_json_it_is_parsed_from() -> None:
         "key": "3",
         "payload": {"numel": 10},
         "rid": "r",
+        "nonfinite": False,
         "wait_s": 0.5,
     }
     req = parse_request(obj)
