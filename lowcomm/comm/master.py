@@ -231,7 +231,8 @@ class Master:
                     raise _BadRequest(f"expected a request object, got kind {kind}")
                 req = self._parse(request)
                 response = self._dispatch(req, self._parse_secret(request), bound)
-                if req.OP in (Op.REGISTER, Op.HEARTBEAT) and "error" not in response:
+                # Only the connection that registered is the peer's session (closing it evicts).
+                if req.OP == Op.REGISTER and "error" not in response:
                     session_peer = str(response.get("peer_id", req.peer_id))
                 if self._faults is not None:
                     self._faults.hit("master.request", op=str(req.OP), peer=req.peer_id)
@@ -241,11 +242,16 @@ class Master:
         except _BadRequest as e:
             self._reject()
             logger.warning("master: closing connection from %s: bad request: %s", addr, e)
+        except (RecursionError, MemoryError) as e:  # JSON the decoder could not hold
+            self._reject()
+            logger.warning("master: closing connection from %s: unparseable request: %r", addr, e)
         except (CommError, OSError, ValueError) as e:
             # An authenticated connection that ends is normal (a peer died or left); only
             # content the master could not parse counts as rejected.
             if not self._stopped.is_set():
-                if isinstance(e, ProtocolError) and not isinstance(e, PeerFailureError):
+                # A ValueError here is JSON the decoder refused (an int of 5,000 digits).
+                bad = isinstance(e, ProtocolError | ValueError)
+                if bad and not isinstance(e, PeerFailureError):
                     self._reject()
                     logger.warning("master: closing connection from %s: %s", addr, e)
                 else:
