@@ -32,7 +32,9 @@ from lowcomm.comm._protocol import (
     MAX_CONTROL_FRAME_BYTES,
     ErrorCode,
     Op,
+    RegisterRequest,
     Request,
+    VoteRequest,
     parse_address,
     parse_request,
     parse_secret,
@@ -237,7 +239,7 @@ class Master:
                 if self._faults is not None:
                     self._faults.hit("master.request", op=str(req.OP), peer=req.peer_id)
                 conn.send_json(KIND_RESPONSE, response, timeout_s=_HANDSHAKE_TIMEOUT_S)
-                if req.OP == Op.VOTE and response.get("verdict"):
+                if isinstance(req, VoteRequest) and response.get("verdict"):
                     self._commit_point("verdict", req.op_id, req.peer_id)
         except _BadRequest as e:
             self._reject()
@@ -289,14 +291,15 @@ class Master:
                 "error": ErrorCode.FORBIDDEN,
                 "message": f"this connection speaks for peer {bound[0]}, not {req.peer_id}",
             }
-        if req.OP == Op.REGISTER:
-            response = self._handle(lambda: self._membership.register(req, secret), req)
+        if isinstance(req, RegisterRequest):
+            register = req
+            response = self._handle(lambda: self._membership.register(register, secret), req)
         else:
             refused = self._membership.authorize(req.peer_id, secret)
             if refused is not None:
                 self._reject()
                 return refused
-            if req.OP == Op.VOTE:
+            if isinstance(req, VoteRequest):
                 self._commit_point("vote", req.op_id, req.peer_id)
             response = self._handle(lambda: self._handlers[req.OP](req), req)
         if not bound and "error" not in response:

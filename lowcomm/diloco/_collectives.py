@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lowcomm.comm.errors import NonFiniteError
 from lowcomm.compression import ErrorFeedback, get_codec
 from lowcomm.diloco._outer_comm import AllReduceHandle, OuterComm
 from lowcomm.diloco._rules import dynamic_local_steps
@@ -98,6 +99,9 @@ class PseudogradientReducer:
                 quantization=self.quantization,
                 tag=tag,
                 timeout_s=self.config.timeout_s,
+                # A NaN/inf pseudo-gradient fails the round on every peer (NonFiniteError, seen
+                # at the gate) instead of poisoning everyone's average: the round is dropped.
+                check_finite=True,
             )
         except LowcommError as exc:
             logger.warning(
@@ -117,6 +121,10 @@ class PseudogradientReducer:
                 t0 = time.perf_counter()
                 try:
                     info = handle.wait(timeout_s=None)  # the operation has its own timeout
+                except NonFiniteError as exc:
+                    # Retrying would send the same poison: drop the round at once.
+                    logger.warning("outer step %d: %s", self.stats.outer_steps, exc)
+                    break
                 except LowcommError as exc:
                     logger.warning(
                         "outer step %d: all-reduce failed (attempt %d/%d): %s",

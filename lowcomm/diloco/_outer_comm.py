@@ -37,6 +37,7 @@ class OuterComm(Protocol):
         quantization: Any = ...,
         tag: int = ...,
         timeout_s: float = ...,
+        check_finite: bool = ...,
     ) -> AllReduceHandle: ...
 
     def sync_shared_state(

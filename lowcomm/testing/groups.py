@@ -68,6 +68,7 @@ class SoloCommunicator:
         quantization: Any = None,
         tag: int = 0,
         timeout_s: float = 60.0,
+        check_finite: bool = False,
     ) -> _Done:
         check_all_reduce_args(tensor, op, tag=tag)
         return _Done(LocalInfo(world_size=1, tx_bytes=0, rx_bytes=0))
@@ -237,6 +238,7 @@ class _LocalPeer:
         quantization: Any = None,
         tag: int = 0,
         timeout_s: float = 60.0,
+        check_finite: bool = False,
     ) -> _Handle:
         check_all_reduce_args(tensor, op, tag=tag)
         codec = resolve_codec(quantization)
