@@ -269,7 +269,7 @@ class ControlClient:
         """Heartbeats on the session connection; re-registers when the master restarted."""
         interval = self._heartbeat_interval_s or self.heartbeat_timeout_s / 4
         heartbeat = to_wire(HeartbeatRequest(peer_id=self.peer_id))
-        while not self.closed.wait(interval):
+        while not self.closed.wait(interval if self._session_alive() else 0.2):
             conn = self._session
             try:
                 if conn is None or conn.closed:
@@ -292,6 +292,12 @@ class ControlClient:
                 logger.info("peer %s: master session lost (%s); reconnecting", self.peer_id, e)
                 if conn is not None:
                     conn.close()
+
+    def _session_alive(self) -> bool:
+        # A broken session re-registers within 0.2 s of the master coming back (the master's
+        # first_peer_grace_s counts on it), not a heartbeat interval later.
+        conn = self._session
+        return conn is not None and not conn.closed
 
     # ------------------------------------------------------------------ requests
     def request(

@@ -72,10 +72,21 @@ class Membership:
         epoch: this master process's epoch (ring and op ids include it).
         config_blob: the run's configuration, handed to every peer at registration.
         heartbeat_timeout_s: a peer silent for this long is evicted (by ``expire``).
+        first_peer_grace_s: how long after start a fresh peer waits before it may found the world
+            (peers of a restarted master re-register within it).
     """
 
-    def __init__(self, *, epoch: str, config_blob: bytes, heartbeat_timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        epoch: str,
+        config_blob: bytes,
+        heartbeat_timeout_s: float,
+        first_peer_grace_s: float = 0.0,
+    ) -> None:
         self.epoch = epoch
+        self._started_at = time.monotonic()
+        self._first_peer_grace_s = first_peer_grace_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._config_blob = config_blob
         self.cond = threading.Condition()
@@ -152,8 +163,9 @@ class Membership:
                 peer.address = (str(host), int(port))
             else:
                 # After a restart, re-registering peers come back accepted; on a fresh run only
-                # the first peer of an empty world is (nobody else could admit it).
-                accepted = rejoin or (not returning and not self._accepted())
+                # the first peer of an empty world is (nobody else could admit it), and only once
+                # a restarted master's peers had time to come back (``_first_peer_due``).
+                accepted = rejoin or (not returning and self._first_peer_due())
                 self._peers[peer_id] = PeerRecord(
                     peer_id=peer_id,
                     peer_group=group,
@@ -162,6 +174,7 @@ class Membership:
                     join_seq=req.join_seq if rejoin else next(self._join_seq),
                     last_seen=now,
                     last_poll=now,
+                    returning=returning,
                 )
                 if accepted:
                     self._bump(group)
@@ -248,7 +261,12 @@ class Membership:
             peer.polling += 1
             try:
                 while not peer.accepted and time.monotonic() < deadline:
-                    self.cond.wait(max(0.0, deadline - time.monotonic()))
+                    if not peer.returning and self._first_peer_due():
+                        peer.accepted = True  # the first peer of a run that is still empty
+                        peer.join_seq = next(self._join_seq)
+                        self._bump(peer.peer_group)
+                        break
+                    self.cond.wait(max(0.0, min(0.05, deadline - time.monotonic())))
                     if self._peers.get(peer.peer_id) is not peer:
                         gone = self._known_peer(req.peer_id)  # evicted meanwhile
                         return gone if isinstance(gone, dict) else self._status_of(gone)
@@ -415,6 +433,14 @@ class Membership:
             if p.accepted and (group is None or p.peer_group == group)
         ]
         return sorted(peers, key=lambda p: (p.join_seq, p.peer_id))
+
+    def _first_peer_due(self) -> bool:
+        """Whether a fresh peer may be accepted unasked: the world is empty and this master has
+        been up long enough that an earlier master's peers would have re-registered (else a
+        joiner arriving just after a restart would start a world of its own, out of step)."""
+        if self._accepted():
+            return False
+        return time.monotonic() - self._started_at >= self._first_peer_grace_s
 
     def _admissible(self, peer: PeerRecord) -> bool:
         """A pending peer that is waiting in connect() right now (or polled a moment ago)."""

@@ -47,6 +47,7 @@ class PeerRecord:
     join_seq: int
     last_seen: float
     ghost: bool = False  # known from a re-registering peer after a restart, not yet back
+    returning: bool = False  # pending with an earlier master: it never founds a world itself
     # A pending peer is admitted only while it is visibly waiting in connect(): a joiner that
     # stalled or died before admission must not make the running peers wait for it.
     polling: int = 0

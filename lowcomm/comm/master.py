@@ -60,6 +60,10 @@ class Master:
         token: the run token (bytes); every connection must prove it knows it. None: no auth.
         config_blob: the run's configuration, handed to every peer at registration.
         heartbeat_timeout_s: a peer silent for this long is evicted.
+        first_peer_grace_s: the first peer of an empty world is accepted unasked only this long
+            after ``start()``: a restarted master's peers re-register within it (they retry every
+            0.2 s), so a joiner arriving just after a restart waits to be admitted by them
+            instead of founding a world of its own.
         faults: optional fault injector, hit at ``master.request`` before each answer (context:
             ``op``, ``peer``) and at ``master.commit`` on each commit-protocol message (each
             peer's vote received, each verdict sent: context ``message``, ``index``, ``op``,
@@ -77,10 +81,13 @@ class Master:
         token: bytes | None = None,
         config_blob: bytes = b"",
         heartbeat_timeout_s: float = 10.0,
+        first_peer_grace_s: float = 1.0,
         faults: FaultInjector | None = None,
     ) -> None:
         if heartbeat_timeout_s <= 0:
             raise ValueError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
+        if not 0 <= first_peer_grace_s <= 60:
+            raise ValueError(f"first_peer_grace_s must be in [0, 60], got {first_peer_grace_s}")
         if token is not None and not isinstance(token, bytes | bytearray):
             raise ValueError("token must be bytes or None")
         self._listen = parse_address(listen)
@@ -95,6 +102,7 @@ class Master:
             epoch=self.epoch,
             config_blob=self._config_blob,
             heartbeat_timeout_s=self.heartbeat_timeout_s,
+            first_peer_grace_s=float(first_peer_grace_s),
         )
         self._handlers: dict[Op, Callable[[Any], dict[str, Any]]] = {
             Op.REGISTER: self._membership.register,
