@@ -49,9 +49,10 @@ POINTS: dict[str, str] = {
     # master (lowcomm.comm.master)
     "master.request": "the master is about to answer request `op` from `peer` (context: op, peer)",
     "master.commit": "a commit-protocol message at the master: `message` 'vote' (a peer's first "
-    "vote on operation `op` was received, not yet recorded) or 'verdict' (its verdict was just "
-    "sent); `index`: how many of that message the operation had before (context: message, index, "
-    "op, peer)",
+    "vote on operation `op` was received, not yet recorded) or 'verdict' (a peer's verdict is "
+    "about to be sent; while faults are armed verdicts leave one at a time); `index`: how many of "
+    "that message the operation had before, so a kill at verdict 1 dies with exactly one sent "
+    "(context: message, index, op, peer)",
     # checkpoint levels (lowcomm.checkpoint)
     "copy": "the background copier is about to copy one tensor to the host buffer",
     "local.write": "a chunk of a data file is about to be written to local disk (corrupt: the "

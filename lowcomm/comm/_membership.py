@@ -52,8 +52,10 @@ from lowcomm.comm._protocol import (
     SyncDoneRequest,
     VerdictRequest,
     VoteRequest,
+    forbidden,
+    refuse_all_reduce,
 )
-from lowcomm.comm._rounds import AWAY, UNSEEN, Round, RoundTable
+from lowcomm.comm._rounds import Round, RoundTable
 
 __all__ = ["MAX_WAIT_S", "Membership"]
 
@@ -155,7 +157,7 @@ class Membership:
                 # A session reconnect of a live peer: keep its state, but only for the peer
                 # itself (its secret), or any token holder could take over its identity.
                 if not secrets.compare_digest(secret, peer.secret):
-                    return self._forbidden(peer_id, "register")
+                    return forbidden(peer_id, "register")
                 peer.last_seen = now
             elif peer is not None:
                 peer.ghost = False
@@ -229,18 +231,7 @@ class Membership:
             peer = self._peers.get(peer_id)
             if peer is None or peer.ghost or secrets.compare_digest(secret, peer.secret):
                 return None
-            return self._forbidden(peer_id, "act")
-
-    @staticmethod
-    def _forbidden(peer_id: str, what: str) -> dict[str, Any]:
-        logger.warning(
-            "master: refused a request to %s for peer %s without its secret", what, peer_id
-        )
-        return {
-            "error": ErrorCode.FORBIDDEN,
-            "message": f"this connection may not {what} for peer {peer_id}: a peer acts only for "
-            "itself, with the secret it registered with",
-        }
+            return forbidden(peer_id, "act")
 
     def heartbeat(self, req: HeartbeatRequest) -> dict[str, Any]:
         """A session's heartbeat: the peer is alive."""
@@ -500,24 +491,12 @@ class Membership:
         """Decides every undecided adopted round it can (caller holds the lock; ``_rounds``)."""
         for op in self._rounds:
             if op.adopted and op.verdict is None:
-                states = {p: self._op_state(p, op) for p in op.participants}
+                states = {p: op.state_of(p, self._peers.get(p)) for p in op.participants}
                 self._settle(op, op.resolve(states))
                 if op.verdict is not None:
                     logger.info(
                         "master: adopted operation %s: %s (%s)", op.op_id, op.verdict, op.reason
                     )
-
-    def _op_state(self, peer_id: str, op: Round) -> str | None:
-        if peer_id in op.votes:  # voted to this master
-            return "holding" if op.votes[peer_id] else "failed"
-        peer = self._peers.get(peer_id)
-        if peer is None:
-            return None  # evicted: it no longer matters what it did
-        if peer.ghost:
-            return AWAY
-        if peer.last_op is None or peer.last_op.op_id != op.op_id:
-            return UNSEEN
-        return str(peer.last_op.state)
 
     def expire(self) -> None:
         """Evicts every peer silent past the heartbeat timeout (the janitor calls it often)."""
@@ -621,25 +600,12 @@ class Membership:
     ) -> dict[str, dict[str, Any]]:
         # Every participant must describe the same operation, else the ring would mix
         # unrelated buffers: refuse it on all of them.
-        described = {pid: a.payload for pid, a in arrivals.items() if a is not None}
-        first = next(iter(described.values()))
-        for pid, payload in described.items():
-            if payload != first:
-                fields = sorted(k for k in {*first, *payload} if first.get(k) != payload.get(k))
-                diff = "; ".join(
-                    f"{k}: {scope[0].peer_id} has {first.get(k)!r}, {pid} has {payload.get(k)!r}"
-                    for k in fields
-                )
-                msg = f"peers disagree on the all_reduce arguments ({diff}); pass the same ones"
-                return {p.peer_id: {"error": ErrorCode.MISMATCH, "message": msg} for p in scope}
-        poisoned = sorted(pid for pid, a in arrivals.items() if a is not None and a.nonfinite)
-        if poisoned:
-            msg = (
-                f"the contribution of peer(s) {', '.join(poisoned)} holds NaN or inf: nothing was "
-                "reduced or applied on any peer"
-            )
-            logger.warning("master: all_reduce in group %d refused: %s", group, msg)
-            return {p.peer_id: {"error": ErrorCode.NONFINITE, "message": msg} for p in scope}
+        refused = refuse_all_reduce(
+            {pid: (a.payload, a.nonfinite) for pid, a in arrivals.items() if a is not None}
+        )
+        if refused is not None:
+            logger.warning("master: all_reduce in group %d refused: %s", group, refused["message"])
+            return {p.peer_id: dict(refused) for p in scope}
         op = self._rounds.new(GateKind.ALL_REDUCE, group, [p.peer_id for p in scope])
         ring_id = f"{self.epoch}.g{group}.r{self._ring_gen.get(group, 0)}"
         addresses = [list(p.address) for p in scope]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,11 +56,15 @@ __all__ = [
     "WorldEntry",
     "describe_gate",
     "error_for",
+    "forbidden",
     "parse_address",
     "parse_request",
     "parse_secret",
+    "refuse_all_reduce",
     "to_wire",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Frame kinds of the control protocol (requests and responses are JSON objects).
 KIND_REQUEST = 0x40
@@ -160,6 +165,42 @@ _ERROR_CLASSES: dict[str, type[CommError]] = {
     # The master lost this peer (it restarted); the session re-registers, the call may be retried.
     ErrorCode.UNKNOWN_PEER: PeerFailureError,
 }
+
+
+def forbidden(peer_id: str, what: str) -> dict[str, Any]:
+    """The master's answer to a request that acts for a peer without that peer's secret."""
+    logger.warning("master: refused a request to %s for peer %s without its secret", what, peer_id)
+    return {
+        "error": ErrorCode.FORBIDDEN,
+        "message": f"this connection may not {what} for peer {peer_id}: a peer acts only for "
+        "itself, with the secret it registered with",
+    }
+
+
+def refuse_all_reduce(arrivals: dict[str, tuple[dict[str, Any], bool]]) -> dict[str, Any] | None:
+    """The master's answer to every participant of an all-reduce whose gate is complete, when
+    it must not run: ``arrivals`` maps each peer to its payload (op, size, dtype, the codec's
+    whole description) and whether its contribution holds NaN/inf. None: it may run."""
+    (first_pid, (first, _)), *_rest = arrivals.items()
+    for pid, (payload, _nonfinite) in arrivals.items():
+        if payload != first:
+            fields = sorted(k for k in {*first, *payload} if first.get(k) != payload.get(k))
+            diff = "; ".join(
+                f"{k}: {first_pid} has {first.get(k)!r}, {pid} has {payload.get(k)!r}"
+                for k in fields
+            )
+            return {
+                "error": ErrorCode.MISMATCH,
+                "message": f"peers disagree on the all_reduce arguments ({diff}); pass the same",
+            }
+    poisoned = sorted(pid for pid, (_payload, nonfinite) in arrivals.items() if nonfinite)
+    if poisoned:
+        return {
+            "error": ErrorCode.NONFINITE,
+            "message": f"the contribution of peer(s) {', '.join(poisoned)} holds NaN or inf: "
+            "nothing was reduced or applied on any peer",
+        }
+    return None
 
 
 def error_for(code: str, message: str) -> CommError:

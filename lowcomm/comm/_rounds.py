@@ -29,6 +29,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from lowcomm.comm._peers import PeerRecord
 from lowcomm.comm._protocol import GateKind, OpState
 
 __all__ = ["AWAY", "UNSEEN", "Round", "RoundTable"]
@@ -55,6 +56,18 @@ class Round:
     verdict: str | None = None  # "commit" | "abort" for all_reduce; "done" for sync
     reason: str = ""
     adopted: bool = False  # an operation of an earlier master, resolved from the peers' reports
+
+    def state_of(self, peer_id: str, peer: PeerRecord | None) -> str | None:
+        """``peer_id``'s state for ``resolve``: its vote to this master, else its report."""
+        if peer_id in self.votes:
+            return OpState.HOLDING if self.votes[peer_id] else OpState.FAILED
+        if peer is None:
+            return None  # evicted: it no longer matters what it did
+        if peer.ghost:
+            return AWAY
+        if peer.last_op is None or peer.last_op.op_id != self.op_id:
+            return UNSEEN
+        return str(peer.last_op.state)
 
     def resolve(self, states: Mapping[str, str | None]) -> bool:
         """Decides an adopted round from each participant's state (an ``OpState`` value, ``AWAY``,

@@ -66,8 +66,8 @@ class Master:
             instead of founding a world of its own.
         faults: optional fault injector, hit at ``master.request`` before each answer (context:
             ``op``, ``peer``) and at ``master.commit`` on each commit-protocol message (each
-            peer's vote received, each verdict sent: context ``message``, ``index``, ``op``,
-            ``peer``). None in production.
+            peer's vote received, each verdict about to be sent: context ``message``, ``index``,
+            ``op``, ``peer``). None in production.
 
     ``start()`` binds and serves on background threads; ``stop()`` closes everything. Both are
     idempotent and thread-safe. The master survives malformed, oversized or unauthenticated
@@ -124,6 +124,7 @@ class Master:
         self._num_rejected = 0
         # (message, op id) -> peers already counted at the master.commit fault point.
         self._commit_seen: dict[tuple[str, str], set[str]] = {}
+        self._verdict_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -246,9 +247,14 @@ class Master:
                     session_peer = str(response.get("peer_id", req.peer_id))
                 if self._faults is not None:
                     self._faults.hit("master.request", op=str(req.OP), peer=req.peer_id)
-                conn.send_json(KIND_RESPONSE, response, timeout_s=_HANDSHAKE_TIMEOUT_S)
-                if isinstance(req, VoteRequest) and response.get("verdict"):
-                    self._commit_point("verdict", req.op_id, req.peer_id)
+                if isinstance(req, VoteRequest) and response.get("verdict") and self._faults:
+                    # Under test, verdicts leave one at a time, so a fault at verdict ``index``
+                    # dies with exactly ``index`` of them sent.
+                    with self._verdict_lock:
+                        self._commit_point("verdict", req.op_id, req.peer_id)
+                        conn.send_json(KIND_RESPONSE, response, timeout_s=_HANDSHAKE_TIMEOUT_S)
+                else:
+                    conn.send_json(KIND_RESPONSE, response, timeout_s=_HANDSHAKE_TIMEOUT_S)
         except _BadRequest as e:
             self._reject()
             logger.warning("master: closing connection from %s: bad request: %s", addr, e)
@@ -316,7 +322,7 @@ class Master:
 
     def _commit_point(self, message: str, op_id: str, peer_id: str) -> None:
         """The ``master.commit`` fault point, at each peer's first vote received and first
-        verdict sent per operation (``index``: how many came before it)."""
+        verdict about to be sent per operation (``index``: how many came before it)."""
         if self._faults is None:
             return
         with self._lock:
