@@ -45,9 +45,9 @@ import torch
 
 from lowcomm.comm import _handshake, shared_state
 from lowcomm.comm._control import ControlClient
-from lowcomm.comm._ops import check_all_reduce_args
+from lowcomm.comm._ops import check_all_reduce_args, describe_codec, has_nonfinite
 from lowcomm.comm._p2p import PointToPoint
-from lowcomm.comm._protocol import GateKind, parse_address
+from lowcomm.comm._protocol import GateKind, OpReport, OpState, parse_address
 from lowcomm.comm._ring_setup import connect_ring
 from lowcomm.comm._worker import Handle, TaskQueue, all_reduce_with_retry, deadline_after
 from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError
@@ -78,8 +78,8 @@ class CommConfig:
             heartbeat timeout (which the master announces at registration).
         poll_s: the longest one request waits at the master before the peer asks again.
         shaper: optional WAN emulation applied to this peer's sends.
-        faults: optional fault injector for this peer's points (``state.serve``, ``p2p.send``,
-            ``ring.send``; see ``lowcomm.faults``). None in production.
+        faults: optional fault injector for this peer's points (``comm.gate``, ``state.serve``,
+            ``p2p.send``, ``ring.send``; see ``lowcomm.faults``). None in production.
         encryption: seal (encrypt and authenticate) every frame after the handshake, on every
             connection (default). False only on a trusted network, and then on the master and
             every peer too: the handshake fails if the two ends differ. The token proof is made
@@ -348,9 +348,11 @@ class Communicator:
         tag: int = 0,
         timeout_s: float | None = None,
         stamp: dict[str, int] | None = None,
+        check_finite: bool = False,
     ) -> AllReduceInfo:
         """All-reduces ``tensor`` over the accepted peers of this peer group, in place or into
-        ``out``. Every peer of the group must call it with the same op, size, dtype, codec, tag.
+        ``out``. Every peer of the group must call it with the same op, size, dtype, codec
+        (name and parameters), tag.
 
         ``stamp`` names the state the caller's tensor belongs to (the outer loops pass
         ``{"outer_step": ..., "revision": ...}``); the master compares the participants' stamps
@@ -359,7 +361,12 @@ class Communicator:
 
         Blocks until committed everywhere. On failure raises ``PeerFailureError`` (a peer died)
         or ``CommTimeoutError`` (a peer stalled), with ``tensor``/``out`` untouched on every peer;
-        call it again (or use ``all_reduce_with_retry``) to reduce among the survivors.
+        call it again (or use ``all_reduce_with_retry``) to reduce among the survivors. Peers in
+        different phases or with different arguments all get ``TopologyError`` at once.
+
+        ``check_finite``: refuse a contribution holding NaN or inf (one ``isfinite`` pass over
+        the input before the ring); every peer then raises ``NonFiniteError`` naming the peer.
+        Always on with a quantizing codec (it could not encode it).
         """
         result: AllReduceInfo = self.all_reduce_async(
             tensor,
@@ -369,6 +376,7 @@ class Communicator:
             tag=tag,
             timeout_s=timeout_s,
             stamp=stamp,
+            check_finite=check_finite,
         ).wait()
         return result
 
@@ -382,6 +390,7 @@ class Communicator:
         tag: int = 0,
         timeout_s: float | None = None,
         stamp: dict[str, int] | None = None,
+        check_finite: bool = False,
     ) -> Handle:
         """Like ``all_reduce`` but returns a ``Handle`` at once. Several may be in flight; they
         run one after the other in submission order on the worker thread, so every peer must
@@ -393,7 +402,9 @@ class Communicator:
         stamp = None if stamp is None else {str(k): int(v) for k, v in stamp.items()}
 
         def run(deadline: float) -> AllReduceInfo:
-            return self._run_all_reduce(tensor, op, out, codec, tag, deadline, stamp)
+            return self._run_all_reduce(
+                tensor, op, out, codec, tag, deadline, stamp=stamp, check_finite=check_finite
+            )
 
         return self._submit(run, timeout_s, f"all_reduce(tag={tag})")
 
@@ -407,6 +418,7 @@ class Communicator:
         tag: int = 0,
         timeout_s: float | None = None,
         max_attempts: int = 3,
+        check_finite: bool = False,
     ) -> AllReduceInfo:
         """``all_reduce`` that retries among the survivors after a peer failure or stall, at
         most ``max_attempts`` times in all (each attempt gets ``timeout_s``). A retry includes
@@ -414,7 +426,13 @@ class Communicator:
         heartbeat timeout (the retry waits for that). Re-raises the last error."""
         return all_reduce_with_retry(
             lambda: self.all_reduce(
-                tensor, op, out=out, quantization=quantization, tag=tag, timeout_s=timeout_s
+                tensor,
+                op,
+                out=out,
+                quantization=quantization,
+                tag=tag,
+                timeout_s=timeout_s,
+                check_finite=check_finite,
             ),
             max_attempts=max_attempts,
         )
@@ -520,7 +538,11 @@ class Communicator:
             with contextlib.suppress(Exception):
                 ring.close()
 
-    def _ring_for(self, gate: dict[str, Any], deadline: float) -> Ring:
+    def _ring_for(self, gate: dict[str, Any], deadline: float, aborted: threading.Event) -> Ring:
+        """The gate's ring (the cached one if its id matches), built on a helper thread so that
+        the master's abort (``aborted``: a participant was evicted) ends the wait at once: a
+        neighbour that died before connecting costs one master round trip, not the build bound.
+        An abandoned build ends at its own timeout and closes what it made."""
         if self._ring is not None and self._ring_id == gate["ring_id"]:
             return self._ring
         self._drop_ring()
@@ -529,20 +551,50 @@ class Communicator:
         # takes connection set-up time only. A neighbour frozen meanwhile is evicted after the
         # heartbeat timeout; waiting much longer than that for it would only delay the retry.
         build_s = min(deadline - time.monotonic(), 2 * self.heartbeat_timeout_s + 5.0)
-        self._ring = connect_ring(
-            listener=self._listener,
-            rank=int(gate["rank"]),
-            addresses=[(str(h), int(p)) for h, p in gate["addresses"]],
-            ring_id=str(gate["ring_id"]),
-            token=self._control.token,
-            num_connections=self.config.num_connections,
-            timeout_s=max(0.1, build_s),
-            shaper=self.config.shaper,
-            faults=self.config.faults,
-            encryption=self.config.encryption,
-        )
-        self._ring_id = str(gate["ring_id"])
-        return self._ring
+        listener, control, config = self._listener, self._control, self.config
+        built: list[Ring | BaseException] = []
+        ready = threading.Event()
+        lock = threading.Lock()
+
+        def build() -> None:
+            try:
+                ring: Ring | BaseException = connect_ring(
+                    listener=listener,
+                    rank=int(gate["rank"]),
+                    addresses=[(str(h), int(p)) for h, p in gate["addresses"]],
+                    ring_id=str(gate["ring_id"]),
+                    token=control.token,
+                    num_connections=config.num_connections,
+                    timeout_s=max(0.1, build_s),
+                    shaper=config.shaper,
+                    faults=config.faults,
+                    encryption=config.encryption,
+                )
+            except BaseException as e:
+                ring = e
+            with lock:
+                built.append(ring)
+                abandoned = aborted.is_set()
+            ready.set()
+            if abandoned and isinstance(ring, Ring):
+                ring.close()
+
+        threading.Thread(
+            target=build, name=f"lowcomm-ring-setup-{self.peer_id}", daemon=True
+        ).start()
+        while not ready.wait(0.05):
+            if aborted.is_set():
+                with lock:
+                    if not built:
+                        raise PeerFailureError(
+                            "the master aborted this all-reduce while its ring was being built "
+                            "(a participant was evicted)"
+                        )
+        result = built[0]
+        if isinstance(result, BaseException):
+            raise result
+        self._ring, self._ring_id = result, str(gate["ring_id"])
+        return result
 
     def _run_all_reduce(
         self,
@@ -552,19 +604,35 @@ class Communicator:
         codec: Codec | None,
         tag: int,
         deadline: float,
+        *,
         stamp: dict[str, int] | None = None,
+        check_finite: bool = False,
     ) -> AllReduceInfo:
         start = time.perf_counter()
         payload = {
             "op": op,
             "numel": tensor.numel(),
             "dtype": str(tensor.dtype),
-            "codec": None if codec is None else type(codec).__name__,
+            "codec": describe_codec(codec),
         }
         if stamp is not None:
             payload["stamp"] = stamp
-        gate = self._control.gate(GateKind.ALL_REDUCE, str(tag), payload, deadline)
+        # The verdict travels through the gate: every peer learns it when the gate opens.
+        nonfinite = (check_finite or codec is not None) and has_nonfinite(tensor)
+        gate = self._control.gate(
+            GateKind.ALL_REDUCE, str(tag), payload, deadline, nonfinite=nonfinite
+        )
         participants = list(gate["participants"])
+        op_id = str(gate["op_id"])
+
+        def report(state: OpState) -> None:
+            self._control.report_op(
+                OpReport(op_id=op_id, group=self.peer_group, participants=participants, state=state)
+            )
+
+        report(OpState.RUNNING)
+        if self.config.faults is not None:
+            self.config.faults.hit("comm.gate", tag=tag, op=op_id)
         # The ring works on 1-D contiguous CPU tensors; it writes into ``scratch``, which is
         # copied to the caller's tensor only after the commit vote.
         src = tensor.detach()
@@ -579,17 +647,29 @@ class Communicator:
         if len(participants) == 1:
             scratch.copy_(host)
         else:
+            done = threading.Event()
+            aborted = threading.Event()
+
+            def on_abort() -> None:
+                aborted.set()
+                ring = self._ring
+                if ring is not None and self._ring_id == gate["ring_id"]:
+                    ring.close()
+
+            # Watch for the master's abort from the moment the gate opened: a participant that
+            # dies before its ring connections are made must not hold the others in the build.
+            watcher = threading.Thread(
+                target=self._control.watch_verdict,
+                args=(op_id,),
+                kwargs={"on_abort": on_abort, "done": done, "deadline": deadline},
+                name=f"lowcomm-watch-{self.peer_id}",
+                daemon=True,
+            )
+            watcher.start()
             try:
-                ring = self._ring_for(gate, deadline)
-                done = threading.Event()
-                watcher = threading.Thread(
-                    target=self._control.watch_verdict,
-                    args=(str(gate["op_id"]),),
-                    kwargs={"on_abort": ring.close, "done": done, "deadline": deadline},
-                    name=f"lowcomm-watch-{self.peer_id}",
-                    daemon=True,
-                )
-                watcher.start()
+                ring = self._ring_for(gate, deadline, aborted)
+                if aborted.is_set():
+                    raise PeerFailureError("the master aborted this all-reduce")
                 try:
                     stats = ring.all_reduce(
                         host,
@@ -607,8 +687,17 @@ class Communicator:
                 self._drop_ring()
                 # A ring thread that outlived the failed op may still write into these.
                 self._buffers.clear()
-        verdict = self._control.vote(str(gate["op_id"]), error is None, deadline)
-        if verdict["verdict"] != "commit":
+            finally:
+                done.set()
+        # Holding the finished result (or not) is recorded before the vote leaves: a master that
+        # restarts after receiving it resolves the operation from these reports (``_rounds``).
+        report(OpState.HOLDING if error is None else OpState.FAILED)
+        verdict = self._control.vote(
+            op_id, error is None, deadline, group=self.peer_group, participants=participants
+        )
+        committed = verdict["verdict"] == "commit"
+        report(OpState.COMMITTED if committed else OpState.ABORTED)
+        if not committed:
             self._drop_ring()
             reason = str(verdict.get("reason", ""))
             what = f"all_reduce(tag={tag}) among {len(participants)} peers aborted"

@@ -14,6 +14,7 @@ __all__ = [
     "BackendUnavailableError",
     "CommError",
     "CommTimeoutError",
+    "NonFiniteError",
     "PeerFailureError",
     "ProtocolError",
     "StaleStateError",
@@ -100,3 +101,9 @@ class BackendUnavailableError(CommError, ImportError):
     """The requested backend cannot run here (for PCCL: ``pypccl`` missing, or its native library
     needs a newer glibc or Python). The message says why; use ``backend="tcp"``, which runs
     wherever PyTorch does."""
+
+
+class NonFiniteError(CommError):
+    """A participant's contribution to an all-reduce holds NaN or inf (the message names the
+    peer): nothing was applied on any peer. Not a peer failure, so retries do not repeat it; an
+    outer loop drops the round (and the peer should find out why its update diverged)."""

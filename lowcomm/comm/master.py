@@ -35,10 +35,14 @@ from lowcomm.comm._protocol import (
     KIND_REQUEST,
     KIND_RESPONSE,
     MAX_CONTROL_FRAME_BYTES,
+    ErrorCode,
     Op,
+    RegisterRequest,
     Request,
+    VoteRequest,
     parse_address,
     parse_request,
+    parse_secret,
 )
 from lowcomm.comm.errors import CommError, PeerFailureError, ProtocolError
 from lowcomm.faults import FaultInjector
@@ -62,7 +66,13 @@ class Master:
             ``_handshake.check_token``; ``lowcomm token new`` makes one). None: no auth.
         config_blob: the run's configuration, handed to every peer at registration.
         heartbeat_timeout_s: a peer silent for this long is evicted.
+        first_peer_grace_s: the first peer of an empty world is accepted unasked only this long
+            after ``start()``: a restarted master's peers re-register within it (they retry every
+            0.2 s), so a joiner arriving just after a restart waits to be admitted by them
+            instead of founding a world of its own.
         faults: optional fault injector, hit at ``master.request`` before each answer (context:
+            ``op``, ``peer``) and at ``master.commit`` on each commit-protocol message (each
+            peer's vote received, each verdict about to be sent: context ``message``, ``index``,
             ``op``, ``peer``). None in production.
         encryption: seal every frame after the handshake (default); False only on a trusted
             network, and then on every peer too (``CommConfig(encryption=False)``).
@@ -83,6 +93,7 @@ class Master:
         token: bytes | str | None = None,
         config_blob: bytes = b"",
         heartbeat_timeout_s: float = 10.0,
+        first_peer_grace_s: float = 1.0,
         faults: FaultInjector | None = None,
         encryption: bool = True,
         handshake_timeout_s: float = _handshake.DEFAULT_HANDSHAKE_TIMEOUT_S,
@@ -96,6 +107,8 @@ class Master:
             raise ValueError(f"handshake_timeout_s must be > 0, got {handshake_timeout_s}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if not 0 <= first_peer_grace_s <= 60:
+            raise ValueError(f"first_peer_grace_s must be in [0, 60], got {first_peer_grace_s}")
         self._listen = parse_address(listen)
         self._token = _handshake.normalize_token(token)
         self.encryption = bool(encryption)
@@ -114,6 +127,7 @@ class Master:
             epoch=self.epoch,
             config_blob=self._config_blob,
             heartbeat_timeout_s=self.heartbeat_timeout_s,
+            first_peer_grace_s=float(first_peer_grace_s),
         )
         self._handlers: dict[Op, Callable[[Any], dict[str, Any]]] = {
             Op.REGISTER: self._membership.register,
@@ -133,6 +147,9 @@ class Master:
         self._stopped = threading.Event()
         # Failed handshakes and connections closed for content the master could not parse.
         self._num_rejected = 0
+        # (message, op id) -> peers already counted at the master.commit fault point.
+        self._commit_seen: dict[tuple[str, str], set[str]] = {}
+        self._verdict_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -261,26 +278,40 @@ class Master:
                 return
             self._conns.add(conn)
         session_peer: str | None = None  # set when this connection registered (its session)
+        bound: list[str] = []  # the one peer this connection speaks for, once it proved it
         try:
             while not self._stopped.is_set():
                 kind, _tag, request = conn.recv_json(timeout_s=_IDLE_TIMEOUT_S)
                 if kind != KIND_REQUEST or not isinstance(request, dict):
                     raise _BadRequest(f"expected a request object, got kind {kind}")
                 req = self._parse(request)
-                response = self._handle(req)
-                if req.OP in (Op.REGISTER, Op.HEARTBEAT) and "error" not in response:
+                response = self._dispatch(req, self._parse_secret(request), bound)
+                # Only the connection that registered is the peer's session (closing it evicts).
+                if req.OP == Op.REGISTER and "error" not in response:
                     session_peer = str(response.get("peer_id", req.peer_id))
                 if self._faults is not None:
                     self._faults.hit("master.request", op=str(req.OP), peer=req.peer_id)
-                conn.send_json(KIND_RESPONSE, response, timeout_s=_SEND_TIMEOUT_S)
+                if isinstance(req, VoteRequest) and response.get("verdict") and self._faults:
+                    # Under test, verdicts leave one at a time, so a fault at verdict ``index``
+                    # dies with exactly ``index`` of them sent.
+                    with self._verdict_lock:
+                        self._commit_point("verdict", req.op_id, req.peer_id)
+                        conn.send_json(KIND_RESPONSE, response, timeout_s=_SEND_TIMEOUT_S)
+                else:
+                    conn.send_json(KIND_RESPONSE, response, timeout_s=_SEND_TIMEOUT_S)
         except _BadRequest as e:
             self._reject()
             logger.warning("master: closing connection from %s: bad request: %s", addr, e)
+        except (RecursionError, MemoryError) as e:  # JSON the decoder could not hold
+            self._reject()
+            logger.warning("master: closing connection from %s: unparseable request: %r", addr, e)
         except (CommError, OSError, ValueError) as e:
             # An authenticated connection that ends is normal (a peer died or left); only
             # content the master could not parse counts as rejected.
             if not self._stopped.is_set():
-                if isinstance(e, ProtocolError) and not isinstance(e, PeerFailureError):
+                # A ValueError here is JSON the decoder refused (an int of 5,000 digits).
+                bad = isinstance(e, ProtocolError | ValueError)
+                if bad and not isinstance(e, PeerFailureError):
                     self._reject()
                     logger.warning("master: closing connection from %s: %s", addr, e)
                 else:
@@ -302,11 +333,58 @@ class Master:
         except ProtocolError as e:
             raise _BadRequest(str(e)) from e
 
-    def _handle(self, req: Request) -> dict[str, Any]:
+    @staticmethod
+    def _parse_secret(obj: dict[str, Any]) -> str:
         try:
-            return self._handlers[req.OP](req)
-        except (KeyError, TypeError, ValueError) as e:  # e.g. a sync payload missing a field
-            raise _BadRequest(f"malformed {str(req.OP)!r} request: {e!r}") from e
+            return parse_secret(obj)
+        except ProtocolError as e:
+            raise _BadRequest(str(e)) from e
+
+    def _dispatch(self, req: Request, secret: str, bound: list[str]) -> dict[str, Any]:
+        """Checks that the request speaks for the peer this connection is bound to (binding it at
+        its first request) and with that peer's secret, then runs it."""
+        if bound and req.peer_id != bound[0]:
+            self._reject()
+            return {
+                "error": ErrorCode.FORBIDDEN,
+                "message": f"this connection speaks for peer {bound[0]}, not {req.peer_id}",
+            }
+        if isinstance(req, RegisterRequest):
+            register = req
+            response = self._handle(lambda: self._membership.register(register, secret), req)
+        else:
+            refused = self._membership.authorize(req.peer_id, secret)
+            if refused is not None:
+                self._reject()
+                return refused
+            if isinstance(req, VoteRequest):
+                self._commit_point("vote", req.op_id, req.peer_id)
+            response = self._handle(lambda: self._handlers[req.OP](req), req)
+        if not bound and "error" not in response:
+            bound.append(str(response.get("peer_id") or req.peer_id))
+        return response
+
+    def _commit_point(self, message: str, op_id: str, peer_id: str) -> None:
+        """The ``master.commit`` fault point, at each peer's first vote received and first
+        verdict about to be sent per operation (``index``: how many came before it)."""
+        if self._faults is None:
+            return
+        with self._lock:
+            seen = self._commit_seen.setdefault((message, op_id), set())
+            if peer_id in seen:
+                return
+            seen.add(peer_id)
+            index = len(seen) - 1
+            while len(self._commit_seen) > 4096:
+                del self._commit_seen[next(iter(self._commit_seen))]
+        self._faults.hit("master.commit", message=message, index=index, op=op_id, peer=peer_id)
+
+    @staticmethod
+    def _handle(run: Callable[[], dict[str, Any]], req: Request) -> dict[str, Any]:
+        try:
+            return run()
+        except Exception as e:  # hostile input must never kill the thread with a traceback
+            raise _BadRequest(f"malformed {str(req.OP)!r} request: {e!r}"[:300]) from e
 
     def _janitor(self) -> None:
         period = min(0.1, self.heartbeat_timeout_s / 10)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lowcomm.comm import StaleStateError
+from lowcomm.comm import NonFiniteError, StaleStateError
 from lowcomm.compression import ErrorFeedback, get_codec
 from lowcomm.diloco._outer_comm import AllReduceHandle, OuterComm
 from lowcomm.diloco._rules import dynamic_local_steps
@@ -128,6 +128,9 @@ class PseudogradientReducer:
                 tag=tag,
                 timeout_s=self.config.timeout_s,
                 stamp=stamp,
+                # A NaN/inf pseudo-gradient fails the round on every peer (NonFiniteError, seen
+                # at the gate) instead of poisoning everyone's average: the round is dropped.
+                check_finite=True,
             )
         except LowcommError as exc:
             logger.warning(
@@ -149,6 +152,10 @@ class PseudogradientReducer:
                     info = handle.wait(timeout_s=None)  # the operation has its own timeout
                 except StaleStateError:
                     raise  # retrying cannot help: the trainer resyncs the outer state
+                except NonFiniteError as exc:
+                    # Retrying would send the same poison: drop the round at once.
+                    logger.warning("outer step %d: %s", self.stats.outer_steps, exc)
+                    break
                 except LowcommError as exc:
                     logger.warning(
                         "outer step %d: all-reduce failed (attempt %d/%d): %s",

@@ -38,6 +38,7 @@ class OuterComm(Protocol):
         tag: int = ...,
         timeout_s: float = ...,
         stamp: dict[str, int] | None = ...,
+        check_finite: bool = ...,
     ) -> AllReduceHandle: ...
 
     def sync_shared_state(

@@ -69,6 +69,7 @@ class SoloCommunicator:
         tag: int = 0,
         timeout_s: float = 60.0,
         stamp: dict[str, int] | None = None,  # accepted, not compared (no master here)
+        check_finite: bool = False,
     ) -> _Done:
         check_all_reduce_args(tensor, op, tag=tag)
         return _Done(LocalInfo(world_size=1, tx_bytes=0, rx_bytes=0))
@@ -239,6 +240,7 @@ class _LocalPeer:
         tag: int = 0,
         timeout_s: float = 60.0,
         stamp: dict[str, int] | None = None,  # accepted, not compared (no master here)
+        check_finite: bool = False,
     ) -> _Handle:
         check_all_reduce_args(tensor, op, tag=tag)
         codec = resolve_codec(quantization)
