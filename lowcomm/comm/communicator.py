@@ -32,10 +32,7 @@ backend in ``backend.open_communicator``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,15 +41,13 @@ from typing import Any, TypeVar
 import torch
 
 from lowcomm.comm import _handshake, shared_state
+from lowcomm.comm._allreduce import AllReduceInfo, VotedAllReduce
 from lowcomm.comm._control import ControlClient
-from lowcomm.comm._ops import check_all_reduce_args, describe_codec, has_nonfinite
+from lowcomm.comm._ops import check_all_reduce_args
 from lowcomm.comm._p2p import PointToPoint
-from lowcomm.comm._protocol import GateKind, OpReport, OpState, parse_address
-from lowcomm.comm._ring_setup import connect_ring
+from lowcomm.comm._protocol import GateKind, parse_address
 from lowcomm.comm._worker import Handle, TaskQueue, all_reduce_with_retry, deadline_after
-from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError
 from lowcomm.comm.listener import PeerListener
-from lowcomm.comm.ring import Ring
 from lowcomm.comm.shaper import Shaper
 from lowcomm.comm.shared_state import SharedState, SyncInfo
 from lowcomm.compression import Codec, resolve_codec
@@ -105,16 +100,6 @@ class CommConfig:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         if not 0 < self.poll_s <= 1.0:
             raise ValueError(f"poll_s must be in (0, 1], got {self.poll_s}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class AllReduceInfo:
-    """What one committed all-reduce did: ``world_size`` is the number of participants."""
-
-    world_size: int
-    tx_bytes: int
-    rx_bytes: int
-    seconds: float
 
 
 class Communicator:
@@ -178,11 +163,7 @@ class Communicator:
         self._worker = TaskQueue(f"lowcomm-worker-{self.peer_id}", check=self._control.check_usable)
         self._listener: PeerListener | None = None
         self._p2p: PointToPoint | None = None
-        self._ring: Ring | None = None
-        self._ring_id: str | None = None
-        # Reused between all-reduces (all run on the worker thread, one at a time): a fresh
-        # buffer per op costs a page fault per 4 KiB on first touch (pinned: a slow allocation).
-        self._buffers: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
+        self._all_reduce: VotedAllReduce | None = None  # made by connect(), with the listener
 
     # ------------------------------------------------------------------ properties
     @property
@@ -282,6 +263,13 @@ class Communicator:
                 shaper=self.config.shaper,
                 faults=self.config.faults,
             )
+            self._all_reduce = VotedAllReduce(
+                self._control,
+                self._listener,
+                self.config,
+                peer_id=self.peer_id,
+                peer_group=self.peer_group,
+            )
         self._control.start_session(self._advertised(), deadline=deadline)
         if before_admission is not None:
             try:
@@ -305,7 +293,8 @@ class Communicator:
             return
         self._control.close(timeout_s)
         self._worker.close()
-        self._drop_ring()
+        if self._all_reduce is not None:
+            self._all_reduce.drop_ring()
         if self._listener is not None:
             self._listener.close()
         if self._p2p is not None:
@@ -402,7 +391,8 @@ class Communicator:
         stamp = None if stamp is None else {str(k): int(v) for k, v in stamp.items()}
 
         def run(deadline: float) -> AllReduceInfo:
-            return self._run_all_reduce(
+            assert self._all_reduce is not None  # _submit checked that connect() ran
+            return self._all_reduce.run(
                 tensor, op, out, codec, tag, deadline, stamp=stamp, check_finite=check_finite
             )
 
@@ -521,202 +511,3 @@ class Communicator:
     def _submit(self, fn: Callable[[float], T], timeout_s: float | None, what: str) -> Handle:
         self._control.check_usable()
         return self._worker.submit(fn, self._deadline(timeout_s), what)
-
-    def _buffer(self, name: str, numel: int, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
-        """A 1-D CPU buffer of at least ``numel`` elements, kept for the next op. Worker thread
-        only (the ops that use it run there one at a time)."""
-        key = (name, dtype, pin)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, pin_memory=pin)
-            self._buffers[key] = buf
-        return buf[:numel]
-
-    def _drop_ring(self) -> None:
-        ring, self._ring, self._ring_id = self._ring, None, None
-        if ring is not None:
-            with contextlib.suppress(Exception):
-                ring.close()
-
-    def _ring_for(self, gate: dict[str, Any], deadline: float, aborted: threading.Event) -> Ring:
-        """The gate's ring (the cached one if its id matches), built on a helper thread so that
-        the master's abort (``aborted``: a participant was evicted) ends the wait at once: a
-        neighbour that died before connecting costs one master round trip, not the build bound.
-        An abandoned build ends at its own timeout and closes what it made."""
-        if self._ring is not None and self._ring_id == gate["ring_id"]:
-            return self._ring
-        self._drop_ring()
-        assert self._listener is not None
-        # Every participant left the same gate within a poll interval, so building the ring
-        # takes connection set-up time only. A neighbour frozen meanwhile is evicted after the
-        # heartbeat timeout; waiting much longer than that for it would only delay the retry.
-        build_s = min(deadline - time.monotonic(), 2 * self.heartbeat_timeout_s + 5.0)
-        listener, control, config = self._listener, self._control, self.config
-        built: list[Ring | BaseException] = []
-        ready = threading.Event()
-        lock = threading.Lock()
-
-        def build() -> None:
-            try:
-                ring: Ring | BaseException = connect_ring(
-                    listener=listener,
-                    rank=int(gate["rank"]),
-                    addresses=[(str(h), int(p)) for h, p in gate["addresses"]],
-                    ring_id=str(gate["ring_id"]),
-                    token=control.token,
-                    num_connections=config.num_connections,
-                    timeout_s=max(0.1, build_s),
-                    shaper=config.shaper,
-                    faults=config.faults,
-                    encryption=config.encryption,
-                )
-            except BaseException as e:
-                ring = e
-            with lock:
-                built.append(ring)
-                abandoned = aborted.is_set()
-            ready.set()
-            if abandoned and isinstance(ring, Ring):
-                ring.close()
-
-        threading.Thread(
-            target=build, name=f"lowcomm-ring-setup-{self.peer_id}", daemon=True
-        ).start()
-        while not ready.wait(0.05):
-            if aborted.is_set():
-                with lock:
-                    if not built:
-                        raise PeerFailureError(
-                            "the master aborted this all-reduce while its ring was being built "
-                            "(a participant was evicted)"
-                        )
-        result = built[0]
-        if isinstance(result, BaseException):
-            raise result
-        self._ring, self._ring_id = result, str(gate["ring_id"])
-        return result
-
-    def _run_all_reduce(
-        self,
-        tensor: torch.Tensor,
-        op: str,
-        out: torch.Tensor | None,
-        codec: Codec | None,
-        tag: int,
-        deadline: float,
-        *,
-        stamp: dict[str, int] | None = None,
-        check_finite: bool = False,
-    ) -> AllReduceInfo:
-        start = time.perf_counter()
-        payload = {
-            "op": op,
-            "numel": tensor.numel(),
-            "dtype": str(tensor.dtype),
-            "codec": describe_codec(codec),
-        }
-        if stamp is not None:
-            payload["stamp"] = stamp
-        # The verdict travels through the gate: every peer learns it when the gate opens.
-        nonfinite = (check_finite or codec is not None) and has_nonfinite(tensor)
-        gate = self._control.gate(
-            GateKind.ALL_REDUCE, str(tag), payload, deadline, nonfinite=nonfinite
-        )
-        participants = list(gate["participants"])
-        op_id = str(gate["op_id"])
-
-        def report(state: OpState) -> None:
-            self._control.report_op(
-                OpReport(op_id=op_id, group=self.peer_group, participants=participants, state=state)
-            )
-
-        report(OpState.RUNNING)
-        if self.config.faults is not None:
-            self.config.faults.hit("comm.gate", tag=tag, op=op_id)
-        # The ring works on 1-D contiguous CPU tensors; it writes into ``scratch``, which is
-        # copied to the caller's tensor only after the commit vote.
-        src = tensor.detach()
-        host = src.reshape(-1) if (src.device.type == "cpu" and src.is_contiguous()) else None
-        if host is None:
-            pin = src.device.type == "cuda"
-            host = self._buffer("host", src.numel(), src.dtype, pin=pin)
-            host.copy_(src.reshape(-1), non_blocking=False)
-        scratch = self._buffer("scratch", host.numel(), host.dtype, pin=False)
-        error: CommError | None = None
-        tx = rx = 0
-        if len(participants) == 1:
-            scratch.copy_(host)
-        else:
-            done = threading.Event()
-            aborted = threading.Event()
-
-            def on_abort() -> None:
-                aborted.set()
-                ring = self._ring
-                if ring is not None and self._ring_id == gate["ring_id"]:
-                    ring.close()
-
-            # Watch for the master's abort from the moment the gate opened: a participant that
-            # dies before its ring connections are made must not hold the others in the build.
-            watcher = threading.Thread(
-                target=self._control.watch_verdict,
-                args=(op_id,),
-                kwargs={"on_abort": on_abort, "done": done, "deadline": deadline},
-                name=f"lowcomm-watch-{self.peer_id}",
-                daemon=True,
-            )
-            watcher.start()
-            try:
-                ring = self._ring_for(gate, deadline, aborted)
-                if aborted.is_set():
-                    raise PeerFailureError("the master aborted this all-reduce")
-                try:
-                    stats = ring.all_reduce(
-                        host,
-                        op=op,
-                        codec=codec,
-                        tag=tag,
-                        timeout_s=max(0.01, deadline - time.monotonic()),
-                        out=scratch,
-                    )
-                finally:
-                    done.set()
-                tx, rx = int(stats.tx_bytes), int(stats.rx_bytes)
-            except CommError as e:
-                error = e
-                self._drop_ring()
-                # A ring thread that outlived the failed op may still write into these.
-                self._buffers.clear()
-            finally:
-                done.set()
-        # Holding the finished result (or not) is recorded before the vote leaves: a master that
-        # restarts after receiving it resolves the operation from these reports (``_rounds``).
-        report(OpState.HOLDING if error is None else OpState.FAILED)
-        verdict = self._control.vote(
-            op_id, error is None, deadline, group=self.peer_group, participants=participants
-        )
-        committed = verdict["verdict"] == "commit"
-        report(OpState.COMMITTED if committed else OpState.ABORTED)
-        if not committed:
-            self._drop_ring()
-            reason = str(verdict.get("reason", ""))
-            what = f"all_reduce(tag={tag}) among {len(participants)} peers aborted"
-            detail = f"{error} (master: {reason})" if error is not None else reason
-            if isinstance(error, CommTimeoutError):
-                raise CommTimeoutError(
-                    f"{what}: {detail}; nothing was applied: retry (all_reduce_with_retry) once "
-                    "the stalled peer is evicted"
-                ) from error
-            raise PeerFailureError(
-                f"{what}: {detail}; nothing was applied on any peer: retry with the survivors "
-                "(all_reduce_with_retry)"
-            ) from error
-        target = out if out is not None else tensor
-        with torch.no_grad():
-            target.copy_(scratch.view(target.shape))
-        return AllReduceInfo(
-            world_size=len(participants),
-            tx_bytes=tx,
-            rx_bytes=rx,
-            seconds=time.perf_counter() - start,
-        )
