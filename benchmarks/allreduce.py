@@ -8,7 +8,9 @@ each rep's time is the slowest peer's.
     .venv/bin/python benchmarks/allreduce.py            # 100 MB fp32, 2 and 4 peers
     .venv/bin/python benchmarks/allreduce.py --quick    # smaller and fewer reps, same code paths
 
-Last line: one JSON object with the claims (see issue 4).
+Last line: one JSON object with the claims (see issues 4 and 12). Rows "protected" are the default
+(every frame sealed with AES-256-GCM); "plain" rings are built with ``encryption=False`` in the
+same processes and timed interleaved with them, so the ratio is the cipher's cost alone.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.distributed as dist
 from lowcomm.comm import PeerListener, connect_ring
 from lowcomm.comm.shaper import Shaper
 
-TOKEN = b"benchmark-token"
+TOKEN = b"benchmark-token-0123456789abcdef"
 
 
 def _free_port() -> int:
@@ -57,8 +59,28 @@ def _worker(rank: int, n: int, cfg: dict[str, Any], addr_q: Any, conn: Any) -> N
         else None
     )
     listener = PeerListener("127.0.0.1", 0, token=TOKEN, shaper=shaper)
-    addr_q.put((rank, listener.address))
-    addresses = conn.recv()
+    plain_listener = (
+        PeerListener("127.0.0.1", 0, token=TOKEN, shaper=shaper, encryption=False)
+        if "plain_out" in cfg["variants"]
+        else None
+    )
+    addr_q.put((rank, listener.address, plain_listener.address if plain_listener else None))
+    addresses, plain_addresses = conn.recv()
+    plain_ring = None
+    if plain_listener is not None:
+        plain_ring = connect_ring(
+            listener=plain_listener,
+            rank=rank,
+            addresses=plain_addresses,
+            ring_id=f"bench-plain-{n}",
+            token=TOKEN,
+            num_connections=cfg["num_connections"],
+            timeout_s=60,
+            shaper=shaper,
+            subchunk_bytes=cfg["subchunk_bytes"],
+            thread_per_connection=cfg["thread_per_connection"],
+            encryption=False,
+        )
     ring = connect_ring(
         listener=listener,
         rank=rank,
@@ -97,6 +119,9 @@ def _worker(rank: int, n: int, cfg: dict[str, Any], addr_q: Any, conn: Any) -> N
                 dist.all_reduce(work)
             elif v == "lowcomm_out":
                 ring.all_reduce(x, "sum", out=out, timeout_s=120)
+            elif v == "plain_out":
+                assert plain_ring is not None
+                plain_ring.all_reduce(x, "sum", out=out, timeout_s=120)
             elif v == "lowcomm_inplace":
                 ring.all_reduce(work, "sum", timeout_s=120)
             elif v == "uint8":
@@ -123,6 +148,9 @@ def _worker(rank: int, n: int, cfg: dict[str, Any], addr_q: Any, conn: Any) -> N
     dist.barrier()
     ring.close()
     listener.close()
+    if plain_ring is not None and plain_listener is not None:
+        plain_ring.close()
+        plain_listener.close()
     dist.destroy_process_group()
 
 
@@ -139,11 +167,13 @@ def run_group(n: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     for p in procs:
         p.start()
     addresses: list[Any] = [None] * n
+    plain_addresses: list[Any] = [None] * n
     for _ in range(n):
-        rank, address = addr_q.get(timeout=120)
+        rank, address, plain_address = addr_q.get(timeout=120)
         addresses[rank] = address
+        plain_addresses[rank] = plain_address
     for parent, _ in pipes:
-        parent.send(addresses)
+        parent.send((addresses, plain_addresses))
     results = []
     for parent, _ in pipes:
         if not parent.poll(900):
@@ -159,6 +189,14 @@ def busbw(n: int, nbytes: int, results: list[dict[str, Any]], variant: str) -> f
     reps = zip(*(r["times"][variant] for r in results), strict=True)
     best = min(max(rep) for rep in reps)
     return 2 * (n - 1) / n * nbytes / best / 1e9
+
+
+def cipher_cpu_s_per_gb(n: int, nbytes: int, results: list[dict[str, Any]]) -> float:
+    """Extra CPU-seconds per GB a peer sends (and as many it receives) with frames sealed:
+    the protected ring's CPU time per op minus the plain one's, averaged over the peers."""
+    delta = sum(r["cpu_s_per_op"]["lowcomm_out"] - r["cpu_s_per_op"]["plain_out"] for r in results)
+    sent_gb = 2 * (n - 1) / n * nbytes / 1e9
+    return delta / len(results) / sent_gb
 
 
 def main() -> None:
@@ -200,15 +238,33 @@ def main() -> None:
         f"{args.num_connections} connection(s) per neighbour, {args.subchunk_mib:g} MiB sub-chunks"
     )
     for n in (2, 4):
-        cfg = dict(base, variants=["gloo", "lowcomm_out", "lowcomm_inplace", "uint8"], uint8=True)
+        variants = ["gloo", "lowcomm_out", "lowcomm_inplace", "uint8"]
+        if n == 2:
+            variants.append("plain_out")
+        cfg = dict(base, variants=variants, uint8=True)
         results = run_group(n, cfg)
         gloo = busbw(n, nbytes, results, "gloo")
         out = busbw(n, nbytes, results, "lowcomm_out")
         inplace = busbw(n, nbytes, results, "lowcomm_inplace")
         rows.append((f"{n} peers  Gloo busbw", f"{gloo:.2f} GB/s"))
         rows.append(
-            (f"{n} peers  lowcomm busbw (out=)", f"{out:.2f} GB/s  ({out / gloo:.2f}x Gloo)")
+            (
+                f"{n} peers  lowcomm busbw (out=, protected)",
+                f"{out:.2f} GB/s  ({out / gloo:.2f}x Gloo)",
+            )
         )
+        if n == 2:
+            plain = busbw(n, nbytes, results, "plain_out")
+            cost = cipher_cpu_s_per_gb(n, nbytes, results)
+            rows.append(
+                (
+                    f"{n} peers  lowcomm busbw (out=, plain)",
+                    f"{plain:.2f} GB/s  (protected {out / plain:.2f}x plain; cipher "
+                    f"{cost:.2f} CPU-s per GB sent)",
+                )
+            )
+            claim("protected_vs_plain_loopback_2peers", round(out / plain, 3), 0.8)
+            claims[-1]["cipher_cpu_s_per_gb"] = round(cost, 3)
         rows.append(
             (
                 f"{n} peers  lowcomm busbw (in place)",
@@ -263,7 +319,7 @@ def main() -> None:
         bandwidth_bps=rate_bps,
         # Two ring threads per peer, as above: encode, decode and the shaper's pacing share the
         # two cores with the other peer, and with fewer threads they overlap the wire best.
-        variants=["lowcomm_out", "uint8"],
+        variants=["lowcomm_out", "plain_out", "uint8"],
         uint8=True,
         reps=2 if quick else 6,
     )
@@ -283,8 +339,21 @@ def main() -> None:
     )
     fp32_bw = busbw(n, shaped_bytes, results, "lowcomm_out")
     util = fp32_bw * 1e9 / (rate_bps / 8)
-    rows.append((f"{n} peers @1 Gbit/s fp32 busbw", f"{fp32_bw:.3f} GB/s = {util:.1%} of the link"))
+    rows.append(
+        (
+            f"{n} peers @1 Gbit/s fp32 busbw (protected)",
+            f"{fp32_bw:.3f} GB/s = {util:.1%} of the link",
+        )
+    )
     claim("link_utilisation_1gbit", round(util, 3), 0.9)
+    plain_bw = busbw(n, shaped_bytes, results, "plain_out")
+    rows.append(
+        (
+            f"{n} peers @1 Gbit/s fp32 busbw (plain)",
+            f"{plain_bw:.3f} GB/s (protected {fp32_bw / plain_bw:.3f}x plain)",
+        )
+    )
+    claim("protected_vs_plain_shaped_1gbit", round(fp32_bw / plain_bw, 3), 0.97)
     if "uint8" in results[0]["times"]:
         q_bw = busbw(n, shaped_bytes, results, "uint8")
         rows.append(

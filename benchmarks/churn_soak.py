@@ -1,5 +1,7 @@
 """Churn soak: 6 peers on loopback all-reduce in a loop while a peer is killed or added every
-few seconds; every completed all-reduce is checked against the exact sum over its participants.
+few seconds and the master kills itself at random points of the commit protocol (a
+``master.commit`` fault: a vote received or a verdict sent) and is restarted on the same address;
+every completed all-reduce is checked against the exact sum over its participants.
 
 Each peer ``k`` contributes a one-hot marker at position ``k`` (so the result names exactly who
 took part) and a fixed integer-valued payload (so the fp32 sum is exact in any order). A result
@@ -9,7 +11,8 @@ markers is not the participant count the communicator reported.
     .venv/bin/python benchmarks/churn_soak.py           # two minutes
     .venv/bin/python benchmarks/churn_soak.py --quick   # 30 s, same code paths
 
-Reports operations completed, failed-and-retried, wrong results (must be 0) and the longest stall
+Reports operations completed, failed-and-retried, master kills, wrong results (must be 0) and the
+longest stall
 (the longest gap between two completed all-reduces of a peer that lived through it). Last line:
 one JSON object, benchmark "churn_soak".
 """
@@ -24,8 +27,10 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,12 +41,50 @@ import torch
 
 from lowcomm.comm import CommConfig, Communicator, Master
 from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError, TopologyError
+from lowcomm.faults import KILLED_EXIT_CODE, FaultInjector
 
-TOKEN = b"churn-soak-token"
+TOKEN = b"churn-soak-token-0123456789abcdef"
 MAX_PEERS = 256  # marker slots: peer ids are 0..255
 PAYLOAD = 20_000
 HEARTBEAT_TIMEOUT_S = 2.0
 OP_TIMEOUT_S = 10.0
+
+
+def _master(port: int, message: str | None, index: int, after: int) -> None:
+    """The master as a process; with ``message``, it kills itself at that commit message."""
+    faults = FaultInjector()
+    if message is not None:
+        faults.inject(
+            "master.commit", kill=True, where={"message": message, "index": index}, after=after
+        )
+    Master(
+        ("127.0.0.1", port), token=TOKEN, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, faults=faults
+    ).start()
+    threading.Event().wait()
+
+
+def _keep_master(
+    ctx: Any, port: int, rng: random.Random, stop: threading.Event, kills: list[float], every: bool
+) -> None:
+    """Runs the master, restarting it on the same port whenever its fault killed it."""
+    while not stop.is_set():
+        if every:
+            # A random message, its index among the operation's participants, after a few
+            # operations: the kill lands anywhere in the commit protocol.
+            fault = (rng.choice(["vote", "verdict"]), rng.randrange(4), rng.randrange(5, 40))
+        else:
+            fault = (None, 0, 0)
+        proc = ctx.Process(target=_master, args=(port, *fault), daemon=True)
+        proc.start()
+        while proc.is_alive() and not stop.is_set():
+            proc.join(0.05)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+            return
+        if proc.exitcode == KILLED_EXIT_CODE:
+            kills.append(time.time())
+            print(f"master killed itself at {fault[0]} #{fault[1]}; restarting", flush=True)
 
 
 def _contribution(k: int) -> torch.Tensor:
@@ -98,6 +141,8 @@ def _peer(master_address: str, k: int, initial_world: int, log_path: str) -> Non
                 record(event="topology_error", error=str(e)[:200])
                 if "evicted" in str(e):
                     return
+            except CommError as e:  # anything else the master's restart may surface
+                record(event="failed", error=type(e).__name__)
             try:
                 if comm.are_peers_pending(timeout_s=OP_TIMEOUT_S):
                     comm.update_topology(timeout_s=OP_TIMEOUT_S)
@@ -107,6 +152,12 @@ def _peer(master_address: str, k: int, initial_world: int, log_path: str) -> Non
                 record(event="topology_error", error=str(e)[:200])
                 if "evicted" in str(e):
                     return
+            except CommError as e:
+                record(event="phase_failed", error=type(e).__name__)
+
+
+def _joined(log_dir: Path) -> int:
+    return sum(path.read_text().count('"event": "joined"') for path in log_dir.glob("peer-*.jsonl"))
 
 
 def _analyse(log_dir: Path, killed: dict[int, float]) -> dict[str, Any]:
@@ -161,13 +212,30 @@ def main() -> int:
         default=3,
         help="every Nth victim is frozen with SIGSTOP instead of killed (default 3; 0: never)",
     )
+    parser.add_argument(
+        "--no-master-kills",
+        action="store_true",
+        help="keep one master for the whole run (default: it kills itself at random commit "
+        "messages and is restarted)",
+    )
     args = parser.parse_args()
     seconds = args.seconds or (30.0 if args.quick else 120.0)
     rng = random.Random(args.seed)
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "lowcomm.comm"])
-    master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S).start()
-    address = f"{master.address[0]}:{master.address[1]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    address = f"127.0.0.1:{port}"
+    stop_master = threading.Event()
+    master_kills: list[float] = []
+    keeper = threading.Thread(
+        target=_keep_master,
+        args=(ctx, port, random.Random(args.seed + 1), stop_master, master_kills),
+        kwargs={"every": not args.no_master_kills},
+        daemon=True,
+    )
+    keeper.start()
     log_dir = Path(tempfile.mkdtemp(prefix="lowcomm-churn-"))
     procs: dict[int, Any] = {}
     killed: dict[int, float] = {}
@@ -189,7 +257,7 @@ def main() -> int:
         for _ in range(args.peers):
             spawn(args.peers)
         # Wait for the initial world before the churn starts.
-        while len(master.snapshot()["accepted"]) < args.peers and time.monotonic() - start < 120:
+        while _joined(log_dir) < args.peers and time.monotonic() - start < 120:
             time.sleep(0.2)
         churn_start = time.monotonic()
         while time.monotonic() - churn_start < seconds:
@@ -218,10 +286,12 @@ def main() -> int:
                 p.kill()
         for p in procs.values():
             p.join(10)
-        master.stop()
+        stop_master.set()
+        keeper.join(10)
     r = _analyse(log_dir, killed)
     r["peers_added"] = adds
     r["peers_stopped"] = stopped
+    r["master_kills"] = len(master_kills)
     rows = [
         ("duration (s)", f"{seconds:.0f}"),
         ("peers at start / max world", f"{args.peers} / {r['max_world']}"),
@@ -229,6 +299,7 @@ def main() -> int:
             "peers killed / of them SIGSTOPped / added",
             f"{r['peers_killed']} / {r['peers_stopped']} / {r['peers_added']}",
         ),
+        ("master kills (random commit messages)", r["master_kills"]),
         ("all-reduces completed (distinct)", r["ops_completed"]),
         ("all-reduces completed (per peer)", r["peer_ops_completed"]),
         ("failed ops (per peer)", r["failed"]),
@@ -264,6 +335,12 @@ def main() -> int:
             "value": r["failed_and_retried"],
             "goal": "every failure followed by a successful retry on surviving peers",
             "ok": r["failed_and_retried"] > 0 or r["failed"] == 0,
+        },
+        {
+            "name": "master_kills",
+            "value": r["master_kills"],
+            "goal": "> 0 (0 with --no-master-kills)",
+            "ok": r["master_kills"] > 0 or args.no_master_kills,
         },
         {
             "name": "longest_stall_s",

@@ -61,7 +61,7 @@ from lowcomm.diloco import OuterConfig
 from lowcomm.launch.experiments import Corpus, RunResult, simulate
 from lowcomm.launch.tinygpt import GPT, GPTConfig
 
-TOKEN = b"diloco-benchmark"
+TOKEN = b"diloco-benchmark-0123456789abcdef"
 CORPUS_BYTES = 2_000_000  # part B's peers train on the first 2 MB of the corpus
 
 

@@ -29,7 +29,7 @@ import torch
 from lowcomm.comm import CommConfig, Communicator, Master
 from lowcomm.comm.shaper import Shaper
 
-TOKEN = b"p2p-benchmark"
+TOKEN = b"p2p-benchmark-0123456789abcdef"
 
 
 def _pair(master: str, config: CommConfig) -> tuple[Communicator, Communicator]:

@@ -5,7 +5,8 @@ replicas, lowcomm exchanges compressed pseudo-gradients every few hundred steps 
 keeps going when a peer dies or joins, checkpoints without stalling, and rebuilds lost pipeline stages.
 
 Glossary (used the same way in every module):
-    replica         one copy of the model, trained by one group of nearby GPUs.
+    replica         one copy of the model, trained by one group of nearby GPUs (one torchrun job,
+                    admitted into the run and evicted from it as one unit).
     peer            one process taking part in the WAN collectives (one per replica, or one per
                     FSDP shard of a replica).
     peer_group      peers that all-reduce together; under FSDP, shard i of every replica.
@@ -23,5 +24,6 @@ from __future__ import annotations
 
 from lowcomm._version import __version__
 from lowcomm.errors import LowcommError
+from lowcomm.trainer import Run, RunConfig, init
 
-__all__ = ["LowcommError", "__version__"]
+__all__ = ["LowcommError", "Run", "RunConfig", "__version__", "init"]

@@ -43,9 +43,16 @@ POINTS: dict[str, str] = {
     "sub; corrupt: the sub-chunk is sent damaged)",
     "state.serve": "a peer serving shared state is about to send chunk number `chunk` (context: "
     "chunk, name)",
+    "comm.gate": "an all_reduce's gate just opened on this peer, before its ring is built "
+    "(context: tag, op)",
     "p2p.send": "send() is about to send a tensor's data to `peer` (context: peer, tag)",
     # master (lowcomm.comm.master)
     "master.request": "the master is about to answer request `op` from `peer` (context: op, peer)",
+    "master.commit": "a commit-protocol message at the master: `message` 'vote' (a peer's first "
+    "vote on operation `op` was received, not yet recorded) or 'verdict' (a peer's verdict is "
+    "about to be sent; while faults are armed verdicts leave one at a time); `index`: how many of "
+    "that message the operation had before, so a kill at verdict 1 dies with exactly one sent "
+    "(context: message, index, op, peer)",
     # checkpoint levels (lowcomm.checkpoint)
     "copy": "the background copier is about to copy one tensor to the host buffer",
     "local.write": "a chunk of a data file is about to be written to local disk (corrupt: the "

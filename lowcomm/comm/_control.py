@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ from lowcomm.comm._protocol import (
     HeartbeatRequest,
     LeaveGateRequest,
     LeaveRequest,
+    OpReport,
     RegisterRequest,
     Request,
     StatusRequest,
@@ -71,9 +73,12 @@ class ControlClient:
         peer_id: this peer's id (unique in the run).
         peer_group: the peer group it all-reduces and syncs state with.
         token: the normalized run token (None: no auth).
+        encryption: seal the frames of every connection (see ``_handshake``).
         poll_s: the longest one request waits at the master before asking again.
         heartbeat_interval_s: seconds between heartbeats; None: a quarter of the master's
             heartbeat timeout.
+        replica: ``(replica_id, replica_rank, num_replica_ranks)``: this peer is one rank of a
+            replica the master admits and evicts as one unit; None: a peer on its own.
     """
 
     def __init__(
@@ -85,11 +90,14 @@ class ControlClient:
         token: bytes | None,
         poll_s: float,
         heartbeat_interval_s: float | None,
+        replica: tuple[str, int, int] | None = None,
+        encryption: bool = True,
     ) -> None:
         self.master_address = master_address
         self.peer_id = peer_id
         self.peer_group = peer_group
         self.token = token
+        self.encryption = encryption
         self._poll_s = poll_s
         self._heartbeat_interval_s = heartbeat_interval_s
         self._cond = threading.Condition()
@@ -107,6 +115,22 @@ class ControlClient:
         self.revision = 0
         self.heartbeat_timeout_s = 10.0
         self.config_blob = b""
+        self.replica = replica
+        self.pending_replicas: dict[str, dict[str, Any]] = {}  # as of the last phase
+        self.admission = ""  # why the master has not admitted this peer yet (while pending)
+        # This peer's secret: registration hands it to the master (every master it registers
+        # with: it survives restarts), every later request carries it, so no other token holder
+        # can act for this peer.
+        self._secret = secrets.token_hex(16)
+        # This peer's latest all-reduce and where it stands in it: told to every master it
+        # registers with, so a restarted one can resolve an operation it never saw.
+        self._last_op: OpReport | None = None
+
+    def report_op(self, report: OpReport) -> None:
+        """Records where this peer stands in its latest all-reduce (see ``_rounds``). Call it
+        before the step it names becomes visible (before the vote is sent, before applying)."""
+        with self._cond:
+            self._last_op = report
 
     # ------------------------------------------------------------------ the world as last seen
     @property
@@ -163,17 +187,18 @@ class ControlClient:
                 StatusRequest(peer_id=self.peer_id, wait_s=self.poll(deadline)), deadline=deadline
             )
             self._raise_for(resp, "connect()")
+            self.admission = str(resp.get("admission", ""))
             if resp.get("accepted"):
                 with self._cond:
                     self._accepted = True
                 self._update_world(resp)
                 return
             if time.monotonic() >= deadline:
-                raise CommTimeoutError(
-                    f"peer {self.peer_id} was not accepted within the timeout: the running peers "
-                    "have not called update_topology() (or there are none and the master did "
-                    "not admit this peer)"
+                why = self.admission or (
+                    "the running peers have not called update_topology() (or there are none "
+                    "and the master did not admit this peer)"
                 )
+                raise CommTimeoutError(f"peer {self.peer_id} was not accepted in time: {why}")
 
     def close(self, timeout_s: float) -> None:
         """Leaves the run (the master removes this peer at once), marks the client closed and
@@ -204,6 +229,7 @@ class ControlClient:
         conn, _hello = _handshake.connect(
             self.master_address,
             token=self.token,
+            encryption=self.encryption,
             hello={"role": "session", "peer_id": self.peer_id},
             timeout_s=max(0.1, min(10.0, deadline - time.monotonic())),
             max_frame_bytes=MAX_CONTROL_FRAME_BYTES,
@@ -223,14 +249,19 @@ class ControlClient:
                     peer_group=int(p["peer_group"]),
                     address=(str(p["address"][0]), int(p["address"][1])),
                     join_seq=int(p.get("join_seq", -1)),
+                    replica_id=str(p.get("replica_id", "")),
+                    replica_rank=int(p.get("replica_rank", 0)),
+                    num_replica_ranks=int(p.get("num_replica_ranks", 0)),
                 )
                 for p in world
             ]
             if rejoin
             else [],
+            **_replica_fields(self.replica),
+            last_op=self._last_op,
         )
         try:
-            conn.send_json(KIND_REQUEST, to_wire(req), timeout_s=10.0)
+            conn.send_json(KIND_REQUEST, {**to_wire(req), "secret": self._secret}, timeout_s=10.0)
             _kind, _tag, resp = conn.recv_json(timeout_s=10.0)
         except BaseException:
             conn.close()
@@ -253,13 +284,13 @@ class ControlClient:
         """Heartbeats on the session connection; re-registers when the master restarted."""
         interval = self._heartbeat_interval_s or self.heartbeat_timeout_s / 4
         heartbeat = to_wire(HeartbeatRequest(peer_id=self.peer_id))
-        while not self.closed.wait(interval):
+        while not self.closed.wait(interval if self._session_alive() else 0.2):
             conn = self._session
             try:
                 if conn is None or conn.closed:
                     self._register(rejoin=True, deadline=time.monotonic() + 5.0)
                     continue
-                conn.send_json(KIND_REQUEST, heartbeat, timeout_s=5.0)
+                conn.send_json(KIND_REQUEST, {**heartbeat, "secret": self._secret}, timeout_s=5.0)
                 _kind, _tag, resp = conn.recv_json(timeout_s=5.0)
                 if resp.get("error") == ErrorCode.EVICTED:
                     self._evicted = str(resp.get("message"))
@@ -276,6 +307,12 @@ class ControlClient:
                 logger.info("peer %s: master session lost (%s); reconnecting", self.peer_id, e)
                 if conn is not None:
                     conn.close()
+
+    def _session_alive(self) -> bool:
+        # A broken session re-registers within 0.2 s of the master coming back (the master's
+        # first_peer_grace_s counts on it), not a heartbeat interval later.
+        conn = self._session
+        return conn is not None and not conn.closed
 
     # ------------------------------------------------------------------ requests
     def request(
@@ -299,12 +336,14 @@ class ControlClient:
                         conn, _ = _handshake.connect(
                             self.master_address,
                             token=self.token,
+                            encryption=self.encryption,
                             hello={"role": "control", "peer_id": self.peer_id},
                             timeout_s=max(0.1, min(5.0, deadline - time.monotonic())),
                             max_frame_bytes=MAX_CONTROL_FRAME_BYTES,
                         )
                         self._ctls[channel] = conn
-                    conn.send_json(KIND_REQUEST, wire, timeout_s=10.0)
+                    # The secret of the session registered now (it changes after a restart).
+                    conn.send_json(KIND_REQUEST, {**wire, "secret": self._secret}, timeout_s=10.0)
                     kind, _tag, resp = conn.recv_json(timeout_s=wait_s + 10.0)
                     if kind != KIND_RESPONSE or not isinstance(resp, dict):
                         raise ProtocolError(f"unexpected frame kind {kind} from the master")
@@ -333,10 +372,18 @@ class ControlClient:
                 time.sleep(0.1)
 
     def gate(
-        self, kind: GateKind, key: str, payload: dict[str, Any], deadline: float
+        self,
+        kind: GateKind,
+        key: str,
+        payload: dict[str, Any],
+        deadline: float,
+        *,
+        nonfinite: bool = False,
     ) -> dict[str, Any]:
         """Waits at a phase gate until every peer of its scope arrived; returns the master's
-        answer. On timeout (or any failure) tells the master this peer left the gate."""
+        answer. On timeout (or any failure) tells the master this peer left the gate.
+        ``nonfinite``: this peer's all-reduce contribution holds NaN/inf (every peer then gets
+        ``NonFiniteError`` when the gate opens)."""
         rid = uuid.uuid4().hex
         what = describe_gate(kind, key)
         try:
@@ -347,6 +394,7 @@ class ControlClient:
                     key=key,
                     payload=payload,
                     rid=rid,
+                    nonfinite=nonfinite,
                     wait_s=self.poll(deadline),
                 )
                 resp = self.request(req, deadline=deadline)
@@ -373,19 +421,31 @@ class ControlClient:
                 retry=False,
             )
 
-    def vote(self, op_id: str, ok: bool, deadline: float) -> dict[str, Any]:
+    def vote(
+        self, op_id: str, ok: bool, deadline: float, *, group: int, participants: list[str]
+    ) -> dict[str, Any]:
         """Votes on all-reduce ``op_id``; returns the master's verdict once every participant
-        voted (or one failed). ``CommTimeoutError`` if no verdict came in time."""
+        voted (or one failed). ``CommTimeoutError`` if no verdict came in time. ``group`` and
+        ``participants`` (the gate's) let a restarted master adopt the operation (``_rounds``);
+        the vote goes on through a master restart (the request waits for the re-registration)."""
         # A peer that finished its ring waits for the others' votes; a stalled participant is
         # evicted after the heartbeat timeout, which aborts the vote, so this wait is bounded.
-        vote_deadline = max(deadline, time.monotonic() + self.heartbeat_timeout_s + 5.0)
+        # A restarted master decides once the participants are back (or evicted, after the
+        # heartbeat timeout), so the same bound covers a restart.
+        vote_deadline = max(deadline, time.monotonic() + 2 * self.heartbeat_timeout_s + 5.0)
         while True:
             resp = self.request(
                 VoteRequest(
-                    peer_id=self.peer_id, op_id=op_id, ok=ok, wait_s=self.poll(vote_deadline)
+                    peer_id=self.peer_id,
+                    op_id=op_id,
+                    ok=ok,
+                    group=group,
+                    participants=participants,
+                    wait_s=self.poll(vote_deadline),
                 ),
                 deadline=vote_deadline,
             )
+            self._raise_for(resp, "all_reduce commit vote")
             if resp.get("verdict"):
                 return resp
             if time.monotonic() >= vote_deadline:
@@ -400,7 +460,9 @@ class ControlClient:
         aborted (a participant evicted: dead, or silent past the heartbeat timeout) and then calls
         ``on_abort`` (which closes the ring), so a stalled peer costs the heartbeat timeout, not
         ``timeout_s``. Returns when ``done`` is set, on abort, or at ``deadline``."""
-        if done.wait(0.5):
+        # A short grace spares the fast (loopback) operations the request; after it, an abort
+        # reaches this peer within one master round trip of the eviction.
+        if done.wait(0.25):
             return
         while not done.is_set() and time.monotonic() < deadline:
             try:
@@ -436,6 +498,7 @@ class ControlClient:
                 if not ok:
                     return {}
                 raise
+            self._raise_for(resp, "sync_shared_state()")
             if resp.get("verdict") or time.monotonic() >= deadline:
                 return resp
 
@@ -446,7 +509,7 @@ class ControlClient:
             return
         if err == ErrorCode.EVICTED:
             self._evicted = str(resp.get("message", "evicted"))
-        raise error_for(str(err), f"{what}: {resp.get('message', err)}")
+        raise error_for(str(err), f"{what}: {resp.get('message', err)}", resp)
 
     def _update_world(self, resp: dict[str, Any]) -> None:
         if "world" not in resp:
@@ -454,6 +517,14 @@ class ControlClient:
         with self._cond:
             self._world = list(resp["world"])
             self.revision = int(resp.get("revision", self.revision))
+            self.pending_replicas = dict(resp.get("pending_replicas", {}))
             for p in self._world:
                 if p["peer_id"] == self.peer_id:
                     self._join_seq = int(p.get("join_seq", -1))
+
+
+def _replica_fields(replica: tuple[str, int, int] | None) -> dict[str, Any]:
+    if replica is None:
+        return {}
+    replica_id, rank, num_ranks = replica
+    return {"replica_id": replica_id, "replica_rank": rank, "num_replica_ranks": num_ranks}

@@ -2,11 +2,20 @@
 
 A frame is a fixed 28-byte header followed by ``length`` payload bytes::
 
-    magic b"LCMW" | version u8 | kind u8 | flags u16 (0) | seq u32 | tag u64 | length u64
+    magic b"LCMW" | version u8 | kind u8 | flags u16 | seq u32 | tag u64 | length u64
 
 (network byte order). ``length`` is bounded by the connection's ``max_frame_bytes`` *before* any
 payload is read, so a garbage or hostile length claim costs nothing but a closed connection.
 Connections are made (and authenticated) by ``_handshake.connect`` and ``_handshake.accept``.
+
+A protected connection (``Connection.protect``, done by the handshake unless encryption is off)
+seals every later frame with an AEAD (``_aead``): flags bit 0 is set, the payload is ciphertext
+and a 16-byte tag follows it; ``length`` stays the plaintext length. The receive methods hand the
+caller only verified plaintext, so the caller's view of the API is the same either way, except
+that after ``recv_header`` the payload must be read by one ``recv_into`` of exactly ``length``.
+
+JSON payloads are parsed with a bounded nesting depth (``MAX_JSON_DEPTH``), so no frame can make
+the parser recurse deeply.
 
 Errors: content violations raise ``ProtocolError``; a peer that closes or resets the connection
 raises ``PeerFailureError`` (``TruncatedFrameError`` when it happens mid-frame); a call that runs
@@ -22,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import socket
 import struct
 import threading
@@ -30,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from lowcomm.comm._aead import FLAG_SEALED, TAG_BYTES, FrameCipher
 from lowcomm.comm.errors import (
     CommTimeoutError,
     PeerFailureError,
@@ -46,12 +57,14 @@ __all__ = [
     "HEADER",
     "KIND_USER_MIN",
     "MAGIC",
+    "MAX_JSON_DEPTH",
     "VERSION",
     "Connection",
     "Frame",
     "FrameHeader",
     "Sender",
     "Uplink",
+    "parse_json_bounded",
     "recv_exact",
     "send_all",
     "send_all_parts",
@@ -63,8 +76,10 @@ MAGIC = b"LCMW"
 VERSION = 1
 HEADER = struct.Struct("!4sBBHIQQ")
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
-# Bound for every frame read before the peer has authenticated (and for the hello objects).
+# Bound for the hello objects (read after authentication).
 HANDSHAKE_MAX_BYTES = 64 * 1024
+# The deepest JSON nesting any frame may carry (lowcomm's own objects nest 3-4 levels).
+MAX_JSON_DEPTH = 32
 
 # Kinds 1-15 belong to the handshake (_handshake.py); 16-63 to the data plane (_ring_wire.py); the
 # control plane and users take KIND_USER_MIN and above.
@@ -72,6 +87,25 @@ KIND_USER_MIN = 64
 
 # Payloads up to this size are copied next to the header and sent with one syscall.
 _COALESCE_BYTES = 64 * 1024
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def parse_json_bounded(payload: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``payload`` as JSON, refusing nesting deeper than ``max_depth`` before parsing (so hostile
+    input cannot make the parser recurse). Raises ``ValueError`` (a ``json.JSONDecodeError`` or a
+    depth error) or ``UnicodeDecodeError``."""
+    if payload.count(b"[") + payload.count(b"{") > max_depth:
+        # Only then is the exact depth worth computing: brackets outside strings, in order.
+        brackets = _JSON_STRING.sub(b'""', payload).translate(None, _NOT_BRACKETS)
+        depth = 0
+        for b in brackets:
+            depth += 1 if b in b"[{" else -1
+            if depth > max_depth:
+                raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    return json.loads(payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +298,14 @@ class Connection:
         self._closed = threading.Event()
         self._close_lock = threading.Lock()
         self._header_buf = bytearray(HEADER.size)
+        self._tx_cipher: FrameCipher | None = None
+        self._rx_cipher: FrameCipher | None = None
+        # A sealed frame whose header recv_header returned: (header bytes, length), until
+        # recv_into reads and opens its payload.
+        self._rx_open: tuple[bytes, int] | None = None
+        # Until authenticated, failures are logged at DEBUG: the owner logs a rejected stranger
+        # once per source, so a flood of connections cannot flood the log.
+        self.quiet = False
         self.tx_bytes = 0
         self.rx_bytes = 0
 
@@ -276,6 +318,20 @@ class Connection:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    @property
+    def protected(self) -> bool:
+        """Whether frames are sealed (encrypted and authenticated) on this connection."""
+        return self._tx_cipher is not None
+
+    def protect(self, *, tx_key: bytes, rx_key: bytes) -> None:
+        """Seals every later frame sent with ``tx_key`` and requires every later frame received
+        to be sealed with ``rx_key`` (see ``_aead``). Called once, by the handshake, before any
+        other thread uses the connection."""
+        if self._tx_cipher is not None:
+            raise RuntimeError("connection is already protected")
+        self._tx_cipher = FrameCipher(tx_key)
+        self._rx_cipher = FrameCipher(rx_key)
 
     # ----- sending -------------------------------------------------------------------------------
 
@@ -309,13 +365,20 @@ class Connection:
             raise ValueError(
                 f"frame of {length} bytes exceeds max_frame_bytes={self.max_frame_bytes}"
             )
-        header = HEADER.pack(MAGIC, VERSION, kind, 0, seq, tag, length)
-        if length <= _COALESCE_BYTES:
+        cipher = self._tx_cipher
+        flags = 0 if cipher is None else FLAG_SEALED
+        header = HEADER.pack(MAGIC, VERSION, kind, flags, seq, tag, length)
+        if cipher is not None:
+            if self.closed:  # a failed send must not consume a nonce the peer will expect
+                raise PeerFailureError(f"connection to {self.peer} is closed")
+            views = [cipher.seal(header, views, length)]
+        wire = sum(v.nbytes for v in views)
+        if wire <= _COALESCE_BYTES:
             buffers: list[Buffer] = [header + b"".join(views)]
         else:
             buffers = [header, *views]
         self._send(buffers, timeout_s=timeout_s)
-        self.tx_bytes += HEADER.size + length
+        self.tx_bytes += HEADER.size + wire
 
     def send_json(self, kind: int, obj: Any, *, tag: int = 0, timeout_s: float) -> None:
         """Sends ``obj`` as a UTF-8 JSON frame."""
@@ -346,14 +409,42 @@ class Connection:
 
     def recv_header(self, *, timeout_s: float) -> FrameHeader:
         """Reads and validates one frame header; the caller must then read exactly
-        ``header.length`` payload bytes (``recv_into``) before the next header."""
-        return self._recv_header(time.monotonic() + timeout_s, self.max_frame_bytes)
+        ``header.length`` payload bytes with one ``recv_into`` before the next header."""
+        header = self._recv_header(time.monotonic() + timeout_s, self.max_frame_bytes)
+        if self._rx_cipher is not None:
+            self._rx_open = (bytes(self._header_buf), header.length)
+        return header
 
     def recv_into(self, view: Buffer, *, timeout_s: float) -> None:
         """Fills ``view`` (a writable buffer) with exactly its size in payload bytes, straight
-        from the socket (no intermediate copy)."""
+        from the socket (unprotected), or opened from the sealed bytes into it (protected: the
+        whole payload of the frame ``recv_header`` returned, in one call)."""
         mv = memoryview(view).cast("B")
-        self._recv_exact(mv, time.monotonic() + timeout_s, in_frame=True)
+        deadline = time.monotonic() + timeout_s
+        cipher = self._rx_cipher
+        if cipher is None:
+            self._recv_exact(mv, deadline, in_frame=True)
+            return
+        pending, self._rx_open = self._rx_open, None
+        if pending is None or pending[1] != mv.nbytes:
+            self.fail("recv_into does not match the sealed frame's length")
+            raise ValueError(
+                "on a protected connection recv_into must read the whole payload of the frame "
+                f"recv_header returned ({pending[1] if pending else 'no frame'} bytes), "
+                f"got {mv.nbytes}"
+            )
+        sealed = cipher.buffer(mv.nbytes + TAG_BYTES)
+        self._recv_exact(sealed, deadline, in_frame=True)
+        self._open(cipher, pending[0], sealed, mv)
+
+    def _open(
+        self, cipher: FrameCipher, header: bytes, sealed: memoryview, out: memoryview
+    ) -> None:
+        try:
+            cipher.open_into(header, sealed, out, peer=self.peer)
+        except ProtocolError as exc:
+            self.fail(str(exc))
+            raise
 
     def recv_frame_into(self, view: Buffer, *, timeout_s: float, lowat: int = 0) -> FrameHeader:
         """Reads one frame whose payload must be exactly ``len(view)`` bytes: header and payload
@@ -361,8 +452,10 @@ class Connection:
         raises ``ProtocolError`` (bytes past it may have been consumed, so the connection is
         closed). For bulk data whose size both sides know; ``lowat``: see ``recv_exact``."""
         mv = memoryview(view).cast("B")
+        cipher = self._rx_cipher
+        into = mv if cipher is None else cipher.buffer(mv.nbytes + TAG_BYTES)
         self._recv_exact(
-            [memoryview(self._header_buf), mv],
+            [memoryview(self._header_buf), into],
             time.monotonic() + timeout_s,
             in_frame=False,
             lowat=lowat,
@@ -374,6 +467,8 @@ class Connection:
                 f"{self.peer} sent a frame of {header.length} bytes where {mv.nbytes} were "
                 "expected: the two sides disagree on the size of the data"
             )
+        if cipher is not None:
+            self._open(cipher, bytes(self._header_buf), into, mv)
         return header
 
     def recv_frame(self, *, timeout_s: float, max_bytes: int | None = None) -> Frame:
@@ -388,17 +483,23 @@ class Connection:
         return frame.kind, frame.tag, self.parse_json(frame.payload)
 
     def parse_json(self, payload: bytes) -> Any:
-        """``payload`` as JSON; anything else closes the connection and raises ``ProtocolError``."""
+        """``payload`` as JSON (depth-bounded: ``parse_json_bounded``); anything else closes the
+        connection and raises ``ProtocolError``."""
         try:
-            return json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return parse_json_bounded(payload)
+        except (UnicodeDecodeError, ValueError) as exc:
             self.fail(f"malformed JSON payload from {self.peer}")
             raise ProtocolError(f"{self.peer} sent a frame that is not valid JSON: {exc}") from exc
 
     def _recv_frame(self, deadline: float, bound: int) -> Frame:
         header = self._recv_header(deadline, bound)
         payload = bytearray(header.length)
-        if header.length:
+        cipher = self._rx_cipher
+        if cipher is not None:
+            sealed = cipher.buffer(header.length + TAG_BYTES)
+            self._recv_exact(sealed, deadline, in_frame=True)
+            self._open(cipher, bytes(self._header_buf), sealed, memoryview(payload))
+        elif header.length:
             self._recv_exact(memoryview(payload), deadline, in_frame=True)
         return Frame(header.kind, header.tag, bytes(payload), header.seq)
 
@@ -407,7 +508,7 @@ class Connection:
         return self._parse_header(bound)
 
     def _parse_header(self, bound: int) -> FrameHeader:
-        magic, version, kind, _flags, seq, tag, length = HEADER.unpack(self._header_buf)
+        magic, version, kind, flags, seq, tag, length = HEADER.unpack(self._header_buf)
         if magic != MAGIC:
             self.fail(f"bad magic {bytes(magic)!r} from {self.peer}")
             raise ProtocolError(
@@ -419,6 +520,14 @@ class Connection:
             raise ProtocolError(
                 f"{self.peer} speaks lowcomm wire version {version}, this process speaks "
                 f"{VERSION}: run the same lowcomm version everywhere"
+            )
+        sealed = self._rx_cipher is not None
+        if flags != (FLAG_SEALED if sealed else 0):
+            self.fail(f"frame flags {flags:#x} from {self.peer}")
+            raise ProtocolError(
+                f"{self.peer} sent an {'unsealed' if sealed else 'unknown or sealed'} frame (flags "
+                f"{flags:#x}) on a connection that is {'' if sealed else 'not '}protected: "
+                "dropped, injected or from another lowcomm version; connection closed"
             )
         if length > bound:
             self.fail(f"frame length {length} over bound {bound} from {self.peer}")
@@ -474,7 +583,12 @@ class Connection:
     def fail(self, reason: str) -> None:
         """Closes the connection after a violation or failure, logging ``reason`` (once)."""
         if not self.closed:
-            logger.info("closing connection to %s: %s", self.peer, reason)
+            logger.log(
+                logging.DEBUG if self.quiet else logging.INFO,
+                "closing connection to %s: %s",
+                self.peer,
+                reason,
+            )
         self.close()
 
     def abort(self) -> None:

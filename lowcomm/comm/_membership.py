@@ -5,6 +5,8 @@
   the ``update_topology`` gate, so a joiner never blocks running peers beyond one
   ``update_topology()``. A peer whose session connection closes, or that sends no heartbeat for
   ``heartbeat_timeout_s`` (SIGSTOP, a dead host), is evicted.
+- **Replicas.** The ranks of a replica (a torchrun job) are admitted together or not at all, and
+  evicted together: ``_admission`` holds the rules.
 - **Gates (phases).** ``update_topology``, ``are_peers_pending``, each ``all_reduce`` (by tag) and
   each shared-state sync is a gate: it opens once every accepted peer of its scope (the world, or
   one peer group) has arrived with the same phase. The master knows the phase each waiting peer
@@ -16,8 +18,13 @@
   applies a partial result. A shared-state sync is a *round* that ends once every live
   participant reported done; which state it agrees on is ``_election``'s.
 - **Restart.** A new master on the same address knows nothing; peers re-register as accepted and
-  tell it the world they knew. Peers of that world that do not come back within the heartbeat
-  timeout are evicted, so gates never open on a partial world by accident.
+  tell it the world they knew and where they stand in their latest all-reduce. Peers of that
+  world that do not come back within the heartbeat timeout are evicted, so gates never open on a
+  partial world by accident; an all-reduce the old master left undecided is resolved from the
+  peers' reports (``_rounds``), all or nothing.
+- **Identity.** A peer registers with a secret of its own; every later request must carry it,
+  and a connection speaks for one peer only (``authorize``), so a token holder cannot act for
+  another peer. After a restart the first registration of a peer id sets it again.
 
 All state is guarded by one condition (``cond``); each operation method takes it. A waiting
 operation holds its caller's thread for at most ``wait_s`` (capped at ``MAX_WAIT_S``).
@@ -29,12 +36,20 @@ import base64
 import itertools
 import logging
 import secrets
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
+from lowcomm.comm._admission import (
+    LEAVES_AS_A_WHOLE,
+    admissible_units,
+    copy_replica_fields,
+    describe,
+    is_complete,
+    registration_conflict,
+    stale_stamps,
+)
 from lowcomm.comm._election import ElectionError, elect, plans
+from lowcomm.comm._peers import Arrival, PeerRecord
 from lowcomm.comm._protocol import (
     ErrorCode,
     GateKind,
@@ -47,8 +62,11 @@ from lowcomm.comm._protocol import (
     SyncDoneRequest,
     VerdictRequest,
     VoteRequest,
+    forbidden,
+    refuse_all_reduce,
 )
-from lowcomm.comm._rounds import Round, RoundTable
+from lowcomm.comm._roster import Roster
+from lowcomm.comm._rounds import Round
 
 __all__ = ["MAX_WAIT_S", "Membership"]
 
@@ -56,108 +74,17 @@ logger = logging.getLogger(__name__)
 
 # The longest a request may hold the master's handler thread before answering "waiting".
 MAX_WAIT_S = 1.0
-# A pending peer that has not polled for this long is not admitted (it stalled before admission).
-_ADMIT_GRACE_S = 2.0
 
 
-@dataclass
-class Arrival:
-    """A peer waiting at a gate."""
-
-    kind: GateKind
-    group: int
-    key: str
-    rid: str
-    payload: dict[str, Any]
-
-    def signature(self) -> tuple[GateKind, int, str]:
-        group = -1 if self.kind.world_scoped else self.group
-        return (self.kind, group, self.key)
-
-    def describe(self) -> str:
-        if self.kind == GateKind.ALL_REDUCE:
-            return f"all_reduce(tag={self.key}, peer_group={self.group})"
-        if self.kind == GateKind.SYNC:
-            return f"sync_shared_state(peer_group={self.group})"
-        if self.kind == GateKind.PENDING:
-            return "are_peers_pending()"
-        return "update_topology()"
-
-
-@dataclass
-class PeerRecord:
-    """What the master knows of one registered peer."""
-
-    peer_id: str
-    peer_group: int
-    address: tuple[str, int]
-    accepted: bool
-    join_seq: int
-    last_seen: float
-    ghost: bool = False  # known from a re-registering peer after a restart, not yet back
-    # A pending peer is admitted only while it is visibly waiting in connect(): a joiner that
-    # stalled or died before admission must not make the running peers wait for it.
-    polling: int = 0
-    last_poll: float = 0.0
-    gate: Arrival | None = None
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # rid -> response
-
-
-class Membership:
-    """The state of one run as the master sees it (see the module docstring). Thread-safe.
-
-    Args:
-        epoch: this master process's epoch (ring and op ids include it).
-        config_blob: the run's configuration, handed to every peer at registration.
-        heartbeat_timeout_s: a peer silent for this long is evicted (by ``expire``).
+class Membership(Roster):
+    """The state machine of one run as the master sees it (see the module docstring), over its
+    ``Roster``. Thread-safe; takes the same arguments as ``Roster``.
     """
 
-    def __init__(self, *, epoch: str, config_blob: bytes, heartbeat_timeout_s: float) -> None:
-        self.epoch = epoch
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self._config_blob = config_blob
-        self.cond = threading.Condition()
-        self._peers: dict[str, PeerRecord] = {}
-        self._evicted: dict[str, str] = {}  # peer_id -> reason
-        self._rounds = RoundTable(epoch)
-        self._ring_gen: dict[int, int] = {}
-        self._revision = 0
-        self._join_seq = itertools.count()
-
-    def snapshot(self) -> dict[str, Any]:
-        """A JSON-able view of membership, for logs and tests."""
-        with self.cond:
-            return {
-                "epoch": self.epoch,
-                "revision": self._revision,
-                "accepted": [p.peer_id for p in self._accepted()],
-                "pending": [p.peer_id for p in self._peers.values() if not p.accepted],
-                "evicted": dict(self._evicted),
-                "waiting": {p.peer_id: p.gate.describe() for p in self._peers.values() if p.gate},
-            }
-
-    def wake(self) -> None:
-        """Wakes every waiting operation (the master is stopping)."""
-        with self.cond:
-            self.cond.notify_all()
-
-    def _known_peer(self, peer_id: str) -> PeerRecord | dict[str, Any]:
-        peer = self._peers.get(peer_id)
-        if peer is not None:
-            return peer
-        if peer_id in self._evicted:
-            return {
-                "error": ErrorCode.EVICTED,
-                "message": f"peer {peer_id} was evicted: {self._evicted[peer_id]}",
-            }
-        return {
-            "error": ErrorCode.UNKNOWN_PEER,
-            "epoch": self.epoch,
-            "message": f"master (epoch {self.epoch}) does not know peer {peer_id}",
-        }
-
-    def register(self, req: RegisterRequest) -> dict[str, Any]:
-        """A session registers (or re-registers after a master restart, with the world it knew)."""
+    def register(self, req: RegisterRequest, secret: str = "") -> dict[str, Any]:
+        """A session registers (or re-registers after a master restart, with the world it knew).
+        ``secret``: the peer's own secret; every later request must carry it, and a live peer's
+        session reconnecting must present the same one."""
         group = req.peer_group
         host, port = req.address
         peer_id = req.peer_id or secrets.token_hex(6)
@@ -171,19 +98,31 @@ class Membership:
                     "error": ErrorCode.EVICTED,
                     "message": f"peer {peer_id} was evicted: {self._evicted[peer_id]}",
                 }
+            refused, replaced = registration_conflict(req, self._replica_ranks(req.replica_id))
+            if refused:
+                return {"error": ErrorCode.MISMATCH, "message": refused}
+            for old in replaced:  # a restarted replica: its old incarnation goes as a whole
+                self._evict(old.peer_id, f"peer {req.peer_id} registered as its replica rank")
             now = time.monotonic()
             peer = self._peers.get(peer_id)
             if peer is not None and not peer.ghost:
-                # A session reconnect of a live peer: keep its state.
+                # A session reconnect of a live peer: keep its state, but only for the peer
+                # itself (its secret), or any token holder could take over its identity.
+                if not secrets.compare_digest(secret, peer.secret):
+                    return forbidden(peer_id, "register")
                 peer.last_seen = now
             elif peer is not None:
                 peer.ghost = False
                 peer.last_seen = now
                 peer.address = (str(host), int(port))
+                copy_replica_fields(peer, req)
             else:
                 # After a restart, re-registering peers come back accepted; on a fresh run only
-                # the first peer of an empty world is (nobody else could admit it).
-                accepted = rejoin or (not returning and not self._accepted())
+                # the first peer (or whole replica) of an empty world is (nobody else could admit
+                # it), and only once a restarted master's peers had time to come back
+                # (``_first_peer_due``).
+                first = not returning and self._first_peer_due()
+                accepted = rejoin or (first and not req.num_replica_ranks)
                 self._peers[peer_id] = PeerRecord(
                     peer_id=peer_id,
                     peer_group=group,
@@ -192,7 +131,12 @@ class Membership:
                     join_seq=req.join_seq if rejoin else next(self._join_seq),
                     last_seen=now,
                     last_poll=now,
+                    returning=returning,
                 )
+                copy_replica_fields(self._peers[peer_id], req)
+                replica = self._replica_ranks(req.replica_id)
+                if first and req.num_replica_ranks and is_complete(replica):
+                    self._admit(replica)  # the first replica of an empty run, once complete
                 if accepted:
                     self._bump(group)
                     if rejoin:
@@ -218,18 +162,36 @@ class Membership:
                         last_seen=now,
                         ghost=True,
                     )
+                    copy_replica_fields(self._peers[pid], entry)
                     self._bump(entry.peer_group)
                 # Keep join order stable across the restart; new joiners go after.
                 top = max((p.join_seq for p in self._peers.values()), default=-1)
                 self._join_seq = itertools.count(max(top + 1, next(self._join_seq)))
+            record = self._peers[peer_id]
+            record.last_op = req.last_op
+            if not record.secret:
+                # The peer's own secret (a peer of an older version sends none: issue one).
+                record.secret = secret or secrets.token_hex(16)
+            self._resolve_adopted()
             self._evaluate()
             return {
                 "peer_id": peer_id,
+                "secret": record.secret,
                 "epoch": self.epoch,
                 "heartbeat_timeout_s": self.heartbeat_timeout_s,
                 "config_blob": base64.b64encode(self._config_blob).decode("ascii"),
                 **self._status_of(self._peers[peer_id]),
             }
+
+    def authorize(self, peer_id: str, secret: str) -> dict[str, Any] | None:
+        """None if ``secret`` is the one issued to ``peer_id`` (or the master does not know the
+        peer: the request then gets its usual unknown/evicted answer); else a ``forbidden``
+        answer. The master calls it before every request but ``register``."""
+        with self.cond:
+            peer = self._peers.get(peer_id)
+            if peer is None or peer.ghost or secrets.compare_digest(secret, peer.secret):
+                return None
+            return forbidden(peer_id, "act")
 
     def heartbeat(self, req: HeartbeatRequest) -> dict[str, Any]:
         """A session's heartbeat: the peer is alive."""
@@ -250,7 +212,17 @@ class Membership:
             peer.polling += 1
             try:
                 while not peer.accepted and time.monotonic() < deadline:
-                    self.cond.wait(max(0.0, deadline - time.monotonic()))
+                    if not peer.returning and self._first_peer_due():
+                        if not peer.num_replica_ranks:
+                            peer.accepted = True  # the first peer of a run that is still empty
+                            peer.join_seq = next(self._join_seq)
+                            self._bump(peer.peer_group)
+                            break
+                        replica = self._replica_ranks(peer.replica_id)
+                        if is_complete(replica):
+                            self._admit(replica)  # the first replica of an empty run, whole
+                            break
+                    self.cond.wait(max(0.0, min(0.05, deadline - time.monotonic())))
                     if self._peers.get(peer.peer_id) is not peer:
                         gone = self._known_peer(req.peer_id)  # evicted meanwhile
                         return gone if isinstance(gone, dict) else self._status_of(gone)
@@ -258,23 +230,6 @@ class Membership:
             finally:
                 peer.polling -= 1
                 peer.last_poll = time.monotonic()
-
-    def _status_of(self, peer: PeerRecord) -> dict[str, Any]:
-        return {"accepted": peer.accepted, "epoch": self.epoch, **self._world()}
-
-    def _world(self) -> dict[str, Any]:
-        return {
-            "revision": self._revision,
-            "world": [
-                {
-                    "peer_id": p.peer_id,
-                    "peer_group": p.peer_group,
-                    "address": list(p.address),
-                    "join_seq": p.join_seq,
-                }
-                for p in self._accepted()
-            ],
-        }
 
     def gate(self, req: GateRequest) -> dict[str, Any]:
         """A peer arrives at (or polls again) a phase gate; answers once it opened, else after
@@ -292,6 +247,10 @@ class Membership:
                     "message": f"peer {peer.peer_id} is not accepted yet: wait for connect()",
                 }
             if rid not in peer.results and (peer.gate is None or peer.gate.rid != rid):
+                if peer.lockstep is not None:
+                    # Its scope failed out of lockstep before it arrived: this is that phase.
+                    failure, peer.lockstep = peer.lockstep, None
+                    return failure
                 if peer.gate is not None:
                     # A new phase replaces an abandoned one.
                     self._abandon(peer)
@@ -302,6 +261,7 @@ class Membership:
                     key=req.key,
                     rid=rid,
                     payload=dict(req.payload),
+                    nonfinite=req.nonfinite,
                 )
                 self._evaluate()
             while True:
@@ -337,6 +297,14 @@ class Membership:
         with self.cond:
             op = self._rounds.get(op_id)
             peer_id = req.peer_id
+            known = self._known_peer(peer_id)
+            if isinstance(known, dict) or known.ghost:
+                # Unknown, or not back yet: its session re-registers (with its report) first.
+                return known if isinstance(known, dict) else self._unknown(peer_id)
+            if op is None and peer_id in req.participants:
+                # An operation of an earlier master: resolve it from the peers' reports.
+                op = self._rounds.adopt(op_id, req.group, req.participants)
+                logger.info("master: adopted operation %s of an earlier master", op_id)
             if op is None or peer_id not in op.participants:
                 return {
                     "verdict": "abort",
@@ -345,6 +313,7 @@ class Membership:
                 }
             if peer_id not in op.votes:
                 self._settle(op, op.vote(peer_id, req.ok))
+                self._resolve_adopted()
             while op.verdict is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -387,7 +356,7 @@ class Membership:
     def leave(self, req: LeaveRequest) -> dict[str, Any]:
         """The peer closed its communicator: remove it now."""
         with self.cond:
-            self._evict(req.peer_id, "it left (close())")
+            self._evict(req.peer_id, "it left (close())", clean=True)
             return {"ok": True}
 
     def evict(self, peer_id: str, reason: str) -> None:
@@ -396,22 +365,6 @@ class Membership:
             self._evict(peer_id, reason)
 
     # ------------------------------------------------------------------ state machine
-    def _accepted(self, group: int | None = None) -> list[PeerRecord]:
-        peers = [
-            p
-            for p in self._peers.values()
-            if p.accepted and (group is None or p.peer_group == group)
-        ]
-        return sorted(peers, key=lambda p: (p.join_seq, p.peer_id))
-
-    def _admissible(self, peer: PeerRecord) -> bool:
-        """A pending peer that is waiting in connect() right now (or polled a moment ago)."""
-        if peer.accepted or peer.ghost:
-            return False
-        return peer.polling > 0 or time.monotonic() - peer.last_poll < _ADMIT_GRACE_S
-
-    def _bump(self, group: int) -> None:
-        self._ring_gen[group] = self._ring_gen.get(group, 0) + 1
 
     def _scope(self, arrival: Arrival) -> list[PeerRecord]:
         if arrival.kind.world_scoped:
@@ -441,8 +394,12 @@ class Membership:
             self._bump(op.group)
         self.cond.notify_all()
 
-    def _evict(self, peer_id: str, reason: str) -> None:
-        """Removes a peer (caller holds the lock); aborts its ops and re-evaluates gates."""
+    def _evict(
+        self, peer_id: str, reason: str, *, whole_replica: bool = True, clean: bool = False
+    ) -> None:
+        """Removes a peer (caller holds the lock); aborts its ops and re-evaluates gates. With
+        ``whole_replica``, the other ranks of its replica go with it. ``clean``: the peer asked to
+        leave, which is normal (logged at INFO, not as an eviction)."""
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return
@@ -450,12 +407,32 @@ class Membership:
         if peer.accepted:
             self._revision += 1
             self._bump(peer.peer_group)
-        logger.warning("master: evicted peer %s: %s", peer_id, reason)
+        if clean:
+            logger.info("master: peer %s left the run", peer_id)
+        else:
+            logger.warning("master: evicted peer %s: %s", peer_id, reason)
         for op in self._rounds:
-            if op.verdict is None and peer_id in op.participants:
+            if op.verdict is None and peer_id in op.participants and not op.adopted:
                 self._settle(op, op.lose(peer_id, reason))
+        if peer.num_replica_ranks and whole_replica:
+            # The replica leaves as a whole: a rank of a half replica would block in FSDP.
+            why = f"its replica lost {describe(peer)} ({reason}); {LEAVES_AS_A_WHOLE}"
+            for other in self._replica_ranks(peer.replica_id):
+                self._evict(other.peer_id, why, whole_replica=False)
+        self._resolve_adopted()
         self._evaluate()
         self.cond.notify_all()
+
+    def _resolve_adopted(self) -> None:
+        """Decides every undecided adopted round it can (caller holds the lock; ``_rounds``)."""
+        for op in self._rounds:
+            if op.adopted and op.verdict is None:
+                states = {p: op.state_of(p, self._peers.get(p)) for p in op.participants}
+                self._settle(op, op.resolve(states))
+                if op.verdict is not None:
+                    logger.info(
+                        "master: adopted operation %s: %s (%s)", op.op_id, op.verdict, op.reason
+                    )
 
     def expire(self) -> None:
         """Evicts every peer silent past the heartbeat timeout (the janitor calls it often)."""
@@ -477,7 +454,7 @@ class Membership:
         """Detects phases out of lockstep and opens complete gates (caller holds the lock)."""
         waiting = [p for p in self._peers.values() if p.gate is not None]
         # 1. Two peers waiting at different gates, each needing the other: a deadlock by
-        #    construction. Fail both now rather than hang until a timeout.
+        #    construction. Fail the whole scope now, with one message, rather than hang.
         for p in waiting:
             for q in waiting:
                 if p is q or p.gate is None or q.gate is None:
@@ -489,16 +466,7 @@ class Membership:
                     and q in self._scope(p.gate)
                     and p in self._scope(q.gate)
                 ):
-                    msg = (
-                        f"phases out of lockstep: peer {p.peer_id} is in {p.gate.describe()} "
-                        f"while peer {q.peer_id} is in {q.gate.describe()}; every peer must call "
-                        "the same phases in the same order"
-                    )
-                    logger.warning("master: %s", msg)
-                    for x in (p, q):
-                        assert x.gate is not None
-                        x.results[x.gate.rid] = {"error": ErrorCode.LOCKSTEP, "message": msg}
-                        x.gate = None
+                    self._fail_lockstep(p, q)
         # 2. Open every gate whose whole scope has arrived.
         seen: set[tuple[GateKind, int, str]] = set()
         for p in list(self._peers.values()):
@@ -511,27 +479,35 @@ class Membership:
                 self._open(sig[0], p.gate.group, scope)
         self.cond.notify_all()
 
+    def _fail_lockstep(self, p: PeerRecord, q: PeerRecord) -> None:
+        """Fails every peer of both scopes with the same ``lockstep`` error: those waiting now,
+        and the others at their next arrival (they are due in one of these phases)."""
+        assert p.gate is not None and q.gate is not None
+        msg = (
+            f"phases out of lockstep: peer {p.peer_id} is in {p.gate.describe()} while peer "
+            f"{q.peer_id} is in {q.gate.describe()}; every peer must call the same phases (and "
+            "all_reduce tags) in the same order"
+        )
+        logger.warning("master: %s", msg)
+        failure = {"error": ErrorCode.LOCKSTEP, "message": msg}
+        scope = {x.peer_id: x for x in (*self._scope(p.gate), *self._scope(q.gate))}
+        for x in scope.values():
+            if x.gate is not None:
+                x.results[x.gate.rid] = dict(failure)
+                x.gate = None
+            else:
+                x.lockstep = dict(failure)
+
     def _open(self, kind: GateKind, group: int, scope: list[PeerRecord]) -> None:
         arrivals = {p.peer_id: p.gate for p in scope}
         for p in scope:
             p.gate = None
         results: dict[str, dict[str, Any]]
         if kind == GateKind.TOPOLOGY:
-            admitted = [p for p in self._peers.values() if self._admissible(p)]
-            for p in admitted:
-                p.accepted = True
-                p.join_seq = next(self._join_seq)
-                self._bump(p.peer_group)
-            if admitted:
-                self._revision += 1
-                logger.info(
-                    "master: admitted %s at revision %d",
-                    ", ".join(p.peer_id for p in admitted),
-                    self._revision,
-                )
+            self._admit(admissible_units(list(self._peers.values()), self._admissible))
             results = {p.peer_id: {"status": "open", **self._world()} for p in scope}
         elif kind == GateKind.PENDING:
-            pending = any(self._admissible(p) for p in self._peers.values())
+            pending = bool(admissible_units(list(self._peers.values()), self._admissible))
             results = {
                 p.peer_id: {"status": "open", "pending": pending, **self._world()} for p in scope
             }
@@ -547,17 +523,17 @@ class Membership:
     def _open_all_reduce(
         self, group: int, scope: list[PeerRecord], arrivals: dict[str, Arrival | None]
     ) -> dict[str, dict[str, Any]]:
+        stale = stale_stamps(scope, {p: a.payload for p, a in arrivals.items() if a is not None})
+        if stale is not None:
+            return stale
         # Every participant must describe the same operation, else the ring would mix
         # unrelated buffers: refuse it on all of them.
-        described = {pid: a.payload for pid, a in arrivals.items() if a is not None}
-        first = next(iter(described.values()))
-        for pid, payload in described.items():
-            if payload != first:
-                msg = (
-                    f"peers disagree on the all_reduce arguments: {scope[0].peer_id} has "
-                    f"{first}, {pid} has {payload}"
-                )
-                return {p.peer_id: {"error": ErrorCode.MISMATCH, "message": msg} for p in scope}
+        refused = refuse_all_reduce(
+            {pid: (a.payload, a.nonfinite) for pid, a in arrivals.items() if a is not None}
+        )
+        if refused is not None:
+            logger.warning("master: all_reduce in group %d refused: %s", group, refused["message"])
+            return {p.peer_id: dict(refused) for p in scope}
         op = self._rounds.new(GateKind.ALL_REDUCE, group, [p.peer_id for p in scope])
         ring_id = f"{self.epoch}.g{group}.r{self._ring_gen.get(group, 0)}"
         addresses = [list(p.address) for p in scope]

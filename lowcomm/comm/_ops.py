@@ -1,11 +1,14 @@
-"""What an all-reduce accepts: the reduction ops, the dtypes, and the one argument check every
-backend (and the in-process groups) runs before touching the network."""
+"""What an all-reduce accepts: the reduction ops, the dtypes, the one argument check every
+backend (and the in-process groups) runs before touching the network, and what the peers of one
+all-reduce compare before it starts (the codec's whole description, finiteness)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["DTYPES", "OPS", "check_all_reduce_args"]
+__all__ = ["DTYPES", "OPS", "check_all_reduce_args", "describe_codec", "has_nonfinite"]
 
 OPS: tuple[str, ...] = ("sum", "avg", "min", "max")
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,3 +32,24 @@ def check_all_reduce_args(
         )
     if not 0 <= tag < 2**63:
         raise ValueError(f"tag must be in [0, 2**63), got {tag}")
+
+
+def describe_codec(codec: Any) -> dict[str, Any] | None:
+    """The whole codec description the peers of an all-reduce must agree on: its name and every
+    parameter decoding needs (a differing block size or fp4 grid would decode garbage)."""
+    if codec is None:
+        return None
+    described: dict[str, Any] = {"name": str(getattr(codec, "name", type(codec).__name__))}
+    params = getattr(codec, "params", None)
+    if not callable(params):
+        return {**described, "repr": repr(codec)}
+    for key, value in params().items():
+        described[key] = (
+            value if isinstance(value, int | float | str | bool | None) else repr(value)
+        )
+    return described
+
+
+def has_nonfinite(tensor: torch.Tensor) -> bool:
+    """True if ``tensor`` holds NaN or inf: one ``isfinite`` pass (a sync point on CUDA)."""
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())

@@ -157,6 +157,7 @@ class PointToPoint:
                 conn, _ = _handshake.connect(
                     address,
                     token=self._control.token,
+                    encryption=self._control.encryption,
                     hello={"purpose": "p2p", "key": f"{me}>{to}#{tag}", "peer_id": me},
                     timeout_s=left(),
                     shaper=self._shaper,

@@ -37,6 +37,7 @@ def connect_ring(
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     thread_per_connection: bool = True,
     faults: FaultInjector | None = None,
+    encryption: bool = True,
 ) -> Ring:
     """Builds this peer's place in a ring: ``num_connections`` connections to the right-hand
     neighbour (``addresses[(rank + 1) % n]``), and as many accepted from the left-hand one.
@@ -53,7 +54,11 @@ def connect_ring(
     several peers per host: about 8% more bus bandwidth at 4 peers on the 2-core dev machine).
 
     ``faults``: the ring's sending threads hit its ``ring.send`` point before each sub-chunk
-    leaves (see ``Ring``).
+    leaves (see ``Ring``). ``encryption``: seal the ring's frames (see ``_handshake``; every
+    member and its listener must agree).
+
+    While it waits, the listener serves connections from the left neighbour's host before
+    strangers' (``PeerListener.expecting``).
 
     Raises:
         CommTimeoutError: the left-hand neighbour did not connect in time.
@@ -80,6 +85,42 @@ def connect_ring(
             faults=faults,
         )
     deadline = time.monotonic() + timeout_s
+    left_host = str(addresses[(rank - 1) % n][0])
+    with listener.expecting([left_host]):
+        return _connect(
+            listener=listener,
+            rank=rank,
+            addresses=addresses,
+            ring_id=ring_id,
+            token=token,
+            num_connections=num_connections,
+            deadline=deadline,
+            shaper=shaper,
+            subchunk_bytes=subchunk_bytes,
+            max_frame_bytes=max_frame_bytes,
+            thread_per_connection=thread_per_connection,
+            faults=faults,
+            encryption=encryption,
+        )
+
+
+def _connect(
+    *,
+    listener: PeerListener,
+    rank: int,
+    addresses: Sequence[tuple[str, int]],
+    ring_id: str,
+    token: bytes | str | None,
+    num_connections: int,
+    deadline: float,
+    shaper: Shaper | None,
+    subchunk_bytes: int,
+    max_frame_bytes: int,
+    thread_per_connection: bool,
+    faults: FaultInjector | None,
+    encryption: bool,
+) -> Ring:
+    n = len(addresses)
     right_host, right_port = addresses[(rank + 1) % n]
     send: list[Connection] = []
     recv: list[Connection] = []
@@ -99,6 +140,7 @@ def connect_ring(
                 timeout_s=max(deadline - time.monotonic(), 1e-3),
                 max_frame_bytes=max_frame_bytes,
                 shaper=shaper,
+                encryption=encryption,
             )
             send.append(conn)
         arrived = listener.wait_for(

@@ -6,17 +6,39 @@ aborts it on everyone. A sync round (``GateKind.SYNC``) is ``"done"`` once every
 reported; one lost meanwhile simply leaves it. The methods that change a round return True when
 they just aborted a commit vote: the master then bumps the group's ring generation, so every
 participant drops its ring and reconnects. Not thread-safe: ``Membership`` holds its lock.
+
+**After a master restart** the new master knows no round, but the peers still hold theirs: each
+keeps its finished result until it hears the verdict and tells every master it registers with
+where it stands in its latest all-reduce (``OpReport``: running, holding, failed, committed,
+aborted). A vote for an unknown operation *adopts* it (``RoundTable.adopt``, with the
+participants the vote names) and ``Round.resolve`` decides it from the reports:
+
+- a participant reports ``committed`` -> commit (the old master had decided so; everyone who
+  holds the result applies it);
+- a participant provably never voted ok (running, failed, aborted, or it never saw the
+  operation) -> abort (the old master cannot have committed);
+- otherwise every participant that came back holds the result: wait for the rest (ghosts are
+  evicted after the heartbeat timeout), then abort: nobody applied it.
+
+So the outcome is all-or-nothing among the survivors whatever message the master died at.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from lowcomm.comm._protocol import GateKind
+from lowcomm.comm._peers import PeerRecord
+from lowcomm.comm._protocol import GateKind, OpState
 
-__all__ = ["Round", "RoundTable"]
+__all__ = ["AWAY", "UNSEEN", "Round", "RoundTable"]
+
+# ``Round.resolve``: a participant that has not re-registered yet (it may have committed), and one
+# that is back but never saw the operation (its gate answer was lost: it cannot have voted).
+AWAY = "away"
+UNSEEN = "unseen"
+_NEVER_OK = frozenset({OpState.RUNNING, OpState.FAILED, OpState.ABORTED, UNSEEN})
 
 # Kept round records; older decided ones are forgotten.
 _MAX_ROUNDS = 4096
@@ -33,6 +55,43 @@ class Round:
     votes: dict[str, bool] = field(default_factory=dict)
     verdict: str | None = None  # "commit" | "abort" for all_reduce; "done" for sync
     reason: str = ""
+    adopted: bool = False  # an operation of an earlier master, resolved from the peers' reports
+
+    def state_of(self, peer_id: str, peer: PeerRecord | None) -> str | None:
+        """``peer_id``'s state for ``resolve``: its vote to this master, else its report."""
+        if peer_id in self.votes:
+            return OpState.HOLDING if self.votes[peer_id] else OpState.FAILED
+        if peer is None:
+            return None  # evicted: it no longer matters what it did
+        if peer.ghost:
+            return AWAY
+        if peer.last_op is None or peer.last_op.op_id != self.op_id:
+            return UNSEEN
+        return str(peer.last_op.state)
+
+    def resolve(self, states: Mapping[str, str | None]) -> bool:
+        """Decides an adopted round from each participant's state (an ``OpState`` value, ``AWAY``,
+        ``UNSEEN``, or None: evicted, it no longer matters); see the module docstring.
+        Returns True if it just aborted."""
+        if self.verdict is not None:
+            return False
+        named = {p: states.get(p) for p in self.participants}
+        if any(s == OpState.COMMITTED for s in named.values()):
+            self.verdict = "commit"
+            self.reason = "a participant had committed it before the master restarted"
+            return False
+        never = [p for p, s in named.items() if s in _NEVER_OK]
+        if never:
+            return self._decide(
+                failed_by=never[0], why="it had not finished before the master restarted"
+            )
+        if any(s == AWAY for s in named.values()):
+            return False
+        self.verdict = "abort"
+        self.reason = (
+            "the master restarted before any participant learnt the verdict; nobody applied it"
+        )
+        return True
 
     def missing(self) -> list[str]:
         """Participants that have not voted (reported) yet."""
@@ -111,6 +170,18 @@ class RoundTable:
             for old in list(self._rounds)[: len(self._rounds) - _MAX_ROUNDS]:
                 if self._rounds[old].verdict is not None:
                     del self._rounds[old]
+        return r
+
+    def adopt(self, op_id: str, group: int, participants: list[str]) -> Round:
+        """An operation of an earlier master, named by a participant's vote (see module doc)."""
+        r = Round(
+            op_id=op_id,
+            kind=GateKind.ALL_REDUCE,
+            group=group,
+            participants=list(participants),
+            adopted=True,
+        )
+        self._rounds[op_id] = r
         return r
 
     def get(self, op_id: str) -> Round | None:

@@ -70,6 +70,7 @@ class CommBackend(Protocol):
         quantization: str | Codec | None = None,
         tag: int = 0,
         timeout_s: float | None = None,
+        check_finite: bool = False,
     ) -> AllReduceInfo: ...
 
     def all_reduce_async(
@@ -81,6 +82,7 @@ class CommBackend(Protocol):
         quantization: str | Codec | None = None,
         tag: int = 0,
         timeout_s: float | None = None,
+        check_finite: bool = False,
     ) -> Handle: ...
 
     def all_reduce_with_retry(
@@ -93,6 +95,7 @@ class CommBackend(Protocol):
         tag: int = 0,
         timeout_s: float | None = None,
         max_attempts: int = 3,
+        check_finite: bool = False,
     ) -> AllReduceInfo: ...
 
     def sync_shared_state(

@@ -32,10 +32,7 @@ backend in ``backend.open_communicator``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,15 +41,13 @@ from typing import Any, TypeVar
 import torch
 
 from lowcomm.comm import _handshake, shared_state
+from lowcomm.comm._allreduce import AllReduceInfo, VotedAllReduce
 from lowcomm.comm._control import ControlClient
 from lowcomm.comm._ops import check_all_reduce_args
 from lowcomm.comm._p2p import PointToPoint
 from lowcomm.comm._protocol import GateKind, parse_address
-from lowcomm.comm._ring_setup import connect_ring
 from lowcomm.comm._worker import Handle, TaskQueue, all_reduce_with_retry, deadline_after
-from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError
 from lowcomm.comm.listener import PeerListener
-from lowcomm.comm.ring import Ring
 from lowcomm.comm.shaper import Shaper
 from lowcomm.comm.shared_state import SharedState, SyncInfo
 from lowcomm.compression import Codec, resolve_codec
@@ -78,8 +73,12 @@ class CommConfig:
             heartbeat timeout (which the master announces at registration).
         poll_s: the longest one request waits at the master before the peer asks again.
         shaper: optional WAN emulation applied to this peer's sends.
-        faults: optional fault injector for this peer's points (``state.serve``, ``p2p.send``,
-            ``ring.send``; see ``lowcomm.faults``). None in production.
+        faults: optional fault injector for this peer's points (``comm.gate``, ``state.serve``,
+            ``p2p.send``, ``ring.send``; see ``lowcomm.faults``). None in production.
+        encryption: seal (encrypt and authenticate) every frame after the handshake, on every
+            connection (default). False only on a trusted network, and then on the master and
+            every peer too: the handshake fails if the two ends differ. The token proof is made
+            either way.
     """
 
     num_connections: int = 4
@@ -90,6 +89,7 @@ class CommConfig:
     poll_s: float = 0.5
     shaper: Shaper | None = None
     faults: FaultInjector | None = None
+    encryption: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_connections <= 64:
@@ -102,16 +102,6 @@ class CommConfig:
             raise ValueError(f"poll_s must be in (0, 1], got {self.poll_s}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class AllReduceInfo:
-    """What one committed all-reduce did: ``world_size`` is the number of participants."""
-
-    world_size: int
-    tx_bytes: int
-    rx_bytes: int
-    seconds: float
-
-
 class Communicator:
     """One peer of a run over lowcomm's own TCP transport. See the module docstring for the
     programming model; ``lowcomm.comm.open_communicator`` picks this or the PCCL backend.
@@ -122,6 +112,12 @@ class Communicator:
             the local shard index).
         token: the run token; must match the master's and every peer's.
         config: see ``CommConfig``.
+        replica_id, replica_rank, num_replica_ranks: this peer is rank ``replica_rank`` of the
+            ``num_replica_ranks`` ranks of replica ``replica_id`` (one torchrun job; under FSDP,
+            rank = local shard index = ``peer_group``). The master admits a replica's ranks
+            together (all of them at one ``update_topology()``, or none) and evicts them together
+            (one rank lost: every rank's next call raises ``TopologyError`` naming it). Leave them
+            unset for a peer on its own. ``lowcomm.init()`` sets them from torchrun's variables.
 
     Thread safety: public methods may be called from any thread; collectives are serialised on
     the worker thread in call order. ``close()`` is idempotent.
@@ -136,9 +132,20 @@ class Communicator:
         peer_group: int = 0,
         token: bytes | str | None = None,
         config: CommConfig | None = None,
+        replica_id: str | None = None,
+        replica_rank: int = 0,
+        num_replica_ranks: int = 1,
     ) -> None:
         if not isinstance(peer_group, int) or peer_group < 0:
             raise ValueError(f"peer_group must be an int >= 0, got {peer_group!r}")
+        if replica_id is not None and not (
+            replica_id and num_replica_ranks >= 1 and 0 <= replica_rank < num_replica_ranks
+        ):
+            raise ValueError(
+                f"replica_id must be non-empty and 0 <= replica_rank < num_replica_ranks, got "
+                f"{replica_id!r}, {replica_rank}, {num_replica_ranks}"
+            )
+        self.replica_id = replica_id
         self.master_address = parse_address(master_address)
         self.peer_group = peer_group
         self.config = config or CommConfig()
@@ -150,15 +157,13 @@ class Communicator:
             token=_handshake.normalize_token(token),
             poll_s=self.config.poll_s,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
+            replica=None if replica_id is None else (replica_id, replica_rank, num_replica_ranks),
+            encryption=self.config.encryption,
         )
         self._worker = TaskQueue(f"lowcomm-worker-{self.peer_id}", check=self._control.check_usable)
         self._listener: PeerListener | None = None
         self._p2p: PointToPoint | None = None
-        self._ring: Ring | None = None
-        self._ring_id: str | None = None
-        # Reused between all-reduces (all run on the worker thread, one at a time): a fresh
-        # buffer per op costs a page fault per 4 KiB on first touch (pinned: a slow allocation).
-        self._buffers: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
+        self._all_reduce: VotedAllReduce | None = None  # made by connect(), with the listener
 
     # ------------------------------------------------------------------ properties
     @property
@@ -183,6 +188,22 @@ class Communicator:
         return [p["peer_id"] for p in self._control.world]
 
     @property
+    def replicas(self) -> dict[str, list[int]]:
+        """Accepted replicas (``replica_id`` -> its accepted ranks), as of this peer's last phase.
+        Peers on their own are not listed."""
+        out: dict[str, list[int]] = {}
+        for p in self._control.world:
+            if p.get("num_replica_ranks"):
+                out.setdefault(str(p["replica_id"]), []).append(int(p["replica_rank"]))
+        return {r: sorted(ranks) for r, ranks in out.items()}
+
+    @property
+    def pending_replicas(self) -> dict[str, dict[str, Any]]:
+        """Replicas with ranks waiting to be admitted, as of this peer's last phase:
+        ``replica_id`` -> ``{"num_ranks": n, "ranks": [the ranks registered so far]}``."""
+        return dict(self._control.pending_replicas)
+
+    @property
     def revision(self) -> int:
         """The master's membership revision as of this peer's last phase."""
         return self._control.revision
@@ -204,13 +225,23 @@ class Communicator:
         return self._advertised()
 
     # ------------------------------------------------------------------ connect / close
-    def connect(self, timeout_s: float | None = None) -> None:
+    def connect(
+        self,
+        timeout_s: float | None = None,
+        *,
+        before_admission: Callable[[bytes], None] | None = None,
+    ) -> None:
         """Registers with the master and blocks until this peer is accepted into the world.
 
         The first peer of an empty run is accepted at once; later ones when the running peers
         next call ``update_topology()``. ``connect`` returns at the same point as that
         ``update_topology()``, so the joiner's next phase must be the one the running peers
         call after it.
+
+        ``before_admission(config_blob)`` runs once registered, before this peer asks to be
+        admitted: a joiner checks the run's configuration and does its slow set-up there, so the
+        running peers never admit a peer that then refuses the run or keeps them waiting. If it
+        raises, the communicator is closed and the error propagates.
 
         Raises:
             AuthenticationError: the master does not know this run's token.
@@ -224,6 +255,7 @@ class Communicator:
                 port=0,
                 token=self._control.token,
                 shaper=self.config.shaper,
+                encryption=self.config.encryption,
             )
             self._p2p = PointToPoint(
                 self._control,
@@ -231,7 +263,20 @@ class Communicator:
                 shaper=self.config.shaper,
                 faults=self.config.faults,
             )
+            self._all_reduce = VotedAllReduce(
+                self._control,
+                self._listener,
+                self.config,
+                peer_id=self.peer_id,
+                peer_group=self.peer_group,
+            )
         self._control.start_session(self._advertised(), deadline=deadline)
+        if before_admission is not None:
+            try:
+                before_admission(self.config_blob)
+            except BaseException:
+                self.close()
+                raise
         self._worker.start()
         self._control.wait_accepted(deadline=deadline)
         logger.info(
@@ -248,7 +293,8 @@ class Communicator:
             return
         self._control.close(timeout_s)
         self._worker.close()
-        self._drop_ring()
+        if self._all_reduce is not None:
+            self._all_reduce.drop_ring()
         if self._listener is not None:
             self._listener.close()
         if self._p2p is not None:
@@ -290,16 +336,36 @@ class Communicator:
         quantization: str | Codec | None = None,
         tag: int = 0,
         timeout_s: float | None = None,
+        stamp: dict[str, int] | None = None,
+        check_finite: bool = False,
     ) -> AllReduceInfo:
         """All-reduces ``tensor`` over the accepted peers of this peer group, in place or into
-        ``out``. Every peer of the group must call it with the same op, size, dtype, codec, tag.
+        ``out``. Every peer of the group must call it with the same op, size, dtype, codec
+        (name and parameters), tag.
+
+        ``stamp`` names the state the caller's tensor belongs to (the outer loops pass
+        ``{"outer_step": ..., "revision": ...}``); the master compares the participants' stamps
+        before any data moves, and if they differ refuses the all-reduce on every participant
+        with ``StaleStateError`` (its ``stamps`` say who is behind): never a silent average.
 
         Blocks until committed everywhere. On failure raises ``PeerFailureError`` (a peer died)
         or ``CommTimeoutError`` (a peer stalled), with ``tensor``/``out`` untouched on every peer;
-        call it again (or use ``all_reduce_with_retry``) to reduce among the survivors.
+        call it again (or use ``all_reduce_with_retry``) to reduce among the survivors. Peers in
+        different phases or with different arguments all get ``TopologyError`` at once.
+
+        ``check_finite``: refuse a contribution holding NaN or inf (one ``isfinite`` pass over
+        the input before the ring); every peer then raises ``NonFiniteError`` naming the peer.
+        Always on with a quantizing codec (it could not encode it).
         """
         result: AllReduceInfo = self.all_reduce_async(
-            tensor, op, out=out, quantization=quantization, tag=tag, timeout_s=timeout_s
+            tensor,
+            op,
+            out=out,
+            quantization=quantization,
+            tag=tag,
+            timeout_s=timeout_s,
+            stamp=stamp,
+            check_finite=check_finite,
         ).wait()
         return result
 
@@ -312,6 +378,8 @@ class Communicator:
         quantization: str | Codec | None = None,
         tag: int = 0,
         timeout_s: float | None = None,
+        stamp: dict[str, int] | None = None,
+        check_finite: bool = False,
     ) -> Handle:
         """Like ``all_reduce`` but returns a ``Handle`` at once. Several may be in flight; they
         run one after the other in submission order on the worker thread, so every peer must
@@ -320,8 +388,13 @@ class Communicator:
         check_all_reduce_args(tensor, op, out=out, tag=tag)
         codec = resolve_codec(quantization)
 
+        stamp = None if stamp is None else {str(k): int(v) for k, v in stamp.items()}
+
         def run(deadline: float) -> AllReduceInfo:
-            return self._run_all_reduce(tensor, op, out, codec, tag, deadline)
+            assert self._all_reduce is not None  # _submit checked that connect() ran
+            return self._all_reduce.run(
+                tensor, op, out, codec, tag, deadline, stamp=stamp, check_finite=check_finite
+            )
 
         return self._submit(run, timeout_s, f"all_reduce(tag={tag})")
 
@@ -335,6 +408,7 @@ class Communicator:
         tag: int = 0,
         timeout_s: float | None = None,
         max_attempts: int = 3,
+        check_finite: bool = False,
     ) -> AllReduceInfo:
         """``all_reduce`` that retries among the survivors after a peer failure or stall, at
         most ``max_attempts`` times in all (each attempt gets ``timeout_s``). A retry includes
@@ -342,7 +416,13 @@ class Communicator:
         heartbeat timeout (the retry waits for that). Re-raises the last error."""
         return all_reduce_with_retry(
             lambda: self.all_reduce(
-                tensor, op, out=out, quantization=quantization, tag=tag, timeout_s=timeout_s
+                tensor,
+                op,
+                out=out,
+                quantization=quantization,
+                tag=tag,
+                timeout_s=timeout_s,
+                check_finite=check_finite,
             ),
             max_attempts=max_attempts,
         )
@@ -431,127 +511,3 @@ class Communicator:
     def _submit(self, fn: Callable[[float], T], timeout_s: float | None, what: str) -> Handle:
         self._control.check_usable()
         return self._worker.submit(fn, self._deadline(timeout_s), what)
-
-    def _buffer(self, name: str, numel: int, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
-        """A 1-D CPU buffer of at least ``numel`` elements, kept for the next op. Worker thread
-        only (the ops that use it run there one at a time)."""
-        key = (name, dtype, pin)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, pin_memory=pin)
-            self._buffers[key] = buf
-        return buf[:numel]
-
-    def _drop_ring(self) -> None:
-        ring, self._ring, self._ring_id = self._ring, None, None
-        if ring is not None:
-            with contextlib.suppress(Exception):
-                ring.close()
-
-    def _ring_for(self, gate: dict[str, Any], deadline: float) -> Ring:
-        if self._ring is not None and self._ring_id == gate["ring_id"]:
-            return self._ring
-        self._drop_ring()
-        assert self._listener is not None
-        # Every participant left the same gate within a poll interval, so building the ring
-        # takes connection set-up time only. A neighbour frozen meanwhile is evicted after the
-        # heartbeat timeout; waiting much longer than that for it would only delay the retry.
-        build_s = min(deadline - time.monotonic(), 2 * self.heartbeat_timeout_s + 5.0)
-        self._ring = connect_ring(
-            listener=self._listener,
-            rank=int(gate["rank"]),
-            addresses=[(str(h), int(p)) for h, p in gate["addresses"]],
-            ring_id=str(gate["ring_id"]),
-            token=self._control.token,
-            num_connections=self.config.num_connections,
-            timeout_s=max(0.1, build_s),
-            shaper=self.config.shaper,
-            faults=self.config.faults,
-        )
-        self._ring_id = str(gate["ring_id"])
-        return self._ring
-
-    def _run_all_reduce(
-        self,
-        tensor: torch.Tensor,
-        op: str,
-        out: torch.Tensor | None,
-        codec: Codec | None,
-        tag: int,
-        deadline: float,
-    ) -> AllReduceInfo:
-        start = time.perf_counter()
-        payload = {
-            "op": op,
-            "numel": tensor.numel(),
-            "dtype": str(tensor.dtype),
-            "codec": None if codec is None else type(codec).__name__,
-        }
-        gate = self._control.gate(GateKind.ALL_REDUCE, str(tag), payload, deadline)
-        participants = list(gate["participants"])
-        # The ring works on 1-D contiguous CPU tensors; it writes into ``scratch``, which is
-        # copied to the caller's tensor only after the commit vote.
-        src = tensor.detach()
-        host = src.reshape(-1) if (src.device.type == "cpu" and src.is_contiguous()) else None
-        if host is None:
-            pin = src.device.type == "cuda"
-            host = self._buffer("host", src.numel(), src.dtype, pin=pin)
-            host.copy_(src.reshape(-1), non_blocking=False)
-        scratch = self._buffer("scratch", host.numel(), host.dtype, pin=False)
-        error: CommError | None = None
-        tx = rx = 0
-        if len(participants) == 1:
-            scratch.copy_(host)
-        else:
-            try:
-                ring = self._ring_for(gate, deadline)
-                done = threading.Event()
-                watcher = threading.Thread(
-                    target=self._control.watch_verdict,
-                    args=(str(gate["op_id"]),),
-                    kwargs={"on_abort": ring.close, "done": done, "deadline": deadline},
-                    name=f"lowcomm-watch-{self.peer_id}",
-                    daemon=True,
-                )
-                watcher.start()
-                try:
-                    stats = ring.all_reduce(
-                        host,
-                        op=op,
-                        codec=codec,
-                        tag=tag,
-                        timeout_s=max(0.01, deadline - time.monotonic()),
-                        out=scratch,
-                    )
-                finally:
-                    done.set()
-                tx, rx = int(stats.tx_bytes), int(stats.rx_bytes)
-            except CommError as e:
-                error = e
-                self._drop_ring()
-                # A ring thread that outlived the failed op may still write into these.
-                self._buffers.clear()
-        verdict = self._control.vote(str(gate["op_id"]), error is None, deadline)
-        if verdict["verdict"] != "commit":
-            self._drop_ring()
-            reason = str(verdict.get("reason", ""))
-            what = f"all_reduce(tag={tag}) among {len(participants)} peers aborted"
-            detail = f"{error} (master: {reason})" if error is not None else reason
-            if isinstance(error, CommTimeoutError):
-                raise CommTimeoutError(
-                    f"{what}: {detail}; nothing was applied: retry (all_reduce_with_retry) once "
-                    "the stalled peer is evicted"
-                ) from error
-            raise PeerFailureError(
-                f"{what}: {detail}; nothing was applied on any peer: retry with the survivors "
-                "(all_reduce_with_retry)"
-            ) from error
-        target = out if out is not None else tensor
-        with torch.no_grad():
-            target.copy_(scratch.view(target.shape))
-        return AllReduceInfo(
-            world_size=len(participants),
-            tx_bytes=tx,
-            rx_bytes=rx,
-            seconds=time.perf_counter() - start,
-        )

@@ -2,6 +2,8 @@
 
 Every peer runs one ``PeerListener``; the ring (``connect_ring``), point-to-point transfers and
 shared-state sync all receive their connections through it, each under its own ``purpose``.
+Connections that have not authenticated yet are admitted by ``_handshake_slots.HandshakeSlots``: short
+deadlines, caps per source and in total, the peers a ring waits for served before strangers.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from lowcomm.comm import _handshake
 from lowcomm.comm._frames import DEFAULT_MAX_FRAME_BYTES, Connection
+from lowcomm.comm._handshake_slots import HandshakeSlots, Slot
 from lowcomm.comm.errors import CommError, CommTimeoutError
 from lowcomm.comm.shaper import Shaper
 
@@ -30,7 +33,10 @@ class PeerListener:
     """Accepts authenticated connections in the background and routes them by ``purpose``/``key``.
 
     A background thread accepts; each new connection runs the handshake in its own short-lived
-    thread (bounded by ``handshake_timeout_s``), so a silent or hostile client delays nobody. The
+    thread (bounded by ``handshake_timeout_s``), so a silent or hostile client delays nobody; at
+    most ``max_handshakes`` run at once, ``max_handshakes_per_source`` from one host, and hosts
+    named by ``expecting`` (or that authenticated before) take the slots of strangers
+    (``_handshake_slots``). ``encryption``: see ``_handshake`` (both ends must agree). The
     connector's hello must carry ``"purpose"`` and ``"key"`` strings. A connection whose purpose has
     a handler (``set_handler``) is handed to it on the handshake thread; otherwise it waits in a
     queue for ``wait_for``. A failed handshake or a bad hello is logged and closed; nothing a remote
@@ -47,20 +53,27 @@ class PeerListener:
         token: bytes | str | None,
         shaper: Shaper | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-        handshake_timeout_s: float = 10.0,
+        handshake_timeout_s: float = _handshake.DEFAULT_HANDSHAKE_TIMEOUT_S,
         hello: dict[str, Any] | None = None,
         max_pending: int = 1024,
         max_handshakes: int = 64,
+        max_handshakes_per_source: int = 8,
+        encryption: bool = True,
     ) -> None:
         if handshake_timeout_s <= 0:
             raise ValueError(f"handshake_timeout_s must be > 0, got {handshake_timeout_s}")
         self._token = _handshake.normalize_token(token)
+        self._encryption = bool(encryption)
         self._shaper = shaper
         self._max_frame_bytes = max_frame_bytes
         self._handshake_timeout_s = handshake_timeout_s
         self._hello = dict(hello or {})
         self._max_pending = max_pending
-        self._handshake_slots = threading.BoundedSemaphore(max_handshakes)
+        self._slots = HandshakeSlots(
+            name="listener",
+            max_total=max_handshakes,
+            max_per_source=max_handshakes_per_source,
+        )
         self._cond = threading.Condition()
         self._pending: dict[tuple[str, str], list[tuple[Connection, dict[str, Any]]]] = {}
         self._handlers: dict[str, Handler] = {}
@@ -78,6 +91,23 @@ class PeerListener:
 
     def __repr__(self) -> str:
         return f"PeerListener(address={self.address!r})"
+
+    @property
+    def num_rejected(self) -> int:
+        """Connections refused before authentication (caps, failed or timed-out handshakes)."""
+        return self._slots.num_rejected
+
+    @property
+    def num_evicted(self) -> int:
+        """Handshakes cut short to make room for a priority source."""
+        return self._slots.num_evicted
+
+    @contextlib.contextmanager
+    def expecting(self, hosts: Iterable[str]) -> Iterator[None]:
+        """While the block runs, connections from ``hosts`` are served before strangers (the
+        ring's set-up names its left neighbour's host)."""
+        with self._slots.expecting(hosts):
+            yield
 
     def set_handler(self, purpose: str, handler: Handler | None) -> None:
         """Routes future connections of ``purpose`` to ``handler(conn, hello)`` (called on the
@@ -140,7 +170,7 @@ class PeerListener:
                 if self._closed:
                     return
             try:
-                client, _ = self._sock.accept()
+                client, addr = self._sock.accept()
             except TimeoutError:
                 continue
             except OSError as exc:
@@ -149,17 +179,21 @@ class PeerListener:
                 logger.warning("listener %s: accept failed: %s", self.address, exc)
                 time.sleep(0.05)
                 continue
-            if not self._handshake_slots.acquire(blocking=False):
-                logger.warning(
-                    "listener %s: too many handshakes in progress; refusing", self.address
-                )
-                client.close()
+            host = str(addr[0])
+            slot = self._slots.admit(client, host)
+            if slot is None:
+                with contextlib.suppress(OSError):
+                    client.close()
                 continue
-            threading.Thread(
-                target=self._serve, args=(client,), name="lowcomm-handshake", daemon=True
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._serve, args=(client, slot), name="lowcomm-handshake", daemon=True
+                ).start()
+            except RuntimeError:  # cannot start a thread (resource limit): refuse this one
+                self._slots.release(slot)
+                client.close()
 
-    def _serve(self, client: socket.socket) -> None:
+    def _serve(self, client: socket.socket, slot: Slot) -> None:
         try:
             try:
                 conn, hello = _handshake.accept(
@@ -169,10 +203,14 @@ class PeerListener:
                     timeout_s=self._handshake_timeout_s,
                     max_frame_bytes=self._max_frame_bytes,
                     shaper=self._shaper,
+                    encryption=self._encryption,
                 )
-            except CommError as exc:
-                logger.info("listener %s: refused a connection: %s", self.address, exc)
+            except (CommError, OSError) as exc:
+                if not slot.evicted:
+                    self._slots.rejected(slot.host, str(exc))
                 return
+            self._slots.release(slot)
+            self._slots.authenticated(slot.host)
             purpose, key = hello.get("purpose"), hello.get("key")
             if not isinstance(purpose, str) or not isinstance(key, str):
                 logger.info(
@@ -204,4 +242,4 @@ class PeerListener:
             with contextlib.suppress(OSError):
                 client.close()
         finally:
-            self._handshake_slots.release()
+            self._slots.release(slot)

@@ -30,11 +30,17 @@ from typing import Any, TypeVar
 
 import torch
 
-from lowcomm.comm._ops import check_all_reduce_args
+from lowcomm.comm._ops import check_all_reduce_args, has_nonfinite
 from lowcomm.comm._protocol import parse_address
 from lowcomm.comm._worker import Handle, TaskQueue, all_reduce_with_retry, deadline_after
 from lowcomm.comm.communicator import AllReduceInfo, CommConfig
-from lowcomm.comm.errors import BackendUnavailableError, CommError, PeerFailureError, TopologyError
+from lowcomm.comm.errors import (
+    BackendUnavailableError,
+    CommError,
+    NonFiniteError,
+    PeerFailureError,
+    TopologyError,
+)
 from lowcomm.comm.shared_state import SharedState, SyncInfo, validate_strategy
 from lowcomm.compression import Codec
 
@@ -249,8 +255,17 @@ class PcclCommunicator:
         quantization: str | Codec | None = None,
         tag: int = 0,
         timeout_s: float | None = None,
+        stamp: dict[str, int] | None = None,
+        check_finite: bool = False,
     ) -> Handle:
+        # ``stamp`` is accepted for API parity but not checked: PCCL's master has no payload to
+        # compare it in (the TCP backend refuses mismatched stamps).
         check_all_reduce_args(tensor, op, out=out, tag=tag)
+        if check_finite and has_nonfinite(tensor):
+            # PCCL has no gate to tell the others: they fail when this peer does not join.
+            raise NonFiniteError(
+                f"all_reduce(tag={tag}): this peer's contribution holds NaN or inf; not sent"
+            )
         if quantization not in (None, "uint8"):
             raise ValueError(
                 f"the pccl backend supports quantization=None or 'uint8' (PCCL's own), got {quantization!r}"
@@ -298,10 +313,17 @@ class PcclCommunicator:
         quantization: str | Codec | None = None,
         tag: int = 0,
         timeout_s: float | None = None,
+        check_finite: bool = False,
     ) -> AllReduceInfo:
         t = self.config.timeout_s if timeout_s is None else float(timeout_s)
         handle = self.all_reduce_async(
-            tensor, op, out=out, quantization=quantization, tag=tag, timeout_s=t
+            tensor,
+            op,
+            out=out,
+            quantization=quantization,
+            tag=tag,
+            timeout_s=t,
+            check_finite=check_finite,
         )
         result: AllReduceInfo = handle.wait(timeout_s=t + 1.0)
         return result
@@ -316,11 +338,18 @@ class PcclCommunicator:
         tag: int = 0,
         timeout_s: float | None = None,
         max_attempts: int = 3,
+        check_finite: bool = False,
     ) -> AllReduceInfo:
         """``all_reduce`` retried after a peer failure or stall, at most ``max_attempts`` times."""
         return all_reduce_with_retry(
             lambda: self.all_reduce(
-                tensor, op, out=out, quantization=quantization, tag=tag, timeout_s=timeout_s
+                tensor,
+                op,
+                out=out,
+                quantization=quantization,
+                tag=tag,
+                timeout_s=timeout_s,
+                check_finite=check_finite,
             ),
             max_attempts=max_attempts,
         )

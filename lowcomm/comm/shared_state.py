@@ -228,6 +228,7 @@ def _fetch(
             conn, _ = _handshake.connect(
                 address,
                 token=control.token,
+                encryption=control.encryption,
                 hello={"purpose": "state", "key": plan["op_id"], "peer_id": control.peer_id},
                 timeout_s=max(0.1, min(10.0, deadline - time.monotonic())),
                 shaper=shaper,

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from lowcomm.comm import NonFiniteError, StaleStateError
 from lowcomm.compression import ErrorFeedback, get_codec
 from lowcomm.diloco._outer_comm import AllReduceHandle, OuterComm
 from lowcomm.diloco._rules import dynamic_local_steps
@@ -51,11 +53,16 @@ class Flight:
     receives the average, and this peer's own contribution (kept for eager, retries and drops)."""
 
     def __init__(
-        self, handle: AllReduceHandle | None, buf: torch.Tensor, sent: torch.Tensor
+        self,
+        handle: AllReduceHandle | None,
+        buf: torch.Tensor,
+        sent: torch.Tensor,
+        stamp: dict[str, int] | None = None,
     ) -> None:
         self.handle = handle
         self.buf = buf
         self.sent = sent
+        self.stamp = stamp  # the outer state it was launched at (a retry sends the same)
 
 
 class PseudogradientReducer:
@@ -63,12 +70,23 @@ class PseudogradientReducer:
 
     Owns the codec and, for top-k, the error feedback (this peer's residuals, part of its local
     state). Updates ``stats`` (bytes, time blocked, retried and dropped rounds). Training thread only.
+
+    Every all-reduce carries ``stamp()`` (outer step and shared-state revision): the master refuses
+    one whose participants are at different outer states on all of them, and ``complete`` raises
+    that ``StaleStateError`` instead of retrying or dropping (the trainer resyncs).
     """
 
-    def __init__(self, comm: OuterComm, config: OuterConfig, stats: OuterStats) -> None:
+    def __init__(
+        self,
+        comm: OuterComm,
+        config: OuterConfig,
+        stats: OuterStats,
+        stamp: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
         self.comm = comm
         self.config = config
         self.stats = stats
+        self.stamp = stamp
         self.quantization: Any = None if config.quantization == "none" else config.quantization
         self.error_feedback: ErrorFeedback | None = None
         if config.quantization == "topk":
@@ -87,17 +105,32 @@ class PseudogradientReducer:
             kept = ef.decode(ef.encode(f"tag{tag}", delta)).to(torch.float32)
             delta.copy_(kept)
             sent = kept.clone()
-        handle = self._start(delta, tag)
-        return Flight(handle, delta, sent)
+        stamp = None if self.stamp is None else self.stamp()
+        handle = self._start(delta, tag, stamp)
+        return Flight(handle, delta, sent, stamp)
 
-    def _start(self, buf: torch.Tensor, tag: int) -> AllReduceHandle | None:
+    def _start(
+        self, buf: torch.Tensor, tag: int, stamp: dict[str, int] | None
+    ) -> AllReduceHandle | None:
         try:
+            if stamp is None:
+                return self.comm.all_reduce_async(
+                    buf,
+                    "avg",
+                    quantization=self.quantization,
+                    tag=tag,
+                    timeout_s=self.config.timeout_s,
+                )
             return self.comm.all_reduce_async(
                 buf,
                 "avg",
                 quantization=self.quantization,
                 tag=tag,
                 timeout_s=self.config.timeout_s,
+                stamp=stamp,
+                # A NaN/inf pseudo-gradient fails the round on every peer (NonFiniteError, seen
+                # at the gate) instead of poisoning everyone's average: the round is dropped.
+                check_finite=True,
             )
         except LowcommError as exc:
             logger.warning(
@@ -117,6 +150,12 @@ class PseudogradientReducer:
                 t0 = time.perf_counter()
                 try:
                     info = handle.wait(timeout_s=None)  # the operation has its own timeout
+                except StaleStateError:
+                    raise  # retrying cannot help: the trainer resyncs the outer state
+                except NonFiniteError as exc:
+                    # Retrying would send the same poison: drop the round at once.
+                    logger.warning("outer step %d: %s", self.stats.outer_steps, exc)
+                    break
                 except LowcommError as exc:
                     logger.warning(
                         "outer step %d: all-reduce failed (attempt %d/%d): %s",
@@ -135,7 +174,7 @@ class PseudogradientReducer:
                     self.stats.comm_wait_s += time.perf_counter() - t0
             if attempt < attempts:
                 flight.buf.copy_(flight.sent)  # the failed reduce left it untouched; be sure
-                handle = self._start(flight.buf, TAG_DELTA)
+                handle = self._start(flight.buf, TAG_DELTA, flight.stamp)
         # Dropped: no outer step. The caller keeps this peer's progress for the next round.
         self.stats.dropped_rounds += 1
         logger.warning(

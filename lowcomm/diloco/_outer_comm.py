@@ -37,6 +37,8 @@ class OuterComm(Protocol):
         quantization: Any = ...,
         tag: int = ...,
         timeout_s: float = ...,
+        stamp: dict[str, int] | None = ...,
+        check_finite: bool = ...,
     ) -> AllReduceHandle: ...
 
     def sync_shared_state(

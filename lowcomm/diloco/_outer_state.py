@@ -24,8 +24,10 @@ class OuterState:
 
     Shared (identical on every peer, what a joiner receives): ``theta`` and ``momentum`` (flat fp32
     on ``config.outer_device``, in ``layout`` order), delayed Nesterov's ``dn_buffer`` and
-    ``dn_count``, the outer-step counter and, where the schedule depends on it, the inner-step
-    counter. Local: the eager ``offset`` and its momentum (async with ``eager``), a dropped round's
+    ``dn_count``, the outer-step counter, the shared-state ``revision`` (how many shared-state
+    syncs the outer state has been through: joiners receive it) and, where the schedule depends
+    on it, the inner-step counter. ``stamp()`` (outer step, revision) travels with every
+    pseudo-gradient all-reduce, which the master refuses between peers at different stamps. Local: the eager ``offset`` and its momentum (async with ``eager``), a dropped round's
     ``carry``, and ``round_steps``. Training thread only.
 
     Args:
@@ -61,6 +63,7 @@ class OuterState:
             self.offset = torch.zeros_like(self.theta)
             self.offset_momentum = torch.zeros_like(self.theta)
         self.dn_count = 0
+        self.revision = 0
         self.round_steps = 0
         self.carry: torch.Tensor | None = None  # a dropped round's progress, sent with the next
         # The outer step the last shared-state sync agreed on: a saved outer state older than it
@@ -134,10 +137,16 @@ class OuterState:
         self.carry = sent.clone() if self.carry is None else self.carry + sent
 
     # ---------------------------------------------------------------- shared state
+    def stamp(self) -> dict[str, int]:
+        """Where this peer's outer state is: every participant of an all-reduce must agree."""
+        return {"outer_step": self.stats.outer_steps, "revision": self.revision}
+
     def shared_tensors(self) -> dict[str, torch.Tensor]:
         """The shared part, by name (the tensors themselves; counters as a new int64 tensor)."""
         inner = self.stats.inner_steps if self.share_inner_steps else 0
-        counters = torch.tensor([self.stats.outer_steps, self.dn_count, inner], dtype=torch.int64)
+        counters = torch.tensor(
+            [self.stats.outer_steps, self.dn_count, inner, self.revision], dtype=torch.int64
+        )
         out = {"theta": self.theta, "momentum": self.momentum, "counters": counters}
         if self.dn_buffer is not None:
             out["dn_buffer"] = self.dn_buffer
@@ -149,8 +158,11 @@ class OuterState:
         self.momentum.copy_(tensors["momentum"])
         if self.dn_buffer is not None:
             self.dn_buffer.copy_(tensors["dn_buffer"])
-        outer_steps, dn_count, inner_steps = (int(v) for v in tensors["counters"].tolist())
-        self.stats.outer_steps, self.dn_count = outer_steps, dn_count
+        # A state saved before the revision was shared has three counters: revision 0.
+        outer_steps, dn_count, inner_steps, revision = (
+            [int(v) for v in tensors["counters"].tolist()] + [0]
+        )[:4]
+        self.stats.outer_steps, self.dn_count, self.revision = outer_steps, dn_count, revision
         if self.share_inner_steps:
             self.stats.inner_steps = inner_steps
 
@@ -169,6 +181,7 @@ class OuterState:
         self.stats.tx_bytes += int(getattr(info, "tx_bytes", 0))
         self.load_shared(tensors)  # counters travel as a tensor; read them back
         self.synced_outer_step = self.stats.outer_steps
+        self.revision += 1  # on every peer alike, so the stamps still agree
         self.layout.scatter(self.theta)
         if self.offset is not None and self.offset_momentum is not None:
             self.offset.zero_()

@@ -16,6 +16,7 @@ class OuterStats:
     dropped_rounds: int = 0
     retried_rounds: int = 0
     joins: int = 0
+    stale_resyncs: int = 0  # all-reduces refused for peers at different outer states, then resynced
     tx_bytes: int = 0
     rx_bytes: int = 0
     comm_wait_s: float = 0.0  # time step() spent blocked on the network

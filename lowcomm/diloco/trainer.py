@@ -52,6 +52,7 @@ all-reduces with retry and drop, DyLU's speed reduce), and one ``OuterLoop`` per
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -61,6 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowcomm.comm import StaleStateError
 from lowcomm.diloco._collectives import Flight, PseudogradientReducer, Settled, SpeedControl
 from lowcomm.diloco._layout import ParamLayout
 from lowcomm.diloco._outer_comm import OuterComm
@@ -71,6 +73,7 @@ from lowcomm.diloco._stats import OuterStats
 from lowcomm.diloco._streaming import StreamingLoop
 from lowcomm.diloco._sync import SyncLoop
 from lowcomm.diloco.config import OuterConfig
+from lowcomm.errors import LowcommError
 from lowcomm.faults import FaultInjector
 
 __all__ = ["DiLoCo", "OuterStats"]
@@ -152,7 +155,7 @@ class DiLoCo:
             share_inner_steps=loop_cls.streams_fragments,
         )
         self._speed = SpeedControl(comm, config, self.stats)
-        self._reducer = PseudogradientReducer(comm, config, self.stats)
+        self._reducer = PseudogradientReducer(comm, config, self.stats, stamp=self._state.stamp)
         self._loop: OuterLoop = loop_cls(self._state, self._reducer, self._speed)
         if initial_sync:
             self._state.sync("receive_only" if joining else "enforce_popular")
@@ -202,7 +205,10 @@ class DiLoCo:
         self.stats.inner_s += dt
         self.stats.inner_steps += 1
         self._state.round_steps += 1
-        self._loop.after_inner_step()
+        try:
+            self._loop.after_inner_step()
+        except StaleStateError as exc:
+            self._resync(exc)
 
     def finish(self, *, timeout_s: float | None = None) -> None:
         """Waits for and applies whatever is in flight, then loads theta into the model.
@@ -211,7 +217,10 @@ class DiLoCo:
         outer parameters, which are what should be evaluated (inner parameters evaluate worse).
         """
         timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
-        self._loop.drain(timeout_s=timeout_s)
+        try:
+            self._loop.drain(timeout_s=timeout_s)
+        except StaleStateError as exc:
+            self._resync(exc)
         if self._state.carry is not None:
             # A round dropped for good at the very end: apply its progress as a last outer step
             # would not be agreed by the peers; keep it out of theta and report it.
@@ -230,7 +239,10 @@ class DiLoCo:
         checkpointer wants: it copies them itself before the next ``step()`` changes them).
         """
         timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
-        self._loop.settle(timeout_s=timeout_s)
+        try:
+            self._loop.settle(timeout_s=timeout_s)
+        except StaleStateError as exc:
+            self._resync(exc)
 
         def c(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else (t.clone() if clone else t)
@@ -254,6 +266,33 @@ class DiLoCo:
             else self.inner_optimizer.state_dict(),
         }
 
+    def _resync(self, exc: StaleStateError) -> None:
+        """An all-reduce was refused on every peer of the group because their outer states differ
+        (outer step or shared-state revision): nothing was averaged. Every peer abandons what is
+        in flight, the peers behind take the newest state (``receive_only``) while the others
+        serve it, and every peer restarts its round from the agreed theta."""
+        mine = self._state.stamp()
+        behind = (
+            exc.is_behind if exc.mine is not None else (StaleStateError.order(mine) < exc.newest())
+        )
+        logger.warning(
+            "outer step %d: %s; this peer (at %s) is %s and resyncs its outer state",
+            self.stats.outer_steps,
+            exc,
+            mine,
+            "behind" if behind else "up to date",
+        )
+        for flight in self._loop.flights().values():
+            if flight.handle is not None:
+                # Refused or settled alike on every peer; either way it is discarded.
+                with contextlib.suppress(LowcommError):
+                    flight.handle.wait(timeout_s=None)
+        self._loop.restore({})
+        self._speed.wait()
+        self._state.carry = None
+        self._state.sync("receive_only" if behind else "enforce_popular")
+        self.stats.stale_resyncs += 1
+
     def load_state_dict(self, state: dict[str, Any]) -> bool:
         """Restores ``state_dict()``'s output into this trainer, its model and its inner optimizer.
 
@@ -273,6 +312,8 @@ class DiLoCo:
             raise ValueError("DiLoCo.load_state_dict: the saved OuterConfig differs from this one")
         outer = state["outer"]
         for name, t in self._state.shared_tensors().items():
+            if name == "counters" and name in outer and outer[name].numel() == 3:
+                continue  # saved before the shared-state revision was a counter
             if name not in outer or outer[name].shape != t.shape:
                 raise ValueError(
                     f"DiLoCo.load_state_dict: outer state {name!r} is missing or misshapen"
@@ -313,6 +354,14 @@ class DiLoCo:
             self.model.load_state_dict(state["model"])
         return True
 
+    def _values_hash(self) -> str:
+        """``outer_hash`` without the shared-state revision, which every sync increments."""
+        h = hashlib.sha256()
+        for name, t in self._state.shared_tensors().items():
+            values = t[:3] if name == "counters" else t
+            h.update(values.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def sync_with_run(self, *, joining: bool) -> bool:
         """The constructor's shared-state sync, run later (after ``load_state_dict``): every peer
         of the group calls it at the same point (a joiner when the running peers admit it).
@@ -325,7 +374,7 @@ class DiLoCo:
         Returns:
             True if this peer's outer state changed (the run had moved on).
         """
-        before = self.outer_hash()
+        before = self._values_hash()
         mine = self._state
         local = mine.local_params()
         kept = (
@@ -335,7 +384,7 @@ class DiLoCo:
             dict(self._loop.flights()),
         )
         mine.sync("receive_only" if joining else "enforce_popular")
-        if self.outer_hash() != before:
+        if self._values_hash() != before:
             mine.carry = None
             self._loop.restore({})
             return True

@@ -13,12 +13,20 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from lowcomm._version import __version__
-from lowcomm.launch import checkpoint_cmd, demo, join_cmd, master_cmd, run_cmd
+from lowcomm.errors import LowcommError
+from lowcomm.launch import checkpoint_cmd, demo, join_cmd, master_cmd, run_cmd, token_cmd
 from lowcomm.launch.logs import setup_logging
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "one_line"]
 
-_COMMANDS: tuple[ModuleType, ...] = (demo, master_cmd, run_cmd, join_cmd, checkpoint_cmd)
+_COMMANDS: tuple[ModuleType, ...] = (
+    demo,
+    master_cmd,
+    run_cmd,
+    join_cmd,
+    token_cmd,
+    checkpoint_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lowcomm {__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING or ERROR")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _COMMANDS:
         command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
@@ -50,6 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (LowcommError, OSError, ValueError) as exc:
+        # Bad input and runtime failures are one line naming the problem and the fix; --debug
+        # shows where it came from.
+        if args.debug:
+            raise
+        print(f"lowcomm {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line (an OSError without one: its errno name)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 A master and several peer processes train a small byte-level GPT on the Python standard library's
 text (no download) with async DiLoCo over an emulated slow link (lowcomm's own traffic shaper).
-Half-way, one peer is killed without warning; a new process rejoins in its place and receives the
-outer state from the others. Then data-parallel training (an fp32 gradient all-reduce every step)
+Half-way, one peer is killed without warning; it restarts from its own checkpoint (inner optimizer,
+data position) and takes the run's current outer state from the others. Then data-parallel training (an fp32 gradient all-reduce every step)
 runs over the same link for the same wall-clock time. The demo ends with a summary and a PNG plot
-of loss against time and against bytes sent, for both.
+of loss against time (the kill and the resume marked) and against bytes sent, for both.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from lowcomm.launch import local_run
@@ -60,13 +62,16 @@ def _plot(path: str, phases: list[Phase]) -> str | None:
         for v in loss:  # exponential smoothing so that the noisy training loss reads well
             acc = 0.8 * acc + 0.2 * v
             smooth.append(acc)
-        ax_t.plot(t, smooth, label=phase.name)
-        sent = [(x / 1e6, v) for x, v in zip(b, smooth, strict=True) if x > 0]
-        if sent:
-            ax_b.plot(*zip(*sent, strict=True), label=phase.name)
+        (line,) = ax_t.plot(t, smooth, label=phase.name)
+        # Every curve starts at zero bytes: DiLoCo's first MB arrive only at its first outer step.
+        sent = [(0.0, smooth[0])] + [(x / 1e6, v) for x, v in zip(b, smooth, strict=True)]
+        ax_b.plot(*zip(*sent, strict=True), label=phase.name, color=line.get_color())
+        for when, what in phase.marks:
+            ax_t.axvline(when, color=line.get_color(), linestyle=":", alpha=0.8)
+            ax_t.annotate(what, (when, max(smooth)), rotation=90, va="top", ha="right", fontsize=8)
     ax_t.set_xlabel("wall-clock time (s)")
-    ax_b.set_xlabel("bytes sent per peer (MB, log)")
-    ax_b.set_xscale("log")
+    ax_b.set_xlabel("bytes sent per peer (MB, linear up to 0.01, then log)")
+    ax_b.set_xscale("symlog", linthresh=0.01)
     for ax in (ax_t, ax_b):
         ax.set_ylabel("training loss (smoothed)")
         ax.grid(alpha=0.3)
@@ -121,15 +126,17 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=30.0,
     )
     phases: list[Phase] = []
+    kill_step = args.steps // 2 + args.sync_every // 2
+    ckpt_root = tempfile.mkdtemp(prefix="lowcomm-demo-")
     try:
         specs = [
             PeerSpec(
                 index=i,
                 outer=outer,
                 outer_steps=num_outer,
-                faults=(kill_at_inner_step(args.steps // 2),)
-                if kill and i == args.peers - 1
-                else (),
+                # Mid-round, so that the checkpoint of the outer step before it is on disk.
+                faults=(kill_at_inner_step(kill_step),) if kill and i == args.peers - 1 else (),
+                checkpoint_dir=os.path.join(ckpt_root, f"peer{i}") if kill else None,
                 min_final_world=args.peers if kill else 0,
                 max_outer_steps=20 * num_outer,  # room for the rejoiner to arrive on a busy box
                 evaluate_at_end=(i == 0),
@@ -167,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
             )
     finally:
         master.stop()
+        shutil.rmtree(ckpt_root, ignore_errors=True)
     print("\n== summary")
     for phase in phases:
         r0 = phase.results[0]

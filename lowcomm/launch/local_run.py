@@ -108,6 +108,7 @@ class Phase:
 
     name: str
     curve: list[tuple[float, float, float]] = field(default_factory=list)  # (s, bytes, loss)
+    marks: list[tuple[float, str]] = field(default_factory=list)  # (peer 0's s, what happened)
     results: dict[int, dict[str, Any]] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     wall_s: float = 0.0
@@ -177,6 +178,11 @@ def run_phase(
                 phase.events.append(msg)
                 print(msg, flush=True)
                 specs = [s for s in specs if s.index != index]
+            if kind == "resumed":
+                msg = f"peer {index} resumed from its own checkpoint at inner step {payload['inner_step']}"
+                phase.events.append(msg)
+                phase.marks.append((_elapsed(latest), f"peer {index} resumed"))
+                print(("\n" if tty else "") + f"!! {msg}", flush=True)
             if kind == "progress":
                 latest[index] = payload
                 if index == 0:
@@ -189,11 +195,16 @@ def run_phase(
                 proc = procs[kill_index]
                 if not proc.is_alive() and proc.exitcode == KILLED_EXIT_CODE:
                     step = by_index[kill_index].kill_step()
+                    how = (
+                        "it restarts from its own checkpoint"
+                        if by_index[kill_index].checkpoint_dir
+                        else "a new process rejoins in its place"
+                    )
                     msg = (
-                        f"peer {kill_index} killed at inner step {step}; the others carry on, "
-                        "a new process rejoins in its place"
+                        f"peer {kill_index} killed at inner step {step}; the others carry on, {how}"
                     )
                     phase.events.append(msg)
+                    phase.marks.append((_elapsed(latest), f"peer {kill_index} killed"))
                     print(("\n" if tty else "") + f"!! {msg}", flush=True)
                     spec = replace(by_index[kill_index], joining=True, faults=())
                     procs[kill_index] = ctx.Process(
@@ -217,6 +228,11 @@ def run_phase(
         print()
     phase.wall_s = time.perf_counter() - start
     return phase
+
+
+def _elapsed(latest: dict[int, dict[str, Any]]) -> float:
+    """Peer 0's training seconds at its latest report (the curve's clock)."""
+    return float(latest.get(0, {}).get("elapsed_s", 0.0))
 
 
 def _progress(

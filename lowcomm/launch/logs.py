@@ -11,16 +11,20 @@ __all__ = ["setup_logging"]
 _FORMAT = "%(asctime)s %(levelname)s %(name)s%(peer)s: %(message)s"
 
 
-class _PeerTag(logging.Filter):
-    """Adds ``[peer]`` to each record so interleaved logs of local peers can be told apart."""
+class _Format(logging.Formatter):
+    """lowcomm's line format; adds ``[peer]`` so interleaved logs of local peers can be told apart.
+
+    A formatter, not a filter, because a handler that borrows it (tqdm's logging redirect, which
+    keeps the formatter and drops the filters) must format the same lines.
+    """
 
     def __init__(self, peer: str | None) -> None:
-        super().__init__()
+        super().__init__(_FORMAT, datefmt="%H:%M:%S")
         self._tag = f" [{peer}]" if peer else ""
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def format(self, record: logging.LogRecord) -> str:
         record.peer = self._tag
-        return True
+        return super().format(record)
 
 
 def setup_logging(level: str | int | None = None, *, peer: str | None = None) -> None:
@@ -40,8 +44,7 @@ def setup_logging(level: str | int | None = None, *, peer: str | None = None) ->
             logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler._lowcomm = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
-    handler.addFilter(_PeerTag(peer))
+    handler.setFormatter(_Format(peer))
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

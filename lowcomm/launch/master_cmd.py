@@ -1,17 +1,22 @@
 """``lowcomm master``: run a run's master (membership, admission, phases); it holds no tensors.
 
-Restarting it on the same address does not end the run: peers re-register on their own.
+``--config run.toml`` is the run's configuration (``lowcomm.launch.run_config``): validated here at
+start, every error naming the field, then handed to every joining peer. Restarting the master on
+the same address does not end the run: peers re-register on their own.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import sys
 import threading
-from pathlib import Path
 
 NAME = "master"
 HELP = "run the master of a run: membership, admission, phases (holds no tensors)"
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="file holding the run token (whitespace stripped); without it, no authentication",
     )
     parser.add_argument(
-        "--config-file", default=None, help="file whose bytes every joining peer downloads"
+        "--config",
+        default=None,
+        metavar="RUN.TOML",
+        help="the run configuration (task, [settings], [outer], [checkpoint]); default: the "
+        "tiny GPT task",
+    )
+    parser.add_argument(
+        "--no-encryption",
+        action="store_true",
+        help="send frames unencrypted after the token proof (trusted networks only; every peer "
+        "must then use CommConfig(encryption=False))",
     )
     parser.add_argument(
         "--heartbeat-timeout",
@@ -36,17 +51,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lowcomm.comm.master import Master
+    from lowcomm.errors import LowcommError
+    from lowcomm.launch.join_cmd import read_token
+    from lowcomm.launch.run_config import load_run_config, parse_run_config
 
-    token = None
-    if args.token_file:
-        token = Path(args.token_file).read_bytes().strip()
-        if not token:
-            raise SystemExit(f"--token-file {args.token_file} is empty")
-    blob = Path(args.config_file).read_bytes() if args.config_file else b""
+    token = read_token(args.token_file)
+    cfg = load_run_config(args.config) if args.config else parse_run_config("")
     master = Master(
-        args.listen, token=token, config_blob=blob, heartbeat_timeout_s=args.heartbeat_timeout
-    ).start()
+        args.listen,
+        token=token,
+        config_blob=cfg.text.encode(),
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        encryption=not args.no_encryption,
+    )
+    try:
+        master.start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise LowcommError(
+                f"cannot listen on {args.listen}: the address is in use (another master?); "
+                "stop that process or pick another port with --listen HOST:PORT"
+            ) from None
+        raise LowcommError(f"cannot listen on {args.listen}: {exc.strerror}") from None
     host, port = master.address
+    if token is None:
+        logger.warning(
+            "no --token-file: anyone who can reach %s:%d can join this run and read its "
+            "configuration; make a token with `lowcomm token new`",
+            host,
+            port,
+        )
+    logger.info("run configuration: %s", cfg.describe())
     # Scripts (and tests) parse this line to learn the port when --listen asked for port 0.
     print(f"lowcomm master listening on {host}:{port}", flush=True)
     try:

@@ -21,13 +21,16 @@ from typing import Any
 import torch
 from torch.nn.utils import parameters_to_vector
 
+from lowcomm.checkpoint import CheckpointConfig
 from lowcomm.comm import CommConfig, Communicator
 from lowcomm.comm.shaper import Shaper
 from lowcomm.comm.shared_state import tensor_hash
 from lowcomm.diloco import DiLoCo, OuterConfig
 from lowcomm.faults import FaultInjector
 from lowcomm.launch.experiments import Corpus, evaluate
+from lowcomm.launch.tasks import ByteBatches
 from lowcomm.launch.tinygpt import GPT, GPTConfig, sample_batch
+from lowcomm.launch.volunteer import open_trainer
 
 __all__ = [
     "FaultSpec",
@@ -117,6 +120,9 @@ class PeerSpec:
     # training seconds so far; the parent evaluates them after the run.
     snapshots: bool = False
     snapshot_every: int = 10
+    # Checkpoint locally at every outer step and resume from it on restart (the demo's killed
+    # peer): a ``("resumed", index, {...})`` event says from which inner step.
+    checkpoint_dir: str | None = None
 
     def kill_step(self) -> int | None:
         """The inner step at which a ``kill_at_inner_step`` fault ends this peer, if one is armed."""
@@ -197,13 +203,36 @@ def _run(spec: PeerSpec, events: Any) -> None:
         fault.arm(faults)
     # DiLoCo hits "trainer.inner_step" with the number of inner steps done so far, so a
     # kill armed at step N fires once N steps are done, before any of step N+1 is applied.
-    trainer = DiLoCo(model, opt, comm, config=spec.outer, joining=spec.joining, faults=faults)
-    gen = torch.Generator().manual_seed(spec.seed * 1000 + spec.index + 1)
+    batches = ByteBatches(
+        corpus.train,
+        batch_size=spec.batch_size,
+        context=spec.gpt.context,
+        seed=spec.seed * 1000 + spec.index + 1,
+    )
+    step = 0
+    if spec.checkpoint_dir is not None:
+        volunteer = open_trainer(
+            model,
+            opt,
+            comm,
+            outer=spec.outer,
+            checkpoint=CheckpointConfig(levels=(spec.checkpoint_dir,), keep_last_local=1),
+            checkpoint_every=1,
+            stateful={"data": batches},
+            faults=faults,
+            joining=spec.joining,
+        )
+        trainer, train_step = volunteer.diloco, volunteer.step
+        if volunteer.resumed_from is not None:
+            step = volunteer.resumed_from
+            events.put(("resumed", spec.index, {"inner_step": step}))
+    else:
+        trainer = DiLoCo(model, opt, comm, config=spec.outer, joining=spec.joining, faults=faults)
+        train_step = trainer.step
     tokens = spec.batch_size * spec.gpt.context
     snaps = _Snapshots(spec, events, probe, trainer.stats.comm_wait_s)
     t_start = snaps.t_start
-    last_t, last_step = t_start, 0
-    step = 0
+    last_t, last_step = t_start, step
     # Steady state: from the first outer step applied (a pipelined method's first round has no
     # wait to pair with) to the end of the loop (the final drain is a one-off, reported apart).
     steady: tuple[float, float] | None = None
@@ -216,12 +245,10 @@ def _run(spec: PeerSpec, events: Any) -> None:
         return comm.world_size < spec.min_final_world and done < cap
 
     while more():
-        x, y = sample_batch(
-            corpus.train, batch_size=spec.batch_size, context=spec.gpt.context, generator=gen
-        )
+        x, y = next(batches)
         loss = model(x.to(device), y.to(device))
         loss.backward()
-        trainer.step()
+        train_step()
         step += 1
         if steady is None and trainer.stats.outer_steps > 0:
             steady = (snaps.now(), trainer.stats.comm_wait_s)

@@ -1,5 +1,53 @@
-"""Stage recovery (CheckFree) and bringing new or restarted peers to the current state."""
+"""Stage recovery for a pipeline over unreliable peers: CheckFree and CheckFree+.
+
+The rules (``rules``) are pure functions over stage state dicts: ``plan_recovery`` picks one rule
+per lost stage from the membership, ``rebuild`` applies it. ``ordering`` is CheckFree+'s
+out-of-order pipelining; ``stages`` and ``simulator`` run a whole pipeline in one process with a
+seeded failure schedule, for convergence experiments (docs/algorithms.md section 4).
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from lowcomm.recovery.config import RecoveryConfig
+from lowcomm.recovery.ordering import block_order, swap_partner, swaps_enabled
+from lowcomm.recovery.rules import (
+    EMBEDDING_STAGE,
+    GradNorm,
+    Membership,
+    Plan,
+    Rebuilt,
+    RecoveryReport,
+    Rule,
+    Source,
+    StageSnapshot,
+    average_states,
+    choose_rule,
+    clip_and_measure,
+    lr_scale,
+    neighbour_weights,
+    plan_recovery,
+    rebuild,
+)
+
+__all__ = [
+    "EMBEDDING_STAGE",
+    "GradNorm",
+    "Membership",
+    "Plan",
+    "Rebuilt",
+    "RecoveryConfig",
+    "RecoveryReport",
+    "Rule",
+    "Source",
+    "StageSnapshot",
+    "average_states",
+    "block_order",
+    "choose_rule",
+    "clip_and_measure",
+    "lr_scale",
+    "neighbour_weights",
+    "plan_recovery",
+    "rebuild",
+    "swap_partner",
+    "swaps_enabled",
+]

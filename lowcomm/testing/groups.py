@@ -68,6 +68,8 @@ class SoloCommunicator:
         quantization: Any = None,
         tag: int = 0,
         timeout_s: float = 60.0,
+        stamp: dict[str, int] | None = None,  # accepted, not compared (no master here)
+        check_finite: bool = False,
     ) -> _Done:
         check_all_reduce_args(tensor, op, tag=tag)
         return _Done(LocalInfo(world_size=1, tx_bytes=0, rx_bytes=0))
@@ -237,6 +239,8 @@ class _LocalPeer:
         quantization: Any = None,
         tag: int = 0,
         timeout_s: float = 60.0,
+        stamp: dict[str, int] | None = None,  # accepted, not compared (no master here)
+        check_finite: bool = False,
     ) -> _Handle:
         check_all_reduce_args(tensor, op, tag=tag)
         codec = resolve_codec(quantization)

@@ -10,14 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from lowcomm.comm import CommConfig, Communicator, Master
-
-TOKEN = b"test-run-token"
+from tests._tokens import TOKEN
 
 # Short timeouts so that faults resolve in seconds; generous enough for a loaded 2-core box.
 FAST = CommConfig(timeout_s=30.0, poll_s=0.2, num_connections=2)
 
 
 def start_master(heartbeat_timeout_s: float = 3.0, **kw: Any) -> Master:
+    # A short first-peer grace: these masters are fresh, nobody re-registers with them.
+    kw.setdefault("first_peer_grace_s", 0.1)
     return Master(
         ("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=heartbeat_timeout_s, **kw
     ).start()

@@ -12,7 +12,9 @@ from _control_harness import FAST, addr, communicator, connect_all, run_threads,
 
 from lowcomm.comm import AllReduceInfo, CommBackend, Communicator, open_communicator
 from lowcomm.comm.errors import TopologyError
+from lowcomm.compression import Codec, get_codec
 from lowcomm.faults import FaultInjector
+from tests._tokens import TOKEN
 
 
 @pytest.fixture
@@ -338,6 +340,36 @@ def _admit(comm: Communicator, world: int) -> None:
 
 
 def test_the_tcp_communicator_is_a_comm_backend_made_by_the_factory() -> None:
-    c = open_communicator("127.0.0.1:1", token=b"t")
+    c = open_communicator("127.0.0.1:1", token=TOKEN)
     assert isinstance(c, Communicator) and isinstance(c, CommBackend)
     assert c.backend == "tcp"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("mine", "theirs", "field"),
+    [
+        (get_codec("fp4", variant="e3m0"), get_codec("fp4", variant="e2m1"), "variant"),
+        (get_codec("uint8", block_size=256), get_codec("uint8", block_size=128), "block_size"),
+    ],
+)
+def test_codec_parameters_differing_between_peers_fail_fast_naming_both_settings(
+    master, mine: Codec, theirs: Codec, field: str
+) -> None:  # type: ignore[no-untyped-def]
+    comms = connect_all(addr(master), 3)
+    xs = [torch.randn(1000) for _ in comms]
+    before = [x.clone() for x in xs]
+    codecs = [mine, theirs, theirs]
+    start = time.monotonic()
+    res = run_threads(
+        [
+            lambda c=c, x=x, q=q: c.all_reduce_with_retry(x, quantization=q, timeout_s=30)
+            for c, x, q in zip(comms, xs, codecs, strict=True)
+        ]
+    )
+    assert time.monotonic() - start < 5, "refused at the gate, not after a retried failure"
+    for r in res:
+        assert isinstance(r, TopologyError) and field in str(r), r
+        assert repr(mine.params()[field]) in str(r) and repr(theirs.params()[field]) in str(r)
+    assert all(torch.equal(x, b) for x, b in zip(xs, before, strict=True))
+    _close(comms)

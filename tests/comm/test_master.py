@@ -26,6 +26,7 @@ from lowcomm.comm._protocol import (
 )
 from lowcomm.comm.errors import AuthenticationError, PeerFailureError, ProtocolError, TopologyError
 from lowcomm.faults import FaultInjector
+from tests._tokens import OTHER_TOKEN
 
 
 @pytest.mark.timeout(60)
@@ -71,7 +72,7 @@ def test_peers_download_the_runs_config_blob() -> None:
 def test_wrong_token_is_refused_with_a_clear_error_on_the_joiner() -> None:
     master = start_master()
     try:
-        intruder = Communicator(addr(master), token=b"not-the-token")
+        intruder = Communicator(addr(master), token=OTHER_TOKEN)
         with pytest.raises(AuthenticationError, match="run token rejected"):
             intruder.connect(timeout_s=10)
         intruder.close()
@@ -304,6 +305,7 @@ def test_a_request_travels_as_the_same_json_it_is_parsed_from() -> None:
         "key": "3",
         "payload": {"numel": 10},
         "rid": "r",
+        "nonfinite": False,
         "wait_s": 0.5,
     }
     req = parse_request(obj)
@@ -331,5 +333,128 @@ def test_a_fault_at_master_request_fires_where_the_master_answers() -> None:
         assert faults.fired("master.request") > fired  # every gate answer was delayed
         for c in (a, b):
             c.close()
+    finally:
+        master.stop()
+
+
+_HOSTILE = [
+    b'{"op": "register", "peer_id": "p", "peer_group": 1e400, "address": ["h", 1]}',
+    b'{"op": "register", "peer_id": "p", "peer_group": 1' + b"0" * 300 + b', "address": ["h", 1]}',
+    b'{"op": "register", "peer_id": "p", "peer_group": 1' + b"0" * 5000 + b', "address": ["h", 1]}',
+    b'{"op": "register", "peer_id": "p", "peer_group": 0, "address": ["h", true]}',
+    b'{"op": "gate", "peer_id": "p", "kind": "sync", "rid": "r", "wait_s": NaN}',
+    b'{"op": "gate", "peer_id": "p", "kind": "sync", "rid": "r", "payload": [1]}',
+    b'{"op": "vote", "peer_id": "p", "op_id": "o", "ok": true, "participants": [1]}',
+    b'{"op": "heartbeat", "peer_id": "' + b"x" * 100_000 + b'"}',
+    b'{"op": "heartbeat", "peer_id": "p", "secret": 12}',
+    b'{"op": "register", "peer_id": "p", "peer_group": 0, "address": ["h", 1], '
+    b'"last_op": {"op_id": "o", "group": 0, "participants": [], "state": "maybe"}}',
+]
+
+
+@pytest.mark.parametrize(
+    ("request_obj", "field"),
+    [
+        (
+            {"op": "register", "peer_id": "p", "peer_group": float("inf"), "address": ["h", 1]},
+            "peer_group",
+        ),
+        (
+            {"op": "register", "peer_id": "p", "peer_group": 10**300, "address": ["h", 1]},
+            "peer_group",
+        ),
+        (
+            {"op": "gate", "peer_id": "p", "kind": "sync", "rid": "r", "wait_s": float("nan")},
+            "wait_s",
+        ),
+        ({"op": "status", "peer_id": "p", "wait_s": float("inf")}, "wait_s"),
+        ({"op": "leave", "peer_id": "x" * 1000}, "peer_id"),
+        ({"op": "vote", "peer_id": "p", "op_id": "o", "ok": True, "group": -1}, "group"),
+    ],
+)
+def test_out_of_range_fields_are_a_protocol_error_naming_the_field(
+    request_obj: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ProtocolError, match=f"'{field}'") as info:
+        parse_request(request_obj)
+    assert len(str(info.value)) < 400  # the bad value is shown bounded, never whole
+
+
+@pytest.mark.timeout(60)
+def test_hostile_fields_are_each_one_counted_rejection_with_no_traceback(caplog) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    crashed: list[object] = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: crashed.append(args.exc_value)
+    master = start_master()
+    try:
+        for i, payload in enumerate(_HOSTILE):
+            before = _rejected(master)
+            conn, _ = _handshake.connect(
+                master.address, token=TOKEN, hello={"role": "test"}, timeout_s=5
+            )
+            conn.send_frame(KIND_REQUEST, payload, timeout_s=5)
+            with pytest.raises(Exception):  # noqa: B017 - the master closed the connection
+                conn.recv_json(timeout_s=5)
+            deadline = time.monotonic() + 5
+            while _rejected(master) == before and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _rejected(master) == before + 1, (i, payload[:80])
+        assert crashed == [], crashed
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        (a,) = connect_all(addr(master), 1)  # still serving
+        a.close()
+    finally:
+        threading.excepthook = old_hook
+        master.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_token_holder_cannot_leave_heartbeat_or_vote_for_another_peer() -> None:
+    master = start_master()
+    try:
+        a, b = connect_all(addr(master), 2)
+        forged = [
+            {"op": "leave", "peer_id": a.peer_id},
+            {"op": "heartbeat", "peer_id": a.peer_id},
+            {"op": "vote", "peer_id": a.peer_id, "op_id": "x-1", "ok": False},
+            {"op": "leave", "peer_id": a.peer_id, "secret": "0" * 32},
+        ]
+        for request in forged:
+            conn, _ = _handshake.connect(
+                master.address, token=TOKEN, hello={"role": "control"}, timeout_s=5
+            )
+            conn.send_json(KIND_REQUEST, request, timeout_s=5)
+            kind, _tag, resp = conn.recv_json(timeout_s=5)
+            assert kind == KIND_RESPONSE and resp["error"] == ErrorCode.FORBIDDEN, resp
+            conn.close()
+        # A connection that proved it is b cannot speak for a either, even with b's secret.
+        conn, _ = _handshake.connect(
+            master.address, token=TOKEN, hello={"role": "control"}, timeout_s=5
+        )
+        secret = b._control._secret
+        conn.send_json(
+            KIND_REQUEST, {"op": "heartbeat", "peer_id": b.peer_id, "secret": secret}, timeout_s=5
+        )
+        assert "error" not in conn.recv_json(timeout_s=5)[2]
+        conn.send_json(
+            KIND_REQUEST, {"op": "leave", "peer_id": a.peer_id, "secret": secret}, timeout_s=5
+        )
+        assert conn.recv_json(timeout_s=5)[2]["error"] == ErrorCode.FORBIDDEN
+        conn.close()
+        assert error_for(ErrorCode.FORBIDDEN, "x").__class__ is AuthenticationError
+        snap = master.snapshot()
+        assert sorted(snap["accepted"]) == sorted([a.peer_id, b.peer_id]) and not snap["evicted"]
+        x, y = torch.ones(3), torch.ones(3)
+        res = run_threads(
+            [
+                lambda: a.all_reduce(x, "sum", timeout_s=10),
+                lambda: b.all_reduce(y, "sum", timeout_s=10),
+            ]
+        )
+        assert torch.equal(x, torch.full((3,), 2.0)), res
+        a.close()
+        b.close()
     finally:
         master.stop()

@@ -28,8 +28,8 @@ from lowcomm.comm.errors import (
     ProtocolError,
 )
 from lowcomm.faults import KILLED_EXIT_CODE, FaultInjector
+from tests._tokens import OTHER_TOKEN, TOKEN
 
-TOKEN = b"ring-test-token"
 PEER_SCRIPT = Path(__file__).with_name("_ring_peer.py")
 
 
@@ -463,7 +463,7 @@ def test_listener_survives_garbage_and_wrong_tokens_and_still_routes(cluster3: C
             with socket.create_connection(listener.address) as raw:
                 raw.sendall(junk)
         with pytest.raises(AuthenticationError, match="run token rejected by"):
-            _handshake.connect(listener.address, token=b"wrong", hello={}, timeout_s=5)
+            _handshake.connect(listener.address, token=OTHER_TOKEN, hello={}, timeout_s=5)
         silent = socket.create_connection(listener.address)  # never speaks; times out alone
         conn, _ = _handshake.connect(
             listener.address, token=TOKEN, hello={"purpose": "p2p", "key": "a"}, timeout_s=5

@@ -11,6 +11,7 @@ import pytest
 
 from lowcomm.comm import _frames, _handshake
 from lowcomm.comm.shaper import Shaper
+from tests._tokens import TOKEN
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,12 +30,12 @@ def _pair(listener: socket.socket, shaper: Shaper) -> tuple[_frames.Connection, 
 
     def acc() -> None:
         client, _ = listener.accept()
-        box["server"] = _handshake.accept(client, token=b"t", hello={}, timeout_s=10)[0]
+        box["server"] = _handshake.accept(client, token=TOKEN, hello={}, timeout_s=10)[0]
 
     th = threading.Thread(target=acc, daemon=True)
     th.start()
     conn, _ = _handshake.connect(
-        listener.getsockname(), token=b"t", hello={}, timeout_s=10, shaper=shaper
+        listener.getsockname(), token=TOKEN, hello={}, timeout_s=10, shaper=shaper
     )
     th.join(10)
     return conn, box["server"]
@@ -143,7 +144,7 @@ def test_ring_all_reduce_over_shaped_links_is_exact_and_rate_limited() -> None:
 
     n, numel = 2, 250_000  # each peer sends 2 (n-1)/n * 1 MB = 1 MB through its uplink
     shapers = [Shaper(bandwidth_bps=16e6, latency_ms=20) for _ in range(n)]  # 2 MB/s each
-    listeners = [PeerListener("127.0.0.1", 0, token=b"t", shaper=s) for s in shapers]
+    listeners = [PeerListener("127.0.0.1", 0, token=TOKEN, shaper=s) for s in shapers]
     addresses = [lst.address for lst in listeners]
     rings: dict[int, Ring] = {}
     inputs = [torch.randn(numel, generator=torch.Generator().manual_seed(r)) for r in range(n)]
@@ -155,7 +156,7 @@ def test_ring_all_reduce_over_shaped_links_is_exact_and_rate_limited() -> None:
             rank=r,
             addresses=addresses,
             ring_id="shaped",
-            token=b"t",
+            token=TOKEN,
             num_connections=2,
             shaper=shapers[r],
         )

@@ -20,6 +20,7 @@ from lowcomm.comm.errors import (
     ProtocolError,
     TruncatedFrameError,
 )
+from tests._tokens import OTHER_TOKEN, TOKEN
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -68,7 +69,7 @@ def _accept_in_thread(
 
 
 def _connected_pair(
-    listener: socket.socket, token: bytes | None = b"secret", **kw: Any
+    listener: socket.socket, token: bytes | None = TOKEN, **kw: Any
 ) -> tuple[_frames.Connection, _frames.Connection]:
     acc = _accept_in_thread(listener, token=token, **kw)
     conn, their = _handshake.connect(
@@ -119,34 +120,32 @@ def test_large_payload_is_received_straight_into_a_preallocated_buffer(
 
 
 def test_connector_with_wrong_token_is_rejected_with_a_clear_error(listener: socket.socket) -> None:
-    acc = _accept_in_thread(listener, token=b"right")
+    acc = _accept_in_thread(listener, token=TOKEN)
     with pytest.raises(AuthenticationError, match=r"run token rejected by 127\.0\.0\.1"):
-        _handshake.connect(listener.getsockname(), token=b"wrong", hello={}, timeout_s=10)
+        _handshake.connect(listener.getsockname(), token=OTHER_TOKEN, hello={}, timeout_s=10)
     assert acc.done.wait(10)
     # The acceptor never read a hello; it ends with an error, not a crash.
     assert isinstance(acc.error, CommError)
 
 
 def test_acceptor_with_wrong_token_cannot_impersonate_the_run(listener: socket.socket) -> None:
-    # Both sides must prove the token: a listener that does not know it is refused by the
-    # connector, and its own accept fails too.
-    acc = _accept_in_thread(listener, token=b"impostor")
-    with pytest.raises(AuthenticationError, match="different run token"):
-        _handshake.connect(
-            listener.getsockname(), token=b"right", hello={"secret": 1}, timeout_s=10
-        )
+    # A listener that does not know the token cannot verify the connector's proof: it refuses
+    # the connection before the hello (sent only after both proofs) could reach it.
+    acc = _accept_in_thread(listener, token=OTHER_TOKEN)
+    with pytest.raises(AuthenticationError, match="run token rejected by"):
+        _handshake.connect(listener.getsockname(), token=TOKEN, hello={"secret": 1}, timeout_s=10)
     assert acc.done.wait(10)
     assert isinstance(acc.error, CommError)
 
 
 def test_missing_token_on_either_side_is_refused(listener: socket.socket) -> None:
-    acc = _accept_in_thread(listener, token=b"right")
+    acc = _accept_in_thread(listener, token=TOKEN)
     with pytest.raises(AuthenticationError, match="requires a run token"):
         _handshake.connect(listener.getsockname(), token=None, hello={}, timeout_s=10)
     assert acc.done.wait(10) and isinstance(acc.error, AuthenticationError)
     acc = _accept_in_thread(listener, token=None)
     with pytest.raises(AuthenticationError, match="uses no run token"):
-        _handshake.connect(listener.getsockname(), token=b"right", hello={}, timeout_s=10)
+        _handshake.connect(listener.getsockname(), token=TOKEN, hello={}, timeout_s=10)
     assert acc.done.wait(10) and isinstance(acc.error, CommError)
 
 
@@ -159,7 +158,7 @@ def test_no_token_on_both_sides_connects(listener: socket.socket) -> None:
 
 
 def test_garbage_bytes_before_authentication_are_a_protocol_error(listener: socket.socket) -> None:
-    acc = _accept_in_thread(listener, token=b"t")
+    acc = _accept_in_thread(listener, token=TOKEN)
     with socket.create_connection(listener.getsockname()) as raw:
         raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
         assert acc.done.wait(10)
@@ -172,7 +171,7 @@ def test_garbage_bytes_before_authentication_are_a_protocol_error(listener: sock
 def test_oversized_length_claim_before_authentication_reads_nothing(
     listener: socket.socket,
 ) -> None:
-    acc = _accept_in_thread(listener, token=b"t")
+    acc = _accept_in_thread(listener, token=TOKEN)
     with socket.create_connection(listener.getsockname()) as raw:
         raw.sendall(_raw_frame(_handshake.KIND_AUTH_HELLO, b"", length=2**62))
         assert acc.done.wait(10)
@@ -183,7 +182,9 @@ def test_oversized_length_claim_before_authentication_reads_nothing(
 def test_oversized_length_claim_after_authentication_closes_the_connection(
     listener: socket.socket,
 ) -> None:
-    conn, server = _connected_pair(listener, max_frame_bytes=1 << 20)
+    # Raw frames written past the Connection: an unprotected pair (a protected one would refuse
+    # them as unsealed, test_security.py).
+    conn, server = _connected_pair(listener, max_frame_bytes=1 << 20, encryption=False)
     conn._sock.sendall(_raw_frame(64, b"", length=(1 << 20) + 1))
     with pytest.raises(ProtocolError, match="over the bound"):
         server.recv_frame(timeout_s=5)
@@ -204,14 +205,19 @@ def test_other_wire_version_is_named_in_the_error(listener: socket.socket) -> No
 
 
 def test_malformed_handshake_json_is_a_protocol_error(listener: socket.socket) -> None:
-    acc = _accept_in_thread(listener, token=b"t")
+    acc = _accept_in_thread(listener, token=TOKEN)
     with socket.create_connection(listener.getsockname()) as raw:
         raw.sendall(_raw_frame(_handshake.KIND_AUTH_HELLO, b"{not json"))
         assert acc.done.wait(10)
         assert isinstance(acc.error, ProtocolError)
-    acc = _accept_in_thread(listener, token=b"t")
+    acc = _accept_in_thread(listener, token=TOKEN)
     with socket.create_connection(listener.getsockname()) as raw:
-        raw.sendall(_raw_frame(_handshake.KIND_AUTH_HELLO, b'{"auth": true, "nonce": "zz"}'))
+        raw.sendall(
+            _raw_frame(
+                _handshake.KIND_AUTH_HELLO,
+                b'{"v": 2, "auth": true, "encryption": true, "nonce": "zz"}',
+            )
+        )
         assert acc.done.wait(10)
         assert isinstance(acc.error, ProtocolError)
         assert "nonce" in str(acc.error)
@@ -251,7 +257,7 @@ def test_bulk_receive_with_a_low_water_mark_gets_every_frame_of_a_trickling_stre
 def test_bulk_receive_with_a_low_water_mark_reports_a_peer_closing_mid_frame(
     listener: socket.socket,
 ) -> None:
-    conn, server = _connected_pair(listener)
+    conn, server = _connected_pair(listener, encryption=False)
     conn._sock.sendall(_raw_frame(64, b"x" * 1000, length=100_000))
     conn.close()
     with pytest.raises(TruncatedFrameError):
@@ -259,7 +265,7 @@ def test_bulk_receive_with_a_low_water_mark_reports_a_peer_closing_mid_frame(
 
 
 def test_truncated_frame_from_a_peer_closing_mid_frame(listener: socket.socket) -> None:
-    conn, server = _connected_pair(listener)
+    conn, server = _connected_pair(listener, encryption=False)
     conn._sock.sendall(_raw_frame(64, b"0123456789", length=100))
     conn.close()
     with pytest.raises(TruncatedFrameError, match="middle of a frame") as info:
@@ -309,7 +315,7 @@ def test_send_to_a_peer_that_stops_reading_times_out(listener: socket.socket) ->
 
 
 def test_silent_client_makes_accept_time_out(listener: socket.socket) -> None:
-    acc = _accept_in_thread(listener, token=b"t", timeout_s=0.3)
+    acc = _accept_in_thread(listener, token=TOKEN, timeout_s=0.3)
     with socket.create_connection(listener.getsockname()):
         assert acc.done.wait(10)
         assert isinstance(acc.error, CommTimeoutError)
@@ -319,7 +325,7 @@ def test_connect_times_out_when_the_listener_never_answers(listener: socket.sock
     # The kernel completes the TCP handshake (backlog) but nobody runs the lowcomm handshake.
     start = time.monotonic()
     with pytest.raises(CommTimeoutError):
-        _handshake.connect(listener.getsockname(), token=b"t", hello={}, timeout_s=0.3)
+        _handshake.connect(listener.getsockname(), token=TOKEN, hello={}, timeout_s=0.3)
     assert time.monotonic() - start < 5
 
 
@@ -329,7 +335,7 @@ def test_connect_to_a_closed_port_is_a_peer_failure() -> None:
     address = sock.getsockname()
     sock.close()
     with pytest.raises(PeerFailureError, match="cannot connect"):
-        _handshake.connect(address, token=b"t", hello={}, timeout_s=5)
+        _handshake.connect(address, token=TOKEN, hello={}, timeout_s=5)
 
 
 def test_bad_arguments_are_value_errors(listener: socket.socket) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lowcomm.comm import Master
+from tests._tokens import TOKEN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,16 +24,17 @@ def _free_port() -> int:
 
 
 def _run_replicas(num_procs: int, extra_env: dict[str, str]) -> list[str]:
-    master = Master(("127.0.0.1", 0), token=b"fsdp-token", heartbeat_timeout_s=10.0).start()
+    master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=10.0).start()
     try:
         procs = []
         for replica in range(2):
             env = dict(
                 os.environ,
                 LOWCOMM_MASTER="{}:{}".format(*master.address),
-                LOWCOMM_TOKEN="fsdp-token",
-                LOWCOMM_REPLICA=str(replica),
-                LOWCOMM_NUM_REPLICAS="2",
+                LOWCOMM_TOKEN=TOKEN.decode(),
+                LOWCOMM_REPLICA_ID=str(replica),
+                LOWCOMM_MIN_REPLICAS="2",
+                LOWCOMM_LISTEN_HOST="127.0.0.1",
                 OMP_NUM_THREADS="1",
                 **extra_env,
             )

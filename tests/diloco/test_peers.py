@@ -17,8 +17,8 @@ from lowcomm.launch.local_run import peer_context
 from lowcomm.launch.peer import PeerSpec, kill_at_inner_step, run_peer
 from lowcomm.launch.tinygpt import GPT as GPTModel
 from lowcomm.launch.tinygpt import GPTConfig
+from tests._tokens import TOKEN
 
-TOKEN = b"diloco-test-token"
 GPT = GPTConfig(num_layers=1, width=32, num_heads=2, context=32)
 
 

@@ -44,14 +44,15 @@ def test_unknown_subcommand_is_rejected_with_a_clear_error() -> None:
 
 def test_demo_runs_to_completion_on_loopback(tmp_path: Path) -> None:
     plot = tmp_path / "demo.png"
-    # The demo's own path with small flags: 3 peers, one killed half-way and rejoining.
+    # The demo's own path with small flags: 3 peers, one killed half-way, resuming its checkpoint.
     out = _lowcomm(
         "demo", "--peers", "3", "--steps", "40", "--sync-every", "10", "--width", "32",
         "--layers", "1", "--context", "32", "--dp-max-seconds", "5", "--plot", str(plot),
         timeout_s=240,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "peer 2 killed at inner step 20" in out.stdout
+    assert "peer 2 killed at inner step 25" in out.stdout
+    assert "peer 2 resumed from its own checkpoint at inner step 20" in out.stdout
     assert "outer parameters bit-identical on all 3 peers" in out.stdout
     assert "data-parallel" in out.stdout
     assert plot.stat().st_size > 1000
