@@ -24,6 +24,6 @@ from __future__ import annotations
 
 from lowcomm._version import __version__
 from lowcomm.errors import LowcommError
-from lowcomm.trainer import Run, RunConfig, init
+from lowcomm.trainer import Run, RunConfig, Trainer, init
 
-__all__ = ["LowcommError", "Run", "RunConfig", "__version__", "init"]
+__all__ = ["LowcommError", "Run", "RunConfig", "Trainer", "__version__", "init"]
