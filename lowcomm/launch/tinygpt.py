@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowcomm.recovery.stages import TransformerBlock
+
 __all__ = ["GPT", "GPTConfig", "load_corpus", "sample_batch"]
 
 
@@ -39,27 +41,6 @@ class GPTConfig:
             )
 
 
-class _Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.ln1 = nn.LayerNorm(config.width)
-        self.qkv = nn.Linear(config.width, 3 * config.width)
-        self.proj = nn.Linear(config.width, config.width)
-        self.ln2 = nn.LayerNorm(config.width)
-        self.fc = nn.Linear(config.width, 4 * config.width)
-        self.out = nn.Linear(4 * config.width, config.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        shape = (b, t, self.num_heads, c // self.num_heads)
-        q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
 class GPT(nn.Module):
     """A pre-norm decoder-only transformer over bytes; ``forward(x, y)`` returns the mean loss."""
 
@@ -68,7 +49,9 @@ class GPT(nn.Module):
         self.config = config
         self.tok = nn.Embedding(config.vocab_size, config.width)
         self.pos = nn.Embedding(config.context, config.width)
-        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config.width, config.num_heads) for _ in range(config.num_layers)
+        )
         self.ln = nn.LayerNorm(config.width)
         self.head = nn.Linear(config.width, config.vocab_size, bias=False)
         for name, p in self.named_parameters():

@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BlockStage", "EmbeddingStage", "StageConfig", "build_stages", "init_stage_"]
+__all__ = [
+    "BlockStage",
+    "EmbeddingStage",
+    "StageConfig",
+    "TransformerBlock",
+    "build_stages",
+    "init_stage_",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,16 +58,19 @@ class StageConfig:
         return self.num_block_stages * self.layers_per_stage
 
 
-class _Block(nn.Module):
-    def __init__(self, config: StageConfig) -> None:
+class TransformerBlock(nn.Module):
+    """A pre-norm transformer block (causal self-attention, then a 4x GELU MLP), with residuals.
+    The tiny GPT (``lowcomm.launch.tinygpt``) is built of the same blocks."""
+
+    def __init__(self, width: int, num_heads: int) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.ln1 = nn.LayerNorm(config.width)
-        self.qkv = nn.Linear(config.width, 3 * config.width)
-        self.proj = nn.Linear(config.width, config.width)
-        self.ln2 = nn.LayerNorm(config.width)
-        self.fc = nn.Linear(config.width, 4 * config.width)
-        self.out = nn.Linear(4 * config.width, config.width)
+        self.num_heads = num_heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.out = nn.Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
@@ -77,7 +87,9 @@ class BlockStage(nn.Module):
 
     def __init__(self, config: StageConfig) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.layers_per_stage))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config.width, config.num_heads) for _ in range(config.layers_per_stage)
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
