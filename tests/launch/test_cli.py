@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,9 @@ def test_demo_runs_to_completion_on_loopback(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "peer 2 killed at inner step 25" in out.stdout
-    assert "peer 2 resumed from its own checkpoint at inner step 20" in out.stdout
+    # Its newest durable checkpoint: step 20 on a quiet machine; under load the step-20 save may
+    # still be in flight at the kill (step 25), and then it resumes from step 10's.
+    assert re.search(r"peer 2 resumed from its own checkpoint at inner step (10|20)\b", out.stdout)
     assert "outer parameters bit-identical on all 3 peers" in out.stdout
     assert "data-parallel" in out.stdout
     assert plot.stat().st_size > 1000
