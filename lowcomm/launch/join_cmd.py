@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lowcomm.launch.run_config import RunConfig
     from lowcomm.launch.task import Task
-    from lowcomm.launch.volunteer import RunArchive, VolunteerTrainer
+    from lowcomm.launch.volunteer import RunArchive
+    from lowcomm.trainer import Trainer
 
 NAME = "join"
 HELP = "join a run as a volunteer peer: authenticate, agree on the task, train, leave on Ctrl-C"
@@ -189,9 +190,17 @@ def _train(args: argparse.Namespace, comm: Any, cfg: RunConfig, task: Task) -> i
         comm,
         outer=cfg.outer,
         checkpoint=CheckpointConfig(levels=(str(ckpt_dir / "local"),), keep_last_local=2),
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every_outer=args.checkpoint_every,
         stateful=stateful,
     )
+    if trainer.resumed_from is not None:
+        logger.info(
+            "resumed from the local checkpoint of inner step %d (outer step %d%s; restored %s)",
+            trainer.inner_step,
+            trainer.outer_step,
+            ", the live run's" if trainer.joining else "",
+            ", ".join(["inner optimizer", *stateful]),
+        )
     archive = None
     if cfg.checkpoint.remote is not None:
         archive = RunArchive(cfg.checkpoint.remote, staging_dir=ckpt_dir / "run-outer")
@@ -226,12 +235,12 @@ def _train(args: argparse.Namespace, comm: Any, cfg: RunConfig, task: Task) -> i
         signal.signal(signal.SIGINT, previous)
     if stop.is_set():
         trainer.save()  # waits for the all-reduce in flight: its average is in the checkpoint
+        trainer.close()
     else:
-        trainer.diloco.finish()
+        trainer.finish()
     if archive is not None:
         _archive(trainer, comm, archive, cfg, final=True)
         archive.close()
-    trainer.close()
     if stop.is_set():
         logger.info(
             "left the run at outer step %d (inner step %d); checkpoint in %s",
@@ -247,7 +256,7 @@ def _train(args: argparse.Namespace, comm: Any, cfg: RunConfig, task: Task) -> i
     return 0
 
 
-def _resume_run(trainer: VolunteerTrainer, archive: RunArchive) -> None:
+def _resume_run(trainer: Trainer, archive: RunArchive) -> None:
     """Alone in the run: continue from the run's remote outer state if it is newer than ours."""
     outer = archive.latest()
     if outer is None:
@@ -265,7 +274,7 @@ def _resume_run(trainer: VolunteerTrainer, archive: RunArchive) -> None:
 
 
 def _archive(
-    trainer: VolunteerTrainer, comm: Any, archive: RunArchive, cfg: RunConfig, *, final: bool
+    trainer: Trainer, comm: Any, archive: RunArchive, cfg: RunConfig, *, final: bool
 ) -> None:
     """Rank 0 saves the outer state every ``[checkpoint].every`` outer steps; the last peer to
     leave saves it as it goes, so the run outlives its peers."""
@@ -291,7 +300,7 @@ class _Progress:
     """A tqdm bar on a terminal (loss, tokens/s, outer step, peers, bytes sent), log lines kept
     off it; elsewhere one line per outer step."""
 
-    def __init__(self, trainer: VolunteerTrainer, comm: Any, tokens: int, target: int | None):
+    def __init__(self, trainer: Trainer, comm: Any, tokens: int, target: int | None):
         self.trainer, self.comm, self.tokens, self.target = trainer, comm, tokens, target
         self.tty = sys.stderr.isatty()
         self.bar: Any = None

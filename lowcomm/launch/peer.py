@@ -217,7 +217,7 @@ def _run(spec: PeerSpec, events: Any) -> None:
             comm,
             outer=spec.outer,
             checkpoint=CheckpointConfig(levels=(spec.checkpoint_dir,), keep_last_local=1),
-            checkpoint_every=1,
+            checkpoint_every_outer=1,
             stateful={"data": batches},
             faults=faults,
             joining=spec.joining,

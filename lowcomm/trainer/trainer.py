@@ -25,8 +25,11 @@ Contract:
       optimizer's state is created first with a zero-learning-rate step), nothing to prime.
     * ``step()`` (after ``loss.backward()``) waits until the last checkpoint's copy is done
       (``wait_until_safe_to_mutate``), runs the inner step and, when due, the outer sync, then,
-      every ``checkpoint_every`` inner steps, starts a lazy checkpoint: it references the tensors,
-      which the copier copies while the next forward/backward runs; ``step`` returns at once.
+      every ``checkpoint_every`` inner steps (or ``checkpoint_every_outer`` outer steps), starts a
+      lazy checkpoint: it references the tensors, which the copier copies while the next
+      forward/backward runs; ``step`` returns at once.
+    * ``finish()`` ends training (applies what is in flight, then ``close()``); ``save()`` then
+      ``close()`` leaves a run mid-way with what is in flight in the checkpoint.
     * A checkpoint taken while an all-reduce is in flight (pipelined methods) waits for it
       (``DiLoCo.state_dict``): with ``method="async"`` pick ``checkpoint_every`` a multiple of
       ``sync_every`` if that wait matters.
@@ -129,6 +132,10 @@ class Trainer:
         checkpoint: a ``CheckpointConfig`` (the Trainer builds and closes its ``Checkpointer``),
             a ``Checkpointer`` (the caller's; not closed by ``finish``), or None: no checkpoints.
         checkpoint_every: inner steps between checkpoints (needs ``checkpoint``).
+        checkpoint_every_outer: or outer steps between checkpoints, each taken in the ``step()``
+            that applied the outer step (``outer_step`` a multiple of it). Outer steps are what a
+            volunteer counts; with the pipelined methods they do not fall on multiples of
+            ``sync_every`` inner steps, and a round dropped for a failure has none.
         stateful: named objects with ``state_dict()``/``load_state_dict()`` saved and restored with
             the rest (a ``torchdata`` ``StatefulDataLoader``, a learning-rate scheduler).
         faults: fault injector handed to ``DiLoCo`` (``"trainer.inner_step"``) and, when the
@@ -151,15 +158,22 @@ class Trainer:
         outer: OuterConfig,
         checkpoint: CheckpointConfig | Checkpointer | None = None,
         checkpoint_every: int | None = None,
+        checkpoint_every_outer: int | None = None,
         stateful: Mapping[str, _Stateful] | None = None,
         faults: FaultInjector | None = None,
         joining: bool | None = None,
         restore: bool = True,
     ) -> None:
-        if checkpoint_every is not None and checkpoint_every < 1:
-            raise ValueError(f"Trainer: checkpoint_every must be >= 1, got {checkpoint_every}")
-        if checkpoint_every is not None and checkpoint is None:
-            raise ValueError("Trainer: checkpoint_every needs checkpoint=CheckpointConfig(...)")
+        for name, every in (
+            ("checkpoint_every", checkpoint_every),
+            ("checkpoint_every_outer", checkpoint_every_outer),
+        ):
+            if every is not None and every < 1:
+                raise ValueError(f"Trainer: {name} must be >= 1, got {every}")
+            if every is not None and checkpoint is None:
+                raise ValueError(f"Trainer: {name} needs checkpoint=CheckpointConfig(...)")
+        if checkpoint_every is not None and checkpoint_every_outer is not None:
+            raise ValueError("Trainer: give checkpoint_every or checkpoint_every_outer, not both")
         for name, obj in (stateful or {}).items():
             if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
                 raise ValueError(
@@ -170,6 +184,7 @@ class Trainer:
         self.comm = _comm_of(run_or_comm)
         self.stateful = dict(stateful or {})
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_every_outer = checkpoint_every_outer
         if joining is None:
             joining = bool(getattr(run_or_comm, "joining", False))
         self.joining = joining
@@ -214,15 +229,30 @@ class Trainer:
         copy is still running (then ``stats`` shows it as the wait before the step)."""
         if self.checkpointer is not None:
             self.checkpointer.wait_until_safe_to_mutate()
+        before = self.outer_step
         self.diloco.step()
         self.inner_step += 1
-        if self.checkpoint_every is not None and self.inner_step % self.checkpoint_every == 0:
+        if self._checkpoint_due(outer_stepped=self.outer_step != before):
             self.save()
 
+    def _checkpoint_due(self, *, outer_stepped: bool) -> bool:
+        if self.checkpoint_every is not None:
+            return self.inner_step % self.checkpoint_every == 0
+        if self.checkpoint_every_outer is not None:
+            return outer_stepped and self.outer_step % self.checkpoint_every_outer == 0
+        return False
+
     def save(self) -> None:
-        """Start a lazy checkpoint of everything at the current inner step (returns at once)."""
+        """Start a lazy checkpoint of everything at the current inner step (returns at once).
+
+        Waits for the all-reduces in flight (``DiLoCo.state_dict``), so their averages are in the
+        checkpoint: call it before leaving a run mid-way, then ``close()``. A second call at the
+        same inner step is skipped (``step()`` may have saved it already, and nothing changed).
+        """
         if self.checkpointer is None:
             raise ValueError("Trainer.save: no checkpoint= was given")
+        if self.last_saved == self.inner_step:
+            return
         self.checkpointer.save(
             self.inner_step,
             self.state_dict(),
@@ -244,11 +274,60 @@ class Trainer:
         """Applies what is in flight (the model then holds the outer parameters) and waits for the
         checkpoints to be durable; closes the Checkpointer the Trainer built."""
         self.diloco.finish()
+        self.close(timeout_s=timeout_s)
+
+    def close(self, *, timeout_s: float = 600.0) -> None:
+        """Waits for the checkpoints in progress to be durable and closes the Checkpointer the
+        Trainer built (a caller's is only waited for). Unlike ``finish`` it applies nothing in
+        flight: for leaving a run mid-way after ``save()``, whose checkpoint holds that state.
+        Idempotent; the Trainer cannot save afterwards."""
         if self.checkpointer is not None:
             if self._owns_checkpointer:
                 self.checkpointer.close(timeout_s)
             else:
                 self.checkpointer.wait(timeout_s)
+
+    # ---- the run's outer state, on its own ------------------------------------------------------
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the run's outer state as this replica holds it: ``theta`` and ``momentum``
+        (flat fp32, this replica's layout) and ``outer_step`` (a one-element int64 tensor).
+
+        For keeping the run alive beyond its peers (``lowcomm.launch.volunteer.RunArchive``):
+        every peer holds the same values, so any one of them can export it. Does not wait for the
+        all-reduces in flight (their average is not in it yet).
+        """
+        return {
+            "theta": self.diloco.outer_params.detach().clone(),
+            "momentum": self.diloco.outer_momentum.detach().clone(),
+            "outer_step": torch.tensor([self.outer_step], dtype=torch.int64),
+        }
+
+    def load_outer_state(self, outer: Mapping[str, torch.Tensor]) -> None:
+        """Replaces the outer state with ``outer`` (``outer_state()``'s output, from an earlier
+        run of the same model) and loads theta into the model; the inner optimizer, inner step
+        and ``stateful`` objects are kept. Rounds in flight and the current round are dropped.
+
+        Only when this replica is alone in the run (it would otherwise disagree with its peers),
+        right after construction; plain (unsharded) models only.
+
+        Raises:
+            ValueError: ``outer`` has another number of parameters (another model).
+        """
+        state = self.diloco.state_dict()
+        if outer["theta"].shape != state["outer"]["theta"].shape:
+            raise ValueError(
+                f"Trainer.load_outer_state: the saved outer state has {outer['theta'].numel()} "
+                f"parameters, this model {state['outer']['theta'].numel()}: not the same model"
+            )
+        state["outer"]["theta"] = outer["theta"]
+        state["outer"]["momentum"] = outer["momentum"]
+        counters = state["outer"]["counters"].clone()
+        counters[0] = int(outer["outer_step"][0])
+        state["outer"]["counters"] = counters
+        state.update(flights={}, carry=None, round_steps=0)
+        self.diloco.load_state_dict(state)
+        self.diloco.copy_outer_to(self.model)
 
     # ---- restore --------------------------------------------------------------------------------
 
