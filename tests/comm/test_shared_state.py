@@ -14,11 +14,11 @@ from lowcomm.comm.errors import TopologyError
 from lowcomm.faults import KILLED_EXIT_CODE, FaultInjector
 
 
-def _state(seed: int, revision: int) -> SharedState:
+def _state(seed: int, revision: int, *, rows: int = 300) -> SharedState:
     gen = torch.Generator().manual_seed(seed)
     return SharedState(
         {
-            "w": torch.randn(300, 70, generator=gen),
+            "w": torch.randn(rows, 70, generator=gen),
             "b": torch.randn(5, generator=gen).to(torch.bfloat16),
             "step": torch.tensor([float(revision)]),
         },
@@ -44,8 +44,10 @@ def test_a_peer_joining_with_stale_state_receives_only_the_differing_tensors(mon
     master = start_master()
     try:
         comms = connect_all(addr(master), 3)
-        states = [_state(0, 5) for _ in range(3)]
-        stale = _state(1, 0)
+        # 4 MB in 4 KiB chunks: long enough that every source's (encrypted) handshake is done
+        # before the first source alone could have served it all, even on a loaded host.
+        states = [_state(0, 5, rows=15_000) for _ in range(3)]
+        stale = _state(1, 0, rows=15_000)
         stale.tensors["step"].copy_(states[0].tensors["step"])  # one tensor already right
         stale.tensors["step"][0] = 5.0
         before = stale.hashes()
@@ -73,7 +75,7 @@ def test_a_peer_joining_with_stale_state_receives_only_the_differing_tensors(mon
         assert stale.revision == 5
         assert jinfo.received == ["b", "w"]  # "step" matched already: not sent
         assert jinfo.num_sources >= 2, "the transfer was not striped over several sources"
-        assert jinfo.rx_bytes == 300 * 70 * 4 + 5 * 2
+        assert jinfo.rx_bytes == 15_000 * 70 * 4 + 5 * 2
         assert sum(i.tx_bytes for i in infos) == jinfo.rx_bytes
         for c in [*comms, joiner]:
             c.close()

@@ -155,7 +155,8 @@ def test_peer_zero_snapshots_what_it_would_ship_on_its_training_clock(mode: str)
         assert [s["step"] for s in snaps] == ([5, 10, 15, 15] if mode == "diloco" else [3, 6, 9])
         seconds = [s["seconds"] for s in snaps]
         assert seconds == sorted(seconds) and seconds[0] > 0
-        assert seconds[-1] <= run.done[0]["wall_s"]
+        # Two clocks read in turn: the last snapshot's may lead the wall clock by microseconds.
+        assert seconds[-1] <= run.done[0]["wall_s"] + 1e-3
         numel = sum(p.numel() for p in GPTModel(GPT).parameters())
         assert all(s["params"].shape == (numel,) for s in snaps)
         # The last snapshot is what the run ends with: the outer parameters every peer agrees on.
