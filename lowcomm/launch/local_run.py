@@ -183,6 +183,14 @@ def run_phase(
                 phase.events.append(msg)
                 phase.marks.append((_elapsed(latest), f"peer {index} resumed"))
                 print(("\n" if tty else "") + f"!! {msg}", flush=True)
+            if kind == "fresh":
+                msg = (
+                    f"peer {index} had no durable checkpoint yet when it was killed: it rejoined as "
+                    "a fresh peer and took the run's current state"
+                )
+                phase.events.append(msg)
+                phase.marks.append((_elapsed(latest), f"peer {index} rejoined"))
+                print(("\n" if tty else "") + f"!! {msg}", flush=True)
             if kind == "progress":
                 latest[index] = payload
                 if index == 0:

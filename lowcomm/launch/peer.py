@@ -226,6 +226,9 @@ def _run(spec: PeerSpec, events: Any) -> None:
         if volunteer.resumed_from is not None:
             step = volunteer.resumed_from
             events.put(("resumed", spec.index, {"inner_step": step}))
+        elif spec.joining:
+            # Killed before its first checkpoint was durable: it comes back as a fresh joiner.
+            events.put(("fresh", spec.index, {}))
     else:
         trainer = DiLoCo(model, opt, comm, config=spec.outer, joining=spec.joining, faults=faults)
         train_step = trainer.step

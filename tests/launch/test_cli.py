@@ -53,9 +53,15 @@ def test_demo_runs_to_completion_on_loopback(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "peer 2 killed at inner step 25" in out.stdout
-    # Its newest durable checkpoint: step 20 on a quiet machine; under load the step-20 save may
-    # still be in flight at the kill (step 25), and then it resumes from step 10's.
-    assert re.search(r"peer 2 resumed from its own checkpoint at inner step (10|20)\b", out.stdout)
+    # It resumes from its newest durable checkpoint (step 20 on a quiet machine, step 10 when the
+    # step-20 save is still in flight at the kill); on a loaded host the kill can land before any
+    # save is durable, and then the demo says it rejoined fresh (test_volunteer.py and
+    # tests/trainer/test_resume.py assert the resume itself).
+    assert re.search(
+        r"peer 2 (resumed from its own checkpoint at inner step (10|20)\b|had no durable "
+        r"checkpoint yet when it was killed)",
+        out.stdout,
+    ), out.stdout
     assert "outer parameters bit-identical on all 3 peers" in out.stdout
     assert "data-parallel" in out.stdout
     assert plot.stat().st_size > 1000
