@@ -113,14 +113,6 @@ class PseudogradientReducer:
         self, buf: torch.Tensor, tag: int, stamp: dict[str, int] | None
     ) -> AllReduceHandle | None:
         try:
-            if stamp is None:
-                return self.comm.all_reduce_async(
-                    buf,
-                    "avg",
-                    quantization=self.quantization,
-                    tag=tag,
-                    timeout_s=self.config.timeout_s,
-                )
             return self.comm.all_reduce_async(
                 buf,
                 "avg",
