@@ -127,13 +127,13 @@ class Dcp:
 def part_a(args: argparse.Namespace, base: str) -> dict[str, Any]:
     device = args.device
     model, opt = build(args.params, args.width, device)
+    # "lowcomm": local disk only, like DCP (default staging: written from the live tensors);
+    # "lowcomm_host": host + local (the host level keeps a copy in RAM: one more pass).
     cks = {
         name: Checkpointer(
-            CheckpointConfig(
-                levels=("host://", os.path.join(base, name)), keep_last_local=1, background_nice=n
-            )
+            CheckpointConfig(levels=(*levels, os.path.join(base, name)), keep_last_local=1)
         )
-        for name, n in (("lowcomm", 10), ("lowcomm_nice0", 0))
+        for name, levels in (("lowcomm", ()), ("lowcomm_host", ("host://",)))
     }
     ck = cks["lowcomm"]
     trainer = Trainer(model, opt, SoloCommunicator(), outer=OUTER, checkpoint=ck)
@@ -156,8 +156,11 @@ def part_a(args: argparse.Namespace, base: str) -> dict[str, Any]:
     dcp.save(trainer.state_dict())
     step(dcp.barrier)
     dcp.durable()
-    methods = ("none", "lowcomm", "lowcomm_nice0", "dcp")
+    methods = ("none", "lowcomm", "lowcomm_host", "dcp")
     times: dict[str, list[float]] = {m: [] for m in methods}
+    # CPU seconds of the whole process (every thread) from the save to the checkpoint being
+    # durable: what a checkpoint costs a CPU-bound host, robust to other load on the machine.
+    cpus: dict[str, list[float]] = {m: [] for m in methods}
     steps: dict[str, list[float]] = {m: [] for m in methods}
     for cycle in range(args.blocks):
         k = cycle % len(methods)
@@ -165,7 +168,7 @@ def part_a(args: argparse.Namespace, base: str) -> dict[str, Any]:
             sync(device)
             if m in cks:
                 trainer.checkpointer = cks[m]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if m in cks:
                 trainer.save()
             elif m == "dcp":
@@ -179,15 +182,18 @@ def part_a(args: argparse.Namespace, base: str) -> dict[str, Any]:
             for c in cks.values():  # untimed: durable before the next block
                 c.wait()
             dcp.durable()
+            cpus[m].append(time.process_time() - c0)
     for c in cks.values():
         c.close()
     dcp.close()
     state_bytes = 5 * 4 * trainer.diloco.outer_params.numel()  # params, 2 moments, theta, momentum
     none = statistics.median(times["none"])
+    none_cpu = statistics.median(cpus["none"])
     out: dict[str, Any] = {
         m: {
             "block_s": statistics.median(times[m]),
             "added_s": statistics.median(times[m]) - none,
+            "added_cpu_s": statistics.median(cpus[m]) - none_cpu,
             "first_step_s": statistics.median(steps[m][:: args.every]),
         }
         for m in methods
@@ -387,7 +393,7 @@ def main() -> None:
     if args.every is None:
         args.every = 3 if args.quick else 4
     if args.blocks is None:
-        args.blocks = 3 if args.quick else 5
+        args.blocks = 5
     if args.child == "resume":
         child_resume(args)
         return
@@ -413,18 +419,21 @@ def main() -> None:
         f"\nA. {args.params / 1e6:.0f}M parameters, checkpointed state (model, AdamW, outer) "
         f"~{mb:.0f} MB; blocks of {args.every} steps, {args.blocks} per method, medians"
     )
-    hdr = f"{'method':34} {'block s':>8} {'added s':>8} {'step after save s':>18}"
+    hdr = f"{'method':34} {'block s':>8} {'added s':>8} {'added CPU s':>12} {'step after save s':>18}"
     print(hdr)
     print("-" * len(hdr))
     names = {
         "none": "no checkpoint",
-        "lowcomm": "lowcomm Trainer (host + local)",
-        "lowcomm_nice0": "  same, background_nice=0",
+        "lowcomm": "lowcomm Trainer (local disk)",
+        "lowcomm_host": "  host + local (copy in RAM too)",
         "dcp": "DCP async_save + DefaultStager",
     }
-    for m in ("none", "lowcomm", "lowcomm_nice0", "dcp"):
+    for m in ("none", "lowcomm", "lowcomm_host", "dcp"):
         r = a[m]
-        print(f"{names[m]:34} {r['block_s']:8.3f} {r['added_s']:8.3f} {r['first_step_s']:18.3f}")
+        print(
+            f"{names[m]:34} {r['block_s']:8.3f} {r['added_s']:8.3f} {r['added_cpu_s']:12.3f} "
+            f"{r['first_step_s']:18.3f}"
+        )
     print(f"(plain step {a['step_s']:.3f} s)")
     print(
         f"B. restarted replica, start to first inner step: {resume_s:.2f} s "
@@ -449,7 +458,14 @@ def main() -> None:
 
     dcp_added = max(a["dcp"]["added_s"], 1e-9)
     ratio = max(a["lowcomm"]["added_s"], 0.0) / dcp_added
-    claim("ckpt_overhead_vs_dcp_async", ratio, "<= 0.5", ratio <= 0.5)
+    cpu_ratio = max(a["lowcomm"]["added_cpu_s"], 0.0) / max(a["dcp"]["added_cpu_s"], 1e-9)
+    claim(
+        "ckpt_overhead_vs_dcp_async",
+        ratio,
+        "<= 0.5",
+        ratio <= 0.5,
+        f"added CPU seconds per checkpoint, same ratio: {cpu_ratio:.2f}",
+    )
     claim(
         "resume_to_training_s",
         resume_s,

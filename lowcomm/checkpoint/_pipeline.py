@@ -1,6 +1,8 @@
 """The background level pipeline: after the copy, each snapshot is committed level by level.
 
-The host level commits on the copier thread as soon as the copy is complete. Every other level
+The host level commits on the copier thread as soon as the copy is complete. A snapshot written
+directly from the live CPU tensors (``_direct``) skips the copier: it goes to the local writer at
+once, and the writer frees its staged copy (if a freeze made one) when it is done. Every other level
 (local disk, then remote) has its own writer thread, in order: the first starts when the snapshot's
 host buffer is assigned (so it can stream behind the copy), each next one once the previous
 committed (the remote level uploads the local files). A level's failure fails the later levels of
@@ -140,7 +142,13 @@ class LevelPipeline:
                             ),
                         )
             finally:
-                if level.holds_host_buffer:
+                if snap.direct is not None and index == 0:
+                    # Written from the live tensors: stop reading them; free the staged copy.
+                    snap.direct.abandon()
+                    if snap.direct.buffer_handle is not None:
+                        self._pool.release(snap.direct.buffer_handle)
+                        snap.direct.buffer, snap.direct.buffer_handle = None, None
+                elif level.holds_host_buffer:
                     assert snap.buffer is not None
                     snap.copy_done.wait()  # the copier may still fill the buffer after a failure
                     self._pool.release(snap.buffer)

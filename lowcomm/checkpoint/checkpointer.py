@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lowcomm.checkpoint._direct import DirectWrite, can_write_direct
 from lowcomm.checkpoint._pipeline import LevelPipeline
 from lowcomm.checkpoint._state import flatten_state
 from lowcomm.checkpoint.config import LEVELS, CheckpointConfig
@@ -250,6 +251,7 @@ class Checkpointer:
         )
         handle = SaveHandle(step, chosen)
         snap.handle = handle
+        direct = self._direct_write(snap, refs)
         with self._lock:
             # Forget finished saves so the table stays small over a long run.
             for s, h in list(self._handles.items()):
@@ -257,8 +259,33 @@ class Checkpointer:
                     del self._handles[s]
             self._handles[step] = handle
             self._pending_copies.append(snap)
-        self._stager.submit(snap)
+        if direct:
+            self._pipeline.on_buffer(snap)  # the local writer starts from the live tensors
+        else:
+            self._stager.submit(snap)
         return handle
+
+    def _direct_write(self, snap: Snapshot, refs: list[Any]) -> bool:
+        """Attach a ``DirectWrite`` when the local level can write ``snap`` from the live tensors:
+        ``staging="auto"``, CPU contiguous tensors, uncompressed, local level chosen, no host level
+        (which needs its own copy in RAM)."""
+        if not (
+            self.config.staging == "auto"
+            and self.config.compression == "none"
+            and "local" in snap.levels
+            and "host" not in snap.levels
+            and can_write_direct(refs)
+        ):
+            return False
+        snap.direct = DirectWrite(
+            refs,
+            snap.entries,
+            total_bytes=snap.total_bytes,
+            chunk_bytes=self.config.chunk_bytes,
+            done=snap.copy_done,
+        )
+        snap.refs = None
+        return True
 
     def wait_until_safe_to_mutate(self, timeout_s: float = 600.0) -> None:
         """Block until every saved tensor has been copied; call right before ``optimizer.step()``.
@@ -271,6 +298,19 @@ class Checkpointer:
         with self._lock:
             pending = list(self._pending_copies)
         for snap in pending:
+            if snap.direct is not None and not snap.copy_done.is_set():
+                try:
+                    snap.direct.freeze(
+                        lambda n: self._pool.acquire(
+                            n, holders=1, pin=False, timeout_s=max(0.0, deadline - time.monotonic())
+                        ),
+                        timeout_s=max(0.0, deadline - time.monotonic()),
+                    )
+                except CheckpointTimeoutError:
+                    raise
+                except Exception as e:  # out of memory: that save fails, training goes on
+                    logger.error("checkpoint step %d: staging at the freeze failed: %s", snap.step, e)
+                    snap.copy_done.set()
             if not snap.copy_done.wait(max(0.0, deadline - time.monotonic())):
                 raise CheckpointTimeoutError(
                     f"the copy of step {snap.step} did not finish within {timeout_s} s"
@@ -284,8 +324,11 @@ class Checkpointer:
         return self._pipeline.pop_failures()
 
     def wait(self, timeout_s: float = 600.0) -> None:
-        """Block until every save so far finished at every level (committed or failed)."""
+        """Block until every save so far finished at every level (committed or failed).
+
+        Implies ``wait_until_safe_to_mutate``: the tensors saved are free to change afterwards."""
         deadline = time.monotonic() + timeout_s
+        self.wait_until_safe_to_mutate(timeout_s)
         with self._lock:
             handles = list(self._handles.values())
         for h in handles:

@@ -36,6 +36,12 @@ class CheckpointConfig:
             instead of after the whole copy. Off by default: on a CPU-bound host the writes
             compete with the copy the training thread may be waiting for (measured here: the
             barrier grew while durability barely improved).
+        staging: ``"auto"``: CPU tensors saved to the local level without the host level are
+            written to disk straight from the live tensors while forward/backward run, and only
+            the chunks not yet started at ``wait_until_safe_to_mutate`` are copied (one pass over
+            the bytes instead of a copy and a write; measured in ``benchmarks/trainer.py``).
+            ``"copy"``: always copy into host buffers first (the GPU path, the host level and
+            compression always do).
         background_nice: niceness added to the background threads (copier, writers, I/O pool;
             Linux), so that on a CPU-bound host they run on the cycles training leaves idle instead
             of slowing every step they overlap: measured in ``benchmarks/trainer.py``, which runs
@@ -56,6 +62,7 @@ class CheckpointConfig:
     raise_on_failure: bool = False
     stream_during_copy: bool = False
     background_nice: int = 10
+    staging: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, str):
@@ -80,6 +87,8 @@ class CheckpointConfig:
             )
         if not 0 <= self.background_nice <= 19:
             raise ValueError(f"background_nice must be in [0, 19], got {self.background_nice}")
+        if self.staging not in ("auto", "copy"):
+            raise ValueError(f"staging must be 'auto' or 'copy', got {self.staging!r}")
         if self.commit_timeout_s <= 0:
             raise ValueError(f"commit_timeout_s must be > 0, got {self.commit_timeout_s}")
 

@@ -154,6 +154,7 @@ class Snapshot:
     manifest: bytes | None = None  # set once committed at the local level; the remote puts it
     copied_bytes: int = 0  # a prefix of the layout that is in the host buffer
     copy_error: BaseException | None = None
+    direct: Any = None  # a DirectWrite when the local level writes from the live tensors
     copy_done: threading.Event = field(default_factory=threading.Event)
     progress: threading.Condition = field(default_factory=threading.Condition)
 

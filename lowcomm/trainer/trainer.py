@@ -273,6 +273,9 @@ class Trainer:
     def finish(self, *, timeout_s: float = 600.0) -> None:
         """Applies what is in flight (the model then holds the outer parameters) and waits for the
         checkpoints to be durable; closes the Checkpointer the Trainer built."""
+        if self.checkpointer is not None:
+            # Applying the rounds in flight changes the model: the last save must have its bytes.
+            self.checkpointer.wait_until_safe_to_mutate()
         self.diloco.finish()
         self.close(timeout_s=timeout_s)
 

@@ -70,7 +70,9 @@ def test_streaming_writes_behind_a_slow_copy_still_round_trip_bit_exact(tmp_path
     faults = FaultInjector()
     faults.inject("copy", delay_s=0.05, times=None)  # every tensor: writes overtake nothing
     state = make_state(5, scale=8)
-    with _ckpt(str(tmp_path / "local"), faults=faults, stream_during_copy=True) as ck:
+    with _ckpt(
+        str(tmp_path / "local"), faults=faults, stream_during_copy=True, staging="copy"
+    ) as ck:
         ck.save(5, state).wait("local", timeout_s=60)
         assert faults.fired("copy") == 8  # the eight tensors of make_state
         assert faults.hits("local.write") > 1
