@@ -17,6 +17,7 @@ from conftest import assert_same, free_port, make_state
 from lowcomm.checkpoint import (
     CheckpointConfig,
     Checkpointer,
+    CheckpointTimeoutError,
     CheckpointWriteError,
     NoCheckpointError,
 )
@@ -416,3 +417,80 @@ class NoCheckpointErrorContext:
     def __exit__(self, typ: Any, value: Any, tb: Any) -> bool:
         assert typ is NoCheckpointError, typ
         return True
+
+
+# ---- direct writes: the local level reads the live CPU tensors (staging="auto") ---------------
+
+
+def test_direct_write_stages_what_the_writer_has_not_started_so_mutating_after_the_barrier_is_safe(
+    tmp_path: Path,
+) -> None:
+    faults = FaultInjector()
+    gate = threading.Event()
+    faults.inject("local.open", gate=gate)  # the writer waits: every chunk is still unwritten
+    state = make_state(3, scale=8)
+    original = make_state(3, scale=8)
+    with _ckpt(str(tmp_path / "l"), faults=faults) as ck:
+        handle = ck.save(3, state)
+        ck.wait_until_safe_to_mutate(timeout_s=30)  # copies the chunks into a host buffer
+        for t in (state["model"]["w"], state["optim"]["state"][0]["exp_avg"]):
+            t.add_(1.0)  # optimizer.step()
+        gate.set()
+        handle.wait("local", timeout_s=30)
+        assert faults.fired("local.open") == 1
+        assert ck._pool.num_allocations == 1  # the staged copy: the live tensors were not read
+        assert_same(original, ck.restore())
+
+
+def test_direct_write_barrier_waits_for_a_chunk_being_written_from_the_live_tensors(
+    tmp_path: Path,
+) -> None:
+    faults = FaultInjector()
+    gate = threading.Event()
+    faults.inject("local.write", gate=gate, times=None)  # chunks stall mid-write
+    state = make_state(4, scale=8)
+    original = make_state(4, scale=8)
+    with _ckpt(str(tmp_path / "l"), faults=faults) as ck:
+        handle = ck.save(4, state)
+        deadline = time.monotonic() + 30
+        while faults.hits("local.write") == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # a writer holds a chunk of the live tensors
+        with pytest.raises(CheckpointTimeoutError):
+            ck.wait_until_safe_to_mutate(timeout_s=0.3)
+        gate.set()
+        ck.wait_until_safe_to_mutate(timeout_s=30)
+        state["model"]["w"].add_(1.0)
+        handle.wait("local", timeout_s=30)
+        assert faults.fired("local.write") >= 1
+        assert_same(original, ck.restore())
+
+
+def test_direct_write_that_fails_frees_its_staged_copy_and_the_next_save_succeeds(
+    tmp_path: Path,
+) -> None:
+    faults = FaultInjector()
+    gate = threading.Event()
+    faults.inject("local.open", gate=gate, error=OSError(errno.EIO, "injected I/O error"))
+    with _ckpt(str(tmp_path / "l"), faults=faults) as ck:
+        handle = ck.save(1, make_state(1, scale=4))
+        ck.wait_until_safe_to_mutate(timeout_s=30)  # stages every chunk
+        gate.set()
+        with pytest.raises(CheckpointWriteError, match="injected I/O error"):
+            handle.wait("local", timeout_s=30)
+        assert faults.fired("local.open") == 1
+        for step in (2, 3, 4):  # the failed save's buffer went back to the pool
+            ck.save(step, make_state(step, scale=4))
+            ck.wait_until_safe_to_mutate(timeout_s=30)
+        ck.wait(timeout_s=30)
+        assert [i.step for i in ck.checkpoints()] == [3, 4]
+        assert_same(make_state(4, scale=4), ck.restore())
+
+
+def test_direct_write_then_wait_alone_does_not_hang_and_the_checkpoint_is_whole(
+    tmp_path: Path,
+) -> None:
+    state = make_state(2, scale=4)
+    with _ckpt(str(tmp_path / "l")) as ck:
+        ck.save(2, state)
+        ck.wait(timeout_s=30)
+        assert_same(make_state(2, scale=4), ck.restore())
