@@ -32,6 +32,7 @@ from lowcomm.checkpoint.errors import CheckpointCorruptError
 __all__ = ["Chunks", "load_resharded", "needs_reshard"]
 
 Reader = Callable[[int, int], bytes | memoryview]  # (file offset, length) of one rank's data
+ReadInto = Callable[[memoryview, int], int]  # (destination, file offset) -> bytes read
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,48 @@ class Chunks:
             raise CheckpointCorruptError(f"checksum mismatch in the chunk at byte {c.file_offset}")
         self.cache[i] = fmt.decode_chunk(stored, c.codec, c.raw_len)
 
-    def copy(self, lo: int, hi: int, dest: memoryview) -> None:
-        """Copies raw bytes [lo, hi) of the rank's layout into ``dest`` (chunks loaded first)."""
-        for i in self.covering(lo, hi):
-            c = self.chunks[i]
-            a, b = max(lo, c.raw_offset), min(hi, c.raw_offset + c.raw_len)
+    def read_direct(
+        self, i: int, segs: list[tuple[int, int, memoryview]], read_into: ReadInto
+    ) -> None:
+        """Reads uncompressed chunk ``i`` straight into the destinations ``segs`` ((lo, hi, dest):
+        raw bytes [lo, hi) of the layout go to ``dest``), the rest of the chunk into a scratch,
+        and verifies its checksum over all of it, in order. On a mismatch the destinations hold
+        unverified bytes and ``CheckpointCorruptError`` is raised (the restore fails as a whole)."""
+        c = self.chunks[i]
+        lo_c, hi_c = c.raw_offset, c.raw_offset + c.raw_len
+        pieces: list[tuple[int, memoryview]] = []
+        for lo, hi, dest in segs:
+            a, b = max(lo, lo_c), min(hi, hi_c)
+            if b > a:
+                pieces.append((a, dest[a - lo : b - lo]))
+        pieces.sort(key=lambda p: p[0])
+        pos = lo_c
+        views: list[tuple[int, memoryview]] = []
+        for a, view in pieces:
+            if a < pos:  # two destinations of one byte range: read it whole instead
+                self.load(i)
+                for lo, hi, dest in segs:
+                    self.copy_chunk(i, lo, hi, dest)
+                return
+            if a > pos:
+                views.append((pos, memoryview(bytearray(a - pos))))
+            views.append((a, view))
+            pos = a + len(view)
+        if pos < hi_c:
+            views.append((pos, memoryview(bytearray(hi_c - pos))))
+        crc = 0
+        for a, view in views:
+            if read_into(view, c.file_offset + (a - lo_c)) != len(view):
+                raise CheckpointCorruptError(f"chunk at {c.file_offset} is truncated")
+            crc = self.check(view, crc)
+        if crc & 0xFFFFFFFF != c.crc32:
+            raise CheckpointCorruptError(f"checksum mismatch in the chunk at byte {c.file_offset}")
+
+    def copy_chunk(self, i: int, lo: int, hi: int, dest: memoryview) -> None:
+        """Copies the part of raw bytes [lo, hi) that chunk ``i`` (loaded) holds into ``dest``."""
+        c = self.chunks[i]
+        a, b = max(lo, c.raw_offset), min(hi, c.raw_offset + c.raw_len)
+        if b > a:
             dest[a - lo : b - lo] = memoryview(self.cache[i])[a - c.raw_offset : b - c.raw_offset]
 
 
@@ -115,10 +153,12 @@ def load_resharded(
     into: Any,
     readers: Callable[[int], Reader],
     pool: ThreadPoolExecutor,
+    readers_into: Callable[[int], ReadInto | None] | None = None,
 ) -> Any:
     """This rank's state from a checkpoint saved by any number of ranks, restored into ``into``.
 
-    ``body`` is the verified manifest; ``readers(r)`` returns saved rank ``r``'s data reader.
+    ``body`` is the verified manifest; ``readers(r)`` returns saved rank ``r``'s data reader and
+    ``readers_into(r)`` (local files) one that reads into memory (``preadv``), or None.
     Raises ``ValueError`` when ``into`` does not fit the checkpoint (another model, a key
     missing, a split along another dimension than 0) and ``CheckpointCorruptError`` on bad data.
     """
@@ -207,20 +247,33 @@ def load_resharded(
                 (p.rank, src_lo, src_lo + (b - a) * row_bytes, out, (a - lo_row) * row_bytes)
             )
 
-    # Read every chunk the plan touches (in parallel, verified), then copy the byte ranges.
+    # Read every chunk the plan touches (in parallel, verified). Uncompressed chunks of a local
+    # file are read straight into their destinations (the rest of the chunk into a scratch, for
+    # its checksum): one pass. Otherwise a chunk is read whole, verified, then copied out.
     sources: dict[int, Chunks] = {}
-    needed: set[tuple[int, int]] = set()
-    for r, lo, hi, _, _ in plans:
+    needed: dict[tuple[int, int], list[tuple[int, int, memoryview]]] = {}
+    for r, lo, hi, out, at in plans:
         if hi <= lo:
             continue
         src = sources.get(r)
         if src is None:
             src = sources[r] = Chunks(parts[r], readers(r))
-        needed.update((r, i) for i in src.covering(lo, hi))
-    futures = [pool.submit(sources[r].load, i) for r, i in sorted(needed)]
+        dest = byte_view(out)[at : at + hi - lo]
+        for i in src.covering(lo, hi):
+            needed.setdefault((r, i), []).append((lo, hi, dest))
+    direct = []
+    buffered = []
+    for (r, i), segs in sorted(needed.items()):
+        into_reader = readers_into(r) if readers_into is not None else None
+        if into_reader is not None and sources[r].chunks[i].codec == "none":
+            direct.append((r, i, segs, into_reader))
+        else:
+            buffered.append((r, i, segs))
+    futures = [pool.submit(sources[r].load, i) for r, i, _ in buffered]
+    futures += [pool.submit(sources[r].read_direct, i, segs, rd) for r, i, segs, rd in direct]
     for f in futures:
         f.result()
-    for r, lo, hi, out, at in plans:
-        if hi > lo:
-            sources[r].copy(lo, hi, byte_view(out)[at : at + hi - lo])
+    for r, i, segs in buffered:
+        for lo, hi, dest in segs:
+            sources[r].copy_chunk(i, lo, hi, dest)
     return restore_state(skeleton, tensors, into)

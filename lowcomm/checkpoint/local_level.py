@@ -356,7 +356,14 @@ class LocalLevel:
             return lambda off, n: os.pread(fd, n, off)
 
         try:
-            return load_resharded(body, rank=self.rank, into=into, readers=readers, pool=self._pool)
+            return load_resharded(
+                body,
+                rank=self.rank,
+                into=into,
+                readers=readers,
+                pool=self._pool,
+                readers_into=lambda r: lambda dest, off: _preadv_all(fds[r], dest, off),
+            )
         finally:
             for fd in fds.values():
                 os.close(fd)
