@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -206,6 +207,8 @@ class Trainer:
             model, inner_optimizer, self.comm, config=outer, initial_sync=False, faults=faults
         )
         self.inner_step = 0
+        self._saved_at: float | None = None  # when the last save started (its copy's wait)
+        self._warned_interval = False
         self.resumed_from: int | None = None
         self.last_saved: int | None = None
         if restore and self.checkpointer is not None and self.checkpointer.checkpoints():
@@ -236,12 +239,34 @@ class Trainer:
         checkpoint when due. Blocks only where the outer loop must, or if the last checkpoint's
         copy is still running (then ``stats`` shows it as the wait before the step)."""
         if self.checkpointer is not None:
+            t0 = time.monotonic()
             self.checkpointer.wait_until_safe_to_mutate()
+            self._warn_if_interval_too_short(t0, time.monotonic() - t0)
         before = self.outer_step
         self.diloco.step()
         self.inner_step += 1
         if self._checkpoint_due(outer_stepped=self.outer_step != before):
             self.save()
+
+    def _warn_if_interval_too_short(self, started: float, waited_s: float) -> None:
+        """Say once when the last checkpoint's copy outlasted the steps since it: the interval is
+        shorter than the state takes to copy (over the device-to-host link on a GPU, or the
+        copy's share of the cores on a CPU), and every checkpoint now stalls training."""
+        if self._saved_at is None or self._warned_interval or waited_s < 0.01:
+            return
+        since_save = started - self._saved_at + waited_s
+        if waited_s > 0.1 * since_save:
+            self._warned_interval = True
+            logger.warning(
+                "checkpoint interval too short: training waited %.3f s for the last checkpoint's "
+                "copy, %.0f%% of the %.3f s since it started; raise checkpoint_every (now %s) so "
+                "the copy fits in the steps between checkpoints",
+                waited_s,
+                100 * waited_s / since_save,
+                since_save,
+                self.checkpoint_every or f"{self.checkpoint_every_outer} outer steps",
+            )
+        self._saved_at = None
 
     def _checkpoint_due(self, *, outer_stepped: bool) -> bool:
         if self.checkpoint_every is not None:
@@ -267,6 +292,7 @@ class Trainer:
             metadata={"inner_step": self.inner_step, "outer_step": self.outer_step},
         )
         self.last_saved = self.inner_step
+        self._saved_at = time.monotonic()
 
     def state_dict(self) -> dict[str, Any]:
         """References to everything a resume needs (no copies): valid until the next ``step()``."""

@@ -126,3 +126,78 @@ def test_bad_trainer_arguments_are_named() -> None:
         Trainer(model, opt, object(), outer=OUTER)
     with pytest.raises(ValueError, match="stateful"):
         Trainer(model, opt, SoloCommunicator(), outer=OUTER, stateful={"d": object()})  # type: ignore[dict-item]
+
+
+def test_checkpoint_every_outer_saves_in_the_step_that_applied_the_outer_step(
+    tmp_path: Path,
+) -> None:
+    data = Batches()
+    model = make_model(0)
+    trainer = Trainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        SoloCommunicator(),
+        outer=OUTER,  # an outer step every 4 inner steps
+        checkpoint=CheckpointConfig(levels=(str(tmp_path),), keep_last_local=5),
+        checkpoint_every_outer=2,
+    )
+    for _ in range(17):
+        train_step(model, data, trainer)
+    assert trainer.checkpointer is not None
+    trainer.checkpointer.wait()
+    infos = trainer.checkpointer.checkpoints()
+    assert [i.step for i in infos] == [8, 16]  # outer steps 2 and 4
+    restored = trainer.checkpointer.restore(step=8)
+    assert restored["step"] == 8
+    trainer.finish()
+
+
+def test_finish_right_after_save_keeps_the_saved_values_not_the_applied_ones(
+    tmp_path: Path,
+) -> None:
+    from lowcomm.faults import FaultInjector
+
+    faults = FaultInjector()
+    data = Batches()
+    model, trainer = _trainer(tmp_path, 0, data, faults=faults)
+    for _ in range(3):
+        train_step(model, data, trainer)
+    faults.inject("local.open", delay_s=0.3)  # the write starts after finish() changed the model
+    trainer.save()  # inner step 3, mid-round: finish() then loads the outer parameters
+    saved = [p.detach().clone() for p in model.parameters()]
+    trainer.finish()
+    assert any(not torch.equal(a, b) for a, b in zip(saved, model.parameters(), strict=True))
+    model2, again = _trainer(tmp_path, 1, Batches())
+    assert again.resumed_from == 3
+    for a, b in zip(saved, model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    again.finish()
+    assert faults.fired("local.open") == 1
+
+
+def test_a_checkpoint_interval_shorter_than_the_copy_is_reported_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lowcomm.faults import FaultInjector
+
+    faults = FaultInjector()
+    faults.inject("copy", delay_s=0.3, times=2)  # the copy outlasts the step after each save
+    data = Batches()
+    model = make_model(0)
+    trainer = Trainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        SoloCommunicator(),
+        outer=OUTER,
+        checkpoint=CheckpointConfig(levels=("host://", str(tmp_path))),
+        checkpoint_every=1,
+        faults=faults,
+    )
+    with caplog.at_level("WARNING", logger="lowcomm.trainer.trainer"):
+        for _ in range(4):
+            train_step(model, data, trainer)
+    trainer.finish()
+    assert faults.fired("copy") == 2
+    warnings = [r for r in caplog.records if "checkpoint interval too short" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "checkpoint_every (now 1)" in warnings[0].getMessage()
