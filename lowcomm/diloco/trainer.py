@@ -359,7 +359,8 @@ class DiLoCo:
         h = hashlib.sha256()
         for name, t in self._state.shared_tensors().items():
             values = t[:3] if name == "counters" else t
-            h.update(values.detach().cpu().contiguous().numpy().tobytes())
+            # The array's own memory, not a tobytes() copy (2 x 400 MB per hash at 100M params).
+            h.update(memoryview(values.detach().cpu().contiguous().numpy()).cast("B"))
         return h.hexdigest()
 
     def sync_with_run(self, *, joining: bool) -> bool:
