@@ -379,7 +379,16 @@ class Trainer:
         template = self.state_dict()
         try:
             state = self.checkpointer.restore(into=template)
-        except NoCheckpointError:
+        except NoCheckpointError as e:
+            if "/step: in the template but not in the checkpoint" in str(e):
+                # Written by the former launch.volunteer.VolunteerTrainer (top-level "model",
+                # "diloco", "stateful", "inner_step"): say so instead of a key mismatch.
+                raise NoCheckpointError(
+                    f"the checkpoints at {self.checkpointer.config.levels} were written by an "
+                    "older lowcomm (the volunteer trainer's layout) and cannot be resumed by "
+                    "Trainer: start with a new checkpoint directory, or keep the model with "
+                    "`lowcomm checkpoint export` first"
+                ) from e
             raise
         self.diloco.load_state_dict(state["diloco"])
         set_rng_state(state["rng"])

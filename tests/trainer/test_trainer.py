@@ -201,3 +201,22 @@ def test_a_checkpoint_interval_shorter_than_the_copy_is_reported_once(
     warnings = [r for r in caplog.records if "checkpoint interval too short" in r.getMessage()]
     assert len(warnings) == 1
     assert "checkpoint_every (now 1)" in warnings[0].getMessage()
+
+
+def test_a_checkpoint_in_the_old_volunteer_layout_is_refused_with_a_message_saying_so(
+    tmp_path: Path,
+) -> None:
+    from lowcomm.checkpoint import Checkpointer, NoCheckpointError
+
+    model = make_model(0)
+    old = {  # what launch.volunteer.VolunteerTrainer saved before Trainer replaced it
+        "model": model.state_dict(),
+        "diloco": {"outer": {"theta": torch.zeros(3)}},
+        "stateful": {},
+        "inner_step": 7,
+        "rng": torch.get_rng_state(),
+    }
+    with Checkpointer(CheckpointConfig(levels=(str(tmp_path),))) as ck:
+        ck.save(7, old, metadata={"outer_step": 1})
+    with pytest.raises(NoCheckpointError, match="older lowcomm.*new checkpoint directory"):
+        _trainer(tmp_path, 0, Batches())
