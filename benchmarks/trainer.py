@@ -3,12 +3,14 @@ a restarted replica's time back to training, and N-to-M restore against DCP's.
 
 A. One process trains an MLP + AdamW through ``lowcomm.Trainer`` (SoloCommunicator, no outer step
    in the window). Blocks of ``--every`` inner steps, one checkpoint at the start of each, rotate
-   between three methods so all see the same load: none; the Trainer's own lazy checkpoint (host +
-   local disk); DCP ``async_save`` of the same state (``trainer.state_dict()``) with its
-   ``DefaultStager`` (thread), waiting for staging before the next optimizer step as torchtitan does.
-   The block's time counts everything the training thread lost: the save call, the wait before
-   the next step, and slower steps while the copy and write run. Between blocks, untimed, every
-   save is made durable so no method's writes spill into another's block.
+   between four methods so all see the same load: none; the Trainer's own lazy checkpoint to local
+   disk (on CPU written straight from the live tensors); the same with the host level too (a copy
+   in RAM first); DCP ``async_save`` of the same tensors with its ``DefaultStager`` (thread),
+   waiting for staging before the next optimizer step as torchtitan does. The block's time counts
+   everything the training thread lost: the save call, the wait before the next step, and slower
+   steps while the copy and write run. Between blocks, untimed, every save is made durable so no
+   method's writes spill into another's block; the process's CPU seconds from the save to durable
+   are reported too (robust to other load on the machine).
    Claim ``ckpt_overhead_vs_dcp_async``: (lowcomm block - none block) / (DCP block - none block).
 B. ``resume_to_training_s``: a new process (this script, ``--child resume``) from its start to its
    first inner step: import, build the model, restore the Trainer's checkpoint, one step.
@@ -17,7 +19,8 @@ C. ``reshard_restore_vs_dcp``: a 2-rank FSDP2 state saved by both (lowcomm and `
 D. GPU claims (``ckpt_every_step_overhead_gpu``, ``ckpt_copy_vs_d2h_limit``): with CUDA only.
 
     .venv/bin/python benchmarks/trainer.py            # 100M parameters (1.2 GB model + AdamW)
-    .venv/bin/python benchmarks/trainer.py --quick    # 12M parameters, < 1 minute
+    .venv/bin/python benchmarks/trainer.py --quick    # 8M parameters, < 1 minute
+    python3 benchmarks/trainer.py --device cuda --parts AD   # a GPU host: A on the GPU, and D
 
 Last line: one JSON object with the claims.
 """

@@ -13,7 +13,9 @@ A training loop adds two lines::
 ``save`` records references to the tensors; a copier thread copies them to reused host buffers
 while the next forward/backward runs (parameters and optimizer state do not change until
 ``optimizer.step``), a writer thread streams the copied bytes to local disk and commits them, and an
-uploader thread puts the committed files on remote storage. Failures of a level never stop training:
+uploader thread puts the committed files on remote storage. CPU state saved to disk without the
+host level skips the copy (``CheckpointConfig.staging``): the writer reads the live tensors, and
+``wait_until_safe_to_mutate`` copies only the chunks it has not started (``_direct``). Failures of a level never stop training:
 they are logged, kept in ``pop_failures()``, raised by ``SaveHandle.wait`` for that level, and (with
 ``raise_on_failure=True``) raised by the next ``save``/``wait_until_safe_to_mutate``.
 """
