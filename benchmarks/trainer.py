@@ -94,8 +94,12 @@ class Dcp:
     then synchronous staging (``use_async_staging=False``), then ``BlockingAsyncStager``.
     """
 
-    KINDS = ("DefaultStager", "DefaultStager, fresh per save", "DefaultStager, sync staging",
-             "BlockingAsyncStager")
+    KINDS = (
+        "DefaultStager",
+        "DefaultStager, fresh per save",
+        "DefaultStager, sync staging",
+        "BlockingAsyncStager",
+    )
 
     def __init__(self, root: str, device: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -564,8 +568,7 @@ def print_part_a(args: argparse.Namespace, a: dict[str, Any]) -> None:
         "medians"
     )
     hdr = (
-        f"{'method':34} {'block s':>8} {'added s':>8} {'added CPU s':>12} "
-        f"{'step after save s':>18}"
+        f"{'method':34} {'block s':>8} {'added s':>8} {'added CPU s':>12} {'step after save s':>18}"
     )
     print(hdr)
     print("-" * len(hdr))

@@ -30,7 +30,9 @@ from lowcomm.checkpoint.errors import CheckpointTimeoutError
 __all__ = ["DirectWrite", "can_write_direct"]
 
 _PENDING, _LIVE, _STAGING, _STAGED, _DONE = range(5)
-_ZEROS = memoryview(bytearray(64))  # never written: read as padding  # the alignment gaps between tensors (< 64 bytes each)
+_ZEROS = memoryview(
+    bytearray(64)
+)  # never written: read as padding  # the alignment gaps between tensors (< 64 bytes each)
 
 
 def can_write_direct(refs: list[TensorRef]) -> bool:
@@ -112,8 +114,10 @@ class DirectWrite:
                 return self._pieces(lo, hi)
             if self._state[index] == _STAGED:
                 assert self.buffer is not None
-                return [memoryview(self.buffer.numpy())[lo:hi]]
-            raise RuntimeError(f"chunk {index} was not staged (the freeze failed) or is written twice")
+                return [memoryview(self.buffer.numpy())[lo:hi]]  # type: ignore[arg-type]
+            raise RuntimeError(
+                f"chunk {index} was not staged (the freeze failed) or is written twice"
+            )
 
     def end(self, index: int) -> None:
         """Chunk ``index`` is written (or failed): its live bytes are no longer read."""

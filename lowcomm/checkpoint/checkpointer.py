@@ -311,7 +311,9 @@ class Checkpointer:
                 except CheckpointTimeoutError:
                     raise
                 except Exception as e:  # out of memory: that save fails, training goes on
-                    logger.error("checkpoint step %d: staging at the freeze failed: %s", snap.step, e)
+                    logger.error(
+                        "checkpoint step %d: staging at the freeze failed: %s", snap.step, e
+                    )
                     snap.copy_done.set()
             if not snap.copy_done.wait(max(0.0, deadline - time.monotonic())):
                 raise CheckpointTimeoutError(

@@ -196,7 +196,6 @@ class LocalLevel:
         timeout_s = self._commit_timeout_s
         check = fmt.checksum_fn(fmt.CHUNK_CHECKSUM)
 
-
         def one(raw_offset: int) -> fmt.ChunkEntry:
             raw_len = min(self._chunk_bytes, snap.total_bytes - raw_offset)
             snap.wait_copied(raw_offset + raw_len, timeout_s=timeout_s)

@@ -360,7 +360,7 @@ class DiLoCo:
         for name, t in self._state.shared_tensors().items():
             values = t[:3] if name == "counters" else t
             # The array's own memory, not a tobytes() copy (2 x 400 MB per hash at 100M params).
-            h.update(memoryview(values.detach().cpu().contiguous().numpy()).cast("B"))
+            h.update(memoryview(values.detach().cpu().contiguous().numpy()).cast("B"))  # type: ignore[arg-type]
         return h.hexdigest()
 
     def sync_with_run(self, *, joining: bool) -> bool:

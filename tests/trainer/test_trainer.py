@@ -218,5 +218,5 @@ def test_a_checkpoint_in_the_old_volunteer_layout_is_refused_with_a_message_sayi
     }
     with Checkpointer(CheckpointConfig(levels=(str(tmp_path),))) as ck:
         ck.save(7, old, metadata={"outer_step": 1})
-    with pytest.raises(NoCheckpointError, match="older lowcomm.*new checkpoint directory"):
+    with pytest.raises(NoCheckpointError, match=r"older lowcomm.*new checkpoint directory"):
         _trainer(tmp_path, 0, Batches())
