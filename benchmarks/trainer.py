@@ -3,8 +3,9 @@ a restarted replica's time back to training, and N-to-M restore against DCP's.
 
 A. One process trains an MLP + AdamW through ``lowcomm.Trainer`` (SoloCommunicator, no outer step
    in the window). Blocks of ``--every`` inner steps, one checkpoint at the start of each, rotate
-   between four methods so all see the same load: none; the Trainer's own lazy checkpoint to local
-   disk (on CPU written straight from the live tensors); the same with the host level too (a copy
+   between five methods so all see the same load: none; the Trainer's own lazy checkpoint to local
+   disk (on CPU written straight from the live tensors); the same through a staging copy
+   (``staging="copy"``); the same with the host level too (a copy
    in RAM first); DCP ``async_save`` of the same tensors with its ``DefaultStager`` (thread),
    waiting for staging before the next optimizer step as torchtitan does. The block's time counts
    everything the training thread lost: the save call, the wait before the next step, and slower
@@ -194,11 +195,21 @@ def part_a(args: argparse.Namespace, base: str) -> dict[str, Any]:
     model, opt = build(args.params, args.width, device)
     # "lowcomm": local disk only, like DCP (default staging: written from the live tensors);
     # "lowcomm_host": host + local (the host level keeps a copy in RAM: one more pass).
+    # "lowcomm": local disk only, like DCP (default staging: on CPU written from the live
+    # tensors); "lowcomm_copy": the same through a staging copy first (staging="copy", the
+    # design before); "lowcomm_host": host + local (the host level keeps a copy in RAM).
+    variants = {
+        "lowcomm": ((), "auto"),
+        "lowcomm_copy": ((), "copy"),
+        "lowcomm_host": (("host://",), "auto"),
+    }
     cks = {
         name: Checkpointer(
-            CheckpointConfig(levels=(*levels, os.path.join(base, name)), keep_last_local=1)
+            CheckpointConfig(
+                levels=(*levels, os.path.join(base, name)), keep_last_local=1, staging=staging
+            )
         )
-        for name, levels in (("lowcomm", ()), ("lowcomm_host", ("host://",)))
+        for name, (levels, staging) in variants.items()
     }
     ck = cks["lowcomm"]
     trainer = Trainer(model, opt, SoloCommunicator(), outer=OUTER, checkpoint=ck)
@@ -222,7 +233,7 @@ def part_a(args: argparse.Namespace, base: str) -> dict[str, Any]:
         dcp.save(trainer.state_dict())
         step(dcp.barrier)
         dcp.durable()
-    methods = ("none", "lowcomm", "lowcomm_host", "dcp")
+    methods = ("none", "lowcomm", "lowcomm_copy", "lowcomm_host", "dcp")
     times: dict[str, list[float]] = {m: [] for m in methods}
     # CPU seconds of the whole process (every thread) from the save to the checkpoint being
     # durable: what a checkpoint costs a CPU-bound host, robust to other load on the machine.
@@ -344,8 +355,8 @@ def part_c(args: argparse.Namespace, base: str) -> dict[str, float]:
     from lowcomm.trainer.trainer import prime_optimizer
 
     result: dict[str, float] = {}
-    for rep in range(2):  # 2 rounds, alternating which goes first; best of each
-        for name in ("lowcomm", "dcp") if rep == 0 else ("dcp", "lowcomm"):
+    for rep in range(4):  # 4 rounds, alternating which goes first; best of each
+        for name in ("lowcomm", "dcp") if rep % 2 == 0 else ("dcp", "lowcomm"):
             model, opt = build(args.params, args.width, "cpu", seed=3)
             t0 = time.perf_counter()
             if name == "lowcomm":
@@ -575,10 +586,11 @@ def print_part_a(args: argparse.Namespace, a: dict[str, Any]) -> None:
     names = {
         "none": "no checkpoint",
         "lowcomm": "lowcomm Trainer (local disk)",
+        "lowcomm_copy": "  same, staging='copy' (before)",
         "lowcomm_host": "  host + local (copy in RAM too)",
         "dcp": "DCP async_save + DefaultStager",
     }
-    for m in ("none", "lowcomm", "lowcomm_host", "dcp"):
+    for m in ("none", "lowcomm", "lowcomm_copy", "lowcomm_host", "dcp"):
         r = a[m]
         print(
             f"{names[m]:34} {r['block_s']:8.3f} {r['added_s']:8.3f} {r['added_cpu_s']:12.3f} "
