@@ -8,15 +8,20 @@ reference of its rule bit for bit and differs from the lost one.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from lowcomm.faults import KILLED_EXIT_CODE
+from lowcomm.recovery import RecoveryConfig
 from lowcomm.recovery.pipeline import PipelineConfig
+from lowcomm.recovery.simulator import Method, SimConfig, SimPipeline, SimResult
 from lowcomm.recovery.stages import StageConfig
 from tests.recovery._harness import Outcome, run_pipeline
+from tests.recovery._stage_peer import batches
 
 STAGES = StageConfig(num_block_stages=3, width=16, num_heads=2, context=8)
 CONFIG = PipelineConfig(
@@ -88,3 +93,118 @@ def test_middle_stage_killed_mid_micro_batch_is_rebuilt_by_checkfree_from_its_ne
     assert _equal(rebuilt, expected)
     lost = out.load(2, f"original_step{FAULT_STEP - 1}")["params"]
     assert not _equal(rebuilt, lost)
+
+
+@pytest.mark.timeout(60)
+def test_the_simulator_and_the_runtime_agree_bit_for_bit_on_a_run_with_one_failure(
+    middle_kill: Outcome,
+) -> None:
+    out = middle_kill
+    sim = SimPipeline(
+        SimConfig(
+            stages=STAGES,
+            num_steps=NUM_STEPS,
+            batch_size=CONFIG.micro_batch_size * CONFIG.num_micro_batches,
+            num_micro_batches=CONFIG.num_micro_batches,
+            lr=CONFIG.lr,
+            max_grad_norm=CONFIG.max_grad_norm,
+        ),
+        Method(name="gradavg", checkpoint_every=CONFIG.checkpoint_every),
+    )
+    batch = batches(CONFIG)
+    result = SimResult(method="gradavg")
+    losses = [e["loss"] for e in out.of("committed", 0)]
+    for step in range(NUM_STEPS):
+        if step == FAULT_STEP:
+            sim.destroy(2)
+            sim.recover(step, frozenset({2}), result)
+        assert sim.train_step(step, *batch(step)) == losses[step], step
+        for s in range(4):
+            label = "replacement" if s == 2 and step >= FAULT_STEP else "original"
+            got = out.load(s, f"{label}_step{step}")["params"]
+            assert _equal(sim.modules[s].state_dict(), got), (step, s)
+    ((_, report),) = result.reports
+    assert report.weights == out.of("recovered", 2)[0]["weights"]
+
+
+@pytest.mark.timeout(180)
+def test_adjacent_stages_killed_together_fall_back_to_their_checkpoints(tmp_path: Path) -> None:
+    faults = {**_kill(1, mb=1), **_kill(2, mb=0)}
+    out = run_pipeline(tmp_path, CONFIG, num_steps=NUM_STEPS, faults=faults)
+    assert out.exitcodes["original1"] == out.exitcodes["original2"] == KILLED_EXIT_CODE
+    _assert_step_aborted_everywhere_and_applied_once(out, {1, 2}, 4)
+    # checkpoint_every=2: the newest checkpoint before step 3 holds the state after steps 0, 1.
+    for s in (1, 2):
+        (report,) = out.of("recovered", s)
+        assert report["rule"] == "checkpoint" and report["sources"] == (f"checkpoint:{s}",)
+        rebuilt = out.load(s, "replacement_rebuilt")["params"]
+        assert _equal(rebuilt, out.load(s, "original_step1")["params"])
+        assert not _equal(rebuilt, out.load(s, f"original_step{FAULT_STEP - 1}")["params"])
+
+
+@pytest.mark.timeout(180)
+def test_a_stage_stopped_past_the_heartbeat_timeout_is_evicted_and_rebuilt(tmp_path: Path) -> None:
+    out = run_pipeline(
+        tmp_path,
+        CONFIG,
+        num_steps=NUM_STEPS,
+        faults=_kill(2, action="stop"),
+        heartbeat_timeout_s=2.0,
+    )
+    assert out.stopped_seen  # the injected SIGSTOP fired: the victim sat stopped
+    assert (out.dump / "fault2.txt").exists()
+    _assert_step_aborted_everywhere_and_applied_once(out, {2}, 4)
+    (report,) = out.of("recovered", 2)
+    assert report["rule"] == "checkfree"
+    prev = out.load(1, f"original_step{FAULT_STEP - 1}")
+    nxt = out.load(3, f"original_step{FAULT_STEP - 1}")
+    w_prev, w_next = prev["grad_norm"][0] + 1e-4, nxt["grad_norm"][0] + 1e-4
+    rebuilt = out.load(2, "replacement_rebuilt")["params"]
+    expected = {
+        k: (w_next * nxt["params"][k] + w_prev * prev["params"][k]) / (w_next + w_prev)
+        for k in prev["params"]
+    }
+    assert _equal(rebuilt, expected)
+    assert not _equal(rebuilt, out.load(2, f"original_step{FAULT_STEP - 1}")["params"])
+
+
+PLUS = replace(
+    CONFIG,
+    stages=replace(STAGES, num_block_stages=4),
+    recovery=RecoveryConfig(checkfree_plus=True, embedding_backup_every=2),
+)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("stage", "partner"), [(1, 2), (4, 3)])
+def test_an_edge_block_stage_with_checkfree_plus_is_a_copy_of_its_swap_partner(
+    tmp_path: Path, stage: int, partner: int
+) -> None:
+    out = run_pipeline(tmp_path, PLUS, num_steps=NUM_STEPS, faults=_kill(stage))
+    assert out.exitcodes[f"original{stage}"] == KILLED_EXIT_CODE
+    _assert_step_aborted_everywhere_and_applied_once(out, {stage}, 5)
+    (report,) = out.of("recovered", stage)
+    assert report["rule"] == "checkfree_plus" and report["sources"] == (f"neighbour:{partner}",)
+    rebuilt = out.load(stage, "replacement_rebuilt")["params"]
+    assert _equal(rebuilt, out.load(partner, f"original_step{FAULT_STEP - 1}")["params"])
+    assert not _equal(rebuilt, out.load(stage, f"original_step{FAULT_STEP - 1}")["params"])
+    if stage == 1:  # a replacement holder receives the current (de)embedding as it joins
+        backup = out.load(stage, "replacement_step3")["backup"]
+        assert _equal(backup, out.load(0, f"original_step{FAULT_STEP - 1}")["params"])
+
+
+@pytest.mark.timeout(180)
+def test_the_embedding_stage_with_checkfree_plus_is_rebuilt_from_a_neighbours_copy(
+    tmp_path: Path,
+) -> None:
+    out = run_pipeline(tmp_path, PLUS, num_steps=NUM_STEPS, faults=_kill(0, phase="backward"))
+    assert out.exitcodes["original0"] == KILLED_EXIT_CODE
+    _assert_step_aborted_everywhere_and_applied_once(out, {0}, 5)
+    (report,) = out.of("recovered", 0)
+    assert report["rule"] == "checkfree_plus" and report["sources"] == ("backup:1",)
+    # embedding_backup_every=2: the copy is stage 0 after steps 0 and 1 (refreshed at done=2,
+    # after the dump of step 1, so step 2's dump holds it).
+    rebuilt = out.load(0, "replacement_rebuilt")["params"]
+    assert _equal(rebuilt, out.load(1, "original_step2")["backup"])
+    assert _equal(rebuilt, out.load(0, "original_step1")["params"])
+    assert not _equal(rebuilt, out.load(0, f"original_step{FAULT_STEP - 1}")["params"])
