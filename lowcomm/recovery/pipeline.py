@@ -422,7 +422,12 @@ class StagePeer:
         done = self.step
         if done % self.config.checkpoint_every == 0:
             self._save_checkpoint(done)
-        info = {"stage": self.stage, "step": done - 1, "hash": state_hash(self.module.state_dict())}
+        info = {
+            "stage": self.stage,
+            "step": done - 1,
+            "hash": state_hash(self.module.state_dict()),
+            "time": time.time(),
+        }
         if self.stage == EMBEDDING_STAGE:
             info["loss"] = self.last_loss
         self.on_event("committed", info)

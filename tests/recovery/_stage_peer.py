@@ -24,6 +24,11 @@ from lowcomm.recovery.store import StageStore
 
 TOKEN = b"lowcomm-test-token-0123456789abcdef"
 
+# The first Adam of a process imports torch's compiler stack (seconds, and tens of seconds with
+# several stages starting at once on a loaded machine): do it here, once, in the forkserver that
+# preloads this module, so every stage process forks with it loaded.
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
 
 def batches(config: PipelineConfig):  # type: ignore[no-untyped-def]
     """The whole step's batch, from a generator seeded by the step (the same in the sim test)."""
