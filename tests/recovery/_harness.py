@@ -110,7 +110,8 @@ def run_pipeline(
         for name, p in procs.items():
             victim = name.startswith("original") and int(name[len("original") :]) in faults
             if victim and p.is_alive():  # a stopped victim: evicted long ago, now gone for good
-                p.kill()
+                p.kill()  # (first: a survivor's send to it would wait out its timeout at exit)
+        for name, p in procs.items():
             p.join(timeout=20)
             out.exitcodes[name] = p.exitcode
     finally:
