@@ -65,7 +65,9 @@ E1_METHODS = (
 )
 E2_METHODS = ("gradavg", "checkfree_plus", "copy", "rollback_a", "rollback_b")
 E2_RATES = (0.0, 5e-4, 1e-3, 3e-3)
-RUNTIME_NOTE = "needs the multi-process runtime (not built yet)"
+RUNTIME_NOTE = (
+    "needs E3: the multi-process runtime (lowcomm.recovery.pipeline) over the shaper; not measured"
+)
 
 
 @dataclass(frozen=True)
@@ -253,14 +255,30 @@ def main() -> None:
 
     copy_steps, grad_steps = e1["copy"]["regain"], e1["gradavg"]["regain"]
     ratio = grad_steps / copy_steps if copy_steps > 0 else None
+    # The claim needs a lost stage that matters: when even a random re-initialisation regains
+    # the pre-failure loss at the first evaluation (at small sizes and early in training a middle
+    # block is close to the identity and the loss still falls fast), every method does, and the
+    # ratio is 1.0 whatever the rule. Say so instead of reporting it.
+    random_regain = e1["random"]["regain"]
+    measurable = random_regain > config.eval_every
+    gradavg_note = (
+        ""
+        if measurable
+        else f"not measurable at this size: even a random re-init of the lost stage regains the "
+        f"pre-failure loss at the first evaluation (spike {e1['random']['spike']:+.4f}, "
+        f"{random_regain:.0f} steps)"
+    )
+    if not measurable:
+        print(f"\ngradavg_vs_copy_recovery_steps: {gradavg_note}")
     final_1e3 = e2[("gradavg", rates[2])] / e2[("no_failure", 0.0)]
     swap_cost = e1["no_failure_swaps"]["final"] / e1["no_failure"]["final"]
     claims = [
         {
             "name": "gradavg_vs_copy_recovery_steps",
-            "value": None if ratio is None else round(ratio, 4),
+            "value": None if ratio is None or not measurable else round(ratio, 4),
             "goal": 0.5,
-            "ok": ratio is not None and ratio <= 0.5,
+            "ok": measurable and ratio is not None and ratio <= 0.5,
+            **({"note": gradavg_note} if gradavg_note else {}),
         },
         {
             "name": "gradavg_final_loss_vs_no_failure_1e3",

@@ -63,6 +63,8 @@ POINTS: dict[str, str] = {
     # pipeline (lowcomm.recovery)
     "pipeline.micro_batch": "a pipeline stage is about to run micro-batch `mb` of step `step` "
     "(`phase` 'forward' or 'backward'; context: stage, step, mb, phase)",
+    "pipeline.serve": "a pipeline stage is about to send its state to the replacement of lost "
+    "stage `to_stage` during the recovery at step `step` (context: stage, to_stage, step)",
     # outer loop (lowcomm.diloco)
     "trainer.inner_step": "DiLoCo.step() starts inner step `step` (context: step)",
 }

@@ -4,8 +4,11 @@ Activations and gradients travel as one float32 tensor: a three-number header ``
 micro_batch)`` and then the data. ``epoch`` counts the pipeline's votes, which every stage takes
 in the same order (a replacement is told the count when it joins), so a message of an aborted
 attempt never matches what the retry waits for: the receiver drops it and reads on (that also
-completes the sender's abandoned send). Objects (state dicts, recovery headers) travel as a length
-and the bytes of ``torch.save``, read back with ``weights_only=True``.
+completes the sender's abandoned send). Objects (state dicts, recovery headers, the (de)embedding
+copies) travel as a length and the bytes of ``torch.save``, read back with ``weights_only=True``,
+on a tag of their membership revision (``ctrl_tag``): two messages of different sizes cannot be
+told apart by a header, so an object abandoned mid-way (the revision moved) is left on a tag
+nobody reads again, and its sender's send times out.
 
 Every receive waits in slices of ``SLICE_S`` and checks the stage's abort event between them (the
 watcher sets it when the master's membership revision moves), so a stage waiting on a peer that
@@ -26,7 +29,7 @@ import torch
 from lowcomm.comm import CommTimeoutError, Communicator, Handle, ProtocolError
 from lowcomm.recovery.errors import StepAbortedError
 
-__all__ = ["BWD", "CTRL", "FWD", "SLICE_S", "Links"]
+__all__ = ["BWD", "CTRL", "FWD", "SLICE_S", "Links", "ctrl_tag"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,11 @@ logger = logging.getLogger(__name__)
 FWD, BWD, CTRL = 11, 12, 13
 SLICE_S = 0.25
 _HEADER = 3
+
+
+def ctrl_tag(revision: int) -> int:
+    """The tag of the objects sent while the membership is at ``revision``."""
+    return CTRL + 16 * (1 + revision)
 
 
 class Links:
@@ -98,21 +106,21 @@ class Links:
                     raise
 
     # ------------------------------------------------------------------ objects
-    def send_obj(self, obj: Any, *, to: str) -> None:
+    def send_obj(self, obj: Any, *, to: str, tag: int) -> None:
         """Sends ``obj`` (tensors, numbers, containers) and waits until ``to`` received it."""
         buf = io.BytesIO()
         torch.save(obj, buf)
         data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
         size = torch.tensor([data.numel()], dtype=torch.int64)
-        self.wait(self.comm.send_async(size, to=to, tag=CTRL, timeout_s=self.timeout_s))
-        self.wait(self.comm.send_async(data, to=to, tag=CTRL, timeout_s=self.timeout_s))
+        self.wait(self.comm.send_async(size, to=to, tag=tag, timeout_s=self.timeout_s))
+        self.wait(self.comm.send_async(data, to=to, tag=tag, timeout_s=self.timeout_s))
 
-    def recv_obj(self, *, from_: str) -> tuple[Any, int]:
-        """The next object from ``from_`` and its size in bytes."""
+    def recv_obj(self, *, from_: str, tag: int) -> tuple[Any, int]:
+        """The next object from ``from_`` on ``tag`` and its size in bytes."""
         size = torch.empty(1, dtype=torch.int64)
-        self._recv_into(size, from_=from_, tag=CTRL)
+        self._recv_into(size, from_=from_, tag=tag)
         data = torch.empty(int(size.item()), dtype=torch.uint8)
-        self._recv_into(data, from_=from_, tag=CTRL)
+        self._recv_into(data, from_=from_, tag=tag)
         obj = torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
         return obj, int(size.item())
 

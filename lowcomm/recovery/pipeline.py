@@ -50,7 +50,7 @@ from torch import nn
 
 from lowcomm.comm import CommError, Communicator, VoteResult
 from lowcomm.faults import FaultInjector
-from lowcomm.recovery._links import BWD, FWD, Links
+from lowcomm.recovery._links import BWD, FWD, Links, ctrl_tag
 from lowcomm.recovery.config import RecoveryConfig
 from lowcomm.recovery.errors import PipelineError, StepAbortedError
 from lowcomm.recovery.ordering import block_order, swaps_enabled
@@ -189,6 +189,7 @@ class StagePeer:
         self.grad_norm: GradNorm | None = None
         self.rebuilt_at: int | None = None
         self.backup: dict[str, torch.Tensor] | None = None  # CheckFree+: the (de)embedding copy
+        self.needs_rebuild = replacement  # until a recovery rebuilt it
         self.step = 0
         self.epoch = 0
         self.revision = -1
@@ -460,6 +461,10 @@ class StagePeer:
             optimizer=clone_state(self.optimizer.state_dict()),
         )
 
+    def _ctrl(self) -> int:
+        # The world view's revision (as of the last phase) is the same on every peer.
+        return ctrl_tag(self.comm.revision)
+
     # ------------------------------------------------------------------ CheckFree+ copies
     def _holders(self) -> tuple[int, ...]:
         if not self.config.recovery.checkfree_plus:
@@ -474,9 +479,9 @@ class StagePeer:
         if self.stage == EMBEDDING_STAGE:
             state = clone_state(self.module.state_dict())
             for h in sorted(to):
-                self.links.send_obj(state, to=peer[h])
+                self.links.send_obj(state, to=peer[h], tag=self._ctrl())
         elif self.stage in to:
-            self.backup, _ = self.links.recv_obj(from_=peer[EMBEDDING_STAGE])
+            self.backup, _ = self.links.recv_obj(from_=peer[EMBEDDING_STAGE], tag=self._ctrl())
 
     # ------------------------------------------------------------------ recovery
     def _recover(self, res: VoteResult | None) -> None:
@@ -492,6 +497,7 @@ class StagePeer:
             ok = True
             try:
                 lost = self._transfer(lost)
+                self.needs_rebuild = False
             except (StepAbortedError, CommError, PipelineError) as exc:
                 logger.warning("stage %d: recovery transfer failed: %s", self.stage, exc)
                 ok = False
@@ -500,9 +506,13 @@ class StagePeer:
             if res.ok and res.revision == watched:
                 self.revision = res.revision
                 return
+            # Still lost: stages without a peer, and rebuilds that failed (their peer voted fail).
+            # A replacement that failed before it learnt the lost stages knows itself.
             stage_of = {pid: s for s, pid in self._peer_of().items()}
             failed = {stage_of[p] for p in res.failed if p in stage_of}
             lost = self._missing() | (failed & set(lost or ()))
+            if self.needs_rebuild:
+                lost.add(self.stage)
         raise PipelineError(
             f"stage {self.stage}: {_MAX_RECOVERY_ROUNDS} recoveries in a row failed at step "
             f"{self.step}; see the log for each"
@@ -512,14 +522,21 @@ class StagePeer:
         """One recovery's transfers; returns the lost stages (a replacement learns them here)."""
         peer = self._peer_of()
         coordinator = self.comm.peers[0]  # the oldest peer: always a survivor
+        logger.debug(
+            "stage %d: recovery transfer at revision %d, lost %s, coordinator %s",
+            self.stage,
+            self.comm.revision,
+            lost,
+            coordinator,
+        )
         me = self.comm.peer_id
         if me == coordinator:
             assert lost is not None
             header = {"step": self.step, "epoch": self.epoch, "lost": sorted(lost)}
             for s in sorted(lost):
-                self.links.send_obj(header, to=peer[s])
-        if lost is None or self.stage in lost:
-            header, _ = self.links.recv_obj(from_=coordinator)
+                self.links.send_obj(header, to=peer[s], tag=self._ctrl())
+        if self.needs_rebuild:
+            header, _ = self.links.recv_obj(from_=coordinator, tag=self._ctrl())
             lost = set(header["lost"])
             self.step, self.epoch = int(header["step"]), int(header["epoch"])
         rc = self.config.recovery
@@ -535,16 +552,18 @@ class StagePeer:
             else:
                 for source in plan.sources:
                     if source.kind in ("neighbour", "backup") and source.index == self.stage:
-                        self._serve(source, to=peer[plan.stage])
+                        self._serve(source, to=peer[plan.stage], target=plan.stage)
         # A replacement holder gets the current (de)embedding as part of joining.
         self._send_backups({h for h in self._holders() if h in lost})
         return lost
 
-    def _serve(self, source: Source, *, to: str) -> None:
+    def _serve(self, source: Source, *, to: str, target: int) -> None:
+        if self.faults is not None:
+            self.faults.hit("pipeline.serve", stage=self.stage, to_stage=target, step=self.step)
         if source.kind == "backup":
             if self.backup is None:
                 raise PipelineError(f"stage {self.stage} holds no (de)embedding copy to serve")
-            self.links.send_obj({"params": self.backup, "grad_norm": None}, to=to)
+            self.links.send_obj({"params": self.backup, "grad_norm": None}, to=to, tag=self._ctrl())
             return
         norm = (
             None
@@ -552,7 +571,9 @@ class StagePeer:
             else (self.grad_norm.before_clip, self.grad_norm.after_clip)
         )
         self.links.send_obj(
-            {"params": clone_state(self.module.state_dict()), "grad_norm": norm}, to=to
+            {"params": clone_state(self.module.state_dict()), "grad_norm": norm},
+            to=to,
+            tag=self._ctrl(),
         )
 
     def _rebuild(self, plan: Plan, peer: dict[int, str]) -> None:
@@ -566,7 +587,7 @@ class StagePeer:
                     raise PipelineError(f"stage {self.stage} was lost and has no checkpoint")
                 snapshots[source] = StageSnapshot(ckpt["params"], ckpt["optimizer"])
                 continue
-            obj, size = self.links.recv_obj(from_=peer[source.index])
+            obj, size = self.links.recv_obj(from_=peer[source.index], tag=self._ctrl())
             received += size
             norm = obj["grad_norm"]
             snapshots[source] = StageSnapshot(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import queue
 import time
@@ -103,7 +104,14 @@ def run_pipeline(
                 kind, stage, info = events.get(timeout=0.2)
             except queue.Empty:
                 continue
-            assert kind != "error", f"stage {stage} failed:\n{info}"
+            if kind == "error":  # drain a moment: another stage's error may say more
+                errors = [(stage, info)]
+                with contextlib.suppress(queue.Empty):
+                    while len(errors) < num_stages:
+                        k, s2, i2 = events.get(timeout=2.0)
+                        if k == "error":
+                            errors.append((s2, i2))
+                raise AssertionError("\n".join(f"stage {s} failed:\n{i}" for s, i in errors))
             out.events[kind].append((stage, info))
             if kind == "done":
                 done.add(stage)

@@ -9,6 +9,7 @@ the rule's plain-torch reference from exactly what the sources held. Events go t
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import traceback
@@ -49,6 +50,10 @@ def dump_path(root: str, stage: int, what: str) -> Path:
 
 def run_stage(spec: dict[str, Any], events: Any) -> None:
     torch.set_num_threads(1)
+    if os.environ.get("LOWCOMM_TEST_DEBUG"):
+        logging.basicConfig(
+            level=logging.DEBUG, format=f"%(relativeCreated)d s{spec['stage']} %(name)s %(message)s"
+        )
     stage = spec["stage"]
     config: PipelineConfig = spec["config"]
     faults = None
@@ -62,12 +67,18 @@ def run_stage(spec: dict[str, Any], events: Any) -> None:
                 f.flush()
                 os.fsync(f.fileno())
 
+        point = fault.get("point", "pipeline.micro_batch")
+        where = (
+            {"step": fault["step"], "mb": fault["mb"], "phase": fault["phase"]}
+            if point == "pipeline.micro_batch"
+            else {"step": fault["step"]}
+        )
         faults.inject(
-            "pipeline.micro_batch",
+            point,
             kill=fault["action"] == "kill",
             stop=fault["action"] == "stop",
             call=mark,
-            where={"step": fault["step"], "mb": fault["mb"], "phase": fault["phase"]},
+            where=where,
         )
     comm = Communicator(
         spec["master"],

@@ -211,3 +211,25 @@ def test_the_embedding_stage_with_checkfree_plus_is_rebuilt_from_a_neighbours_co
     assert _equal(rebuilt, out.load(1, "original_step2")["backup"])
     assert _equal(rebuilt, out.load(0, "original_step1")["params"])
     assert not _equal(rebuilt, out.load(0, f"original_step{FAULT_STEP - 1}")["params"])
+
+
+@pytest.mark.timeout(180)
+def test_a_neighbour_killed_during_the_rebuild_transfer_makes_the_recovery_retry_then_fall_back(
+    tmp_path: Path,
+) -> None:
+    # Stage 2 dies mid step; stage 3, serving its state to 2's replacement, dies too: the second
+    # recovery finds two adjacent stages lost and restores both from their checkpoints.
+    faults = {
+        **_kill(2),
+        3: {"point": "pipeline.serve", "action": "kill", "step": FAULT_STEP},
+    }
+    out = run_pipeline(tmp_path, CONFIG, num_steps=NUM_STEPS, faults=faults)
+    assert out.exitcodes["original2"] == out.exitcodes["original3"] == KILLED_EXIT_CODE
+    assert (out.dump / "fault3.txt").exists()  # it died serving, not before
+    _assert_step_aborted_everywhere_and_applied_once(out, {2, 3}, 4)
+    for s in (2, 3):
+        (report,) = out.of("recovered", s)
+        assert report["rule"] == "checkpoint"
+        rebuilt = out.load(s, "replacement_rebuilt")["params"]
+        assert _equal(rebuilt, out.load(s, "original_step1")["params"])
+        assert not _equal(rebuilt, out.load(s, f"original_step{FAULT_STEP - 1}")["params"])
