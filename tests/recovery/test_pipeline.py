@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 import torch
 
+from lowcomm.comm import Communicator
 from lowcomm.faults import KILLED_EXIT_CODE
 from lowcomm.recovery import RecoveryConfig
-from lowcomm.recovery.pipeline import PipelineConfig
+from lowcomm.recovery.pipeline import PipelineConfig, StagePeer
 from lowcomm.recovery.simulator import Method, SimConfig, SimPipeline, SimResult
 from lowcomm.recovery.stages import StageConfig
+from lowcomm.recovery.store import StageStore
 from tests.recovery._harness import Outcome, run_pipeline
 from tests.recovery._stage_peer import batches
 
@@ -233,3 +235,17 @@ def test_a_neighbour_killed_during_the_rebuild_transfer_makes_the_recovery_retry
         rebuilt = out.load(s, "replacement_rebuilt")["params"]
         assert _equal(rebuilt, out.load(s, "original_step1")["params"])
         assert not _equal(rebuilt, out.load(s, f"original_step{FAULT_STEP - 1}")["params"])
+
+
+def test_bad_pipeline_settings_are_refused_naming_the_field(tmp_path: Path) -> None:
+    for bad in ({"num_micro_batches": 5}, {"micro_batch_size": 0}, {"timeout_s": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            replace(CONFIG, **bad)
+    store = StageStore(tmp_path)
+    with pytest.raises(ValueError, match="no stage"):
+        StagePeer(Communicator("127.0.0.1:1", peer_group=7), CONFIG, store=store)
+    with pytest.raises(ValueError, match="stage 0 needs batches"):
+        StagePeer(Communicator("127.0.0.1:1", peer_group=0), CONFIG, store=store)
+    assert store.load(1) is None
+    store.save(1, step=2, params={"w": torch.ones(2)}, optimizer={"state": {}})
+    assert store.load(1)["step"] == 2  # type: ignore[index]
