@@ -18,7 +18,13 @@ fail; one seeded schedule per (rate, seed) shared by every method. Stages the ru
 checkpoint (every 100 steps; 10 with --quick, whose rates are 20x), so plain CheckFree pays for them in stale stages.
 
 Steps, not seconds: the simulator does not charge the checkpoint's or the transfer's time, so the
-wall-clock claims wait for the multi-process runtime.
+wall-clock claims wait for E3 on the multi-process runtime (``lowcomm.recovery.pipeline``, which
+agrees with the simulator bit for bit: tests/recovery/test_pipeline.py).
+
+``gradavg_vs_copy_recovery_steps`` is reported only where the setting can show it: when even a
+random re-initialisation of the lost stage regains the pre-failure loss at the first evaluation
+(the quick size: width 16, failure at step 12 of 24, a middle block still close to the identity
+and the loss falling fast), every rule does, and the ratio would be 1.0 whatever the rule.
 
     .venv/bin/python benchmarks/recovery.py --quick           # same code paths, tiny sizes
     .venv/bin/python benchmarks/recovery.py --workers 16      # full: 3 seeds, E1 and E2
