@@ -80,6 +80,7 @@ Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 OnEvent = Callable[[str, dict[str, Any]], None]
 _WATCH_S = 0.1
 _MAX_RECOVERY_ROUNDS = 4
+_MAX_RETRIES = 3  # attempts of one step voted down with no peer lost
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,14 +217,22 @@ class StagePeer:
             else:
                 self._gather()
                 self._start()
+            retries = 0
             while self.step < num_steps:
                 norm = self._attempt(self.step)
                 res = self._vote(f"step{self.step}", norm is not None)
                 if res.ok and res.revision == self.revision:
                     self._commit(norm)
-                else:
-                    self._discard(res)
-                    self._recover(res)
+                    retries = 0
+                    continue
+                self._discard(res)
+                retries = retries + 1 if res.revision == self.revision else 0
+                if retries > _MAX_RETRIES:  # every peer counts the same votes: all raise here
+                    raise PipelineError(
+                        f"stage {self.stage}: step {self.step} failed {retries} times with no "
+                        f"peer lost (voted down by {res.failed}); see those peers' logs"
+                    )
+                self._recover(res)
             self.on_event("done", {"stage": self.stage, "step": self.step})
         finally:
             self._stop.set()
@@ -287,7 +296,8 @@ class StagePeer:
 
     def _start(self) -> None:
         """Step 0 of a fresh pipeline: the first checkpoint, the first (de)embedding copies."""
-        self._arm(self.comm.revision)
+        before = self.comm.revision
+        self._arm(before)
         self._save_checkpoint(0)
         ok = True
         try:
@@ -296,7 +306,7 @@ class StagePeer:
             logger.warning("stage %d: the first (de)embedding copies failed: %s", self.stage, exc)
             ok = False
         res = self._vote("start", ok)
-        if not (res.ok and res.revision == self.comm.revision):
+        if not (res.ok and res.revision == before):
             raise PipelineError(f"stage {self.stage}: the pipeline lost a peer while starting")
         self.revision = res.revision
 
@@ -539,6 +549,8 @@ class StagePeer:
             header, _ = self.links.recv_obj(from_=coordinator, tag=self._ctrl())
             lost = set(header["lost"])
             self.step, self.epoch = int(header["step"]), int(header["epoch"])
+        if lost is None:  # a survivor always knows them; a replacement learnt them above
+            raise PipelineError(f"stage {self.stage} does not know which stages were lost")
         rc = self.config.recovery
         holders = frozenset(h for h in self._holders() if h not in lost)
         membership = Membership(

@@ -9,7 +9,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "comm"))
 
-from _control_harness import addr, connect_all, run_threads, start_master
+from _control_harness import (  # type: ignore[import-not-found]
+    addr,
+    connect_all,
+    run_threads,
+    start_master,
+)
 
 from lowcomm.comm import Communicator
 
