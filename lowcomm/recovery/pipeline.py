@@ -332,9 +332,6 @@ class StagePeer:
             group["lr"] = self.config.lr * scale
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            if self.comm.live_revision(timeout_s=self.config.timeout_s) != self.revision:
-                self._why = "the membership moved before the step started"
-                raise StepAbortedError(self._why)
             if self.stage == EMBEDDING_STAGE:
                 self.last_loss = self._run_embedding(step)
             else:
