@@ -239,7 +239,10 @@ class StagePeer:
 
     def _vote(self, name: str, ok: bool) -> VoteResult:
         try:
-            res = self.comm.vote(f"{name}.e{self.epoch}", ok, timeout_s=self.config.timeout_s)
+            # A stage that failed on its own votes at once, while the others may still wait out
+            # a receive (``timeout_s``) and an eviction (the heartbeat timeout) before voting.
+            wait_s = 2 * self.config.timeout_s + self.comm.heartbeat_timeout_s
+            res = self.comm.vote(f"{name}.e{self.epoch}", ok, timeout_s=wait_s)
         except CommError as exc:
             raise PipelineError(f"stage {self.stage}: the vote on {name} failed: {exc}") from exc
         self.epoch += 1

@@ -117,7 +117,7 @@ def run_pipeline(
                 done.add(stage)
         for name, p in procs.items():
             victim = name.startswith("original") and int(name[len("original") :]) in faults
-            if victim and p.is_alive():  # a stopped victim: evicted long ago, now gone for good
+            if victim and p.is_alive() and _state(p.pid) == "T":  # evicted long ago: gone now
                 p.kill()  # (first: a survivor's send to it would wait out its timeout at exit)
         for name, p in procs.items():
             p.join(timeout=20)

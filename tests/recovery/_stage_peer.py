@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lowcomm.comm import CommConfig, Communicator
+from lowcomm.comm import CommConfig, Communicator, PeerFailureError
 from lowcomm.faults import FaultInjector
 from lowcomm.recovery.pipeline import PipelineConfig, StagePeer
 from lowcomm.recovery.store import StageStore
@@ -77,6 +77,7 @@ def run_stage(spec: dict[str, Any], events: Any) -> None:
             point,
             kill=fault["action"] == "kill",
             stop=fault["action"] == "stop",
+            error=PeerFailureError("injected") if fault["action"] == "error" else None,
             call=mark,
             where=where,
         )

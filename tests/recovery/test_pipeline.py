@@ -237,6 +237,36 @@ def test_a_neighbour_killed_during_the_rebuild_transfer_makes_the_recovery_retry
         assert not _equal(rebuilt, out.load(s, f"original_step{FAULT_STEP - 1}")["params"])
 
 
+@pytest.mark.timeout(180)
+def test_a_stage_failing_on_its_own_votes_the_step_down_and_every_stage_retries_it(
+    tmp_path: Path,
+) -> None:
+    # Nobody is lost: the stages waiting on stage 2 give up at their receive's timeout, the step
+    # is voted down and retried with no recovery, and the run equals one without the fault.
+    config = replace(CONFIG, timeout_s=5.0)
+    out = run_pipeline(tmp_path, config, num_steps=NUM_STEPS, faults=_kill(2, action="error"))
+    assert (out.dump / "fault2.txt").exists()  # the injected error fired
+    assert not out.events["recovered"]
+    _assert_step_aborted_everywhere_and_applied_once(out, set(), 4)
+    assert FAULT_STEP in [e["step"] for e in out.of("aborted", 2)]
+    sim = SimPipeline(
+        SimConfig(
+            stages=STAGES,
+            num_steps=NUM_STEPS,
+            batch_size=CONFIG.micro_batch_size * CONFIG.num_micro_batches,
+            num_micro_batches=CONFIG.num_micro_batches,
+            lr=CONFIG.lr,
+        ),
+        Method(name="no_failure", failures=False, checkpoint_every=CONFIG.checkpoint_every),
+    )
+    batch = batches(CONFIG)
+    for step in range(NUM_STEPS):
+        sim.train_step(step, *batch(step))
+    for s in range(4):
+        got = out.load(s, f"original_step{NUM_STEPS - 1}")["params"]
+        assert _equal(sim.modules[s].state_dict(), got), s
+
+
 def test_bad_pipeline_settings_are_refused_naming_the_field(tmp_path: Path) -> None:
     for bad in ({"num_micro_batches": 5}, {"micro_batch_size": 0}, {"timeout_s": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
