@@ -18,7 +18,17 @@ fail; one seeded schedule per (rate, seed) shared by every method. Stages the ru
 checkpoint (every 100 steps; 10 with --quick, whose rates are 20x), so plain CheckFree pays for them in stale stages.
 
 Steps, not seconds: the simulator does not charge the checkpoint's or the transfer's time, so the
-wall-clock claims wait for the multi-process runtime.
+wall-clock claims wait for E3 on the multi-process runtime (``lowcomm.recovery.pipeline``, which
+agrees with the simulator bit for bit: tests/recovery/test_pipeline.py).
+
+``gradavg_vs_copy_recovery_steps`` is reported only where the setting can show it: when even a
+random re-initialisation of the lost stage regains the pre-failure loss at the first evaluation
+(the quick size: width 16, failure at step 12 of 24, a middle block still close to the identity
+and the loss falling fast), every rule does, and the ratio would be 1.0 whatever the rule.
+
+``--runtime`` adds ``failure_free_throughput_ratio``: the multi-process runtime (one process per
+stage on loopback, a commit vote per step, the watchers' probes) against the same stages without
+recovery (``benchmarks/_pipeline_runtime.py``), interleaved rep by rep.
 
     .venv/bin/python benchmarks/recovery.py --quick           # same code paths, tiny sizes
     .venv/bin/python benchmarks/recovery.py --workers 16      # full: 3 seeds, E1 and E2
@@ -65,7 +75,9 @@ E1_METHODS = (
 )
 E2_METHODS = ("gradavg", "checkfree_plus", "copy", "rollback_a", "rollback_b")
 E2_RATES = (0.0, 5e-4, 1e-3, 3e-3)
-RUNTIME_NOTE = "needs the multi-process runtime (not built yet)"
+RUNTIME_NOTE = (
+    "needs E3: the multi-process runtime (lowcomm.recovery.pipeline) over the shaper; not measured"
+)
 
 
 @dataclass(frozen=True)
@@ -159,12 +171,46 @@ def _recovery_steps(r: SimResult, step: int, num_steps: int) -> int:
     return num_steps - step  # never regained: the steps left, a lower bound
 
 
+def _runtime_claim(quick: bool) -> dict[str, object]:
+    """``failure_free_throughput_ratio`` measured on the multi-process runtime (``--runtime``)."""
+    from benchmarks._pipeline_runtime import failure_free_ratio
+    from lowcomm.recovery.pipeline import PipelineConfig
+
+    if quick:
+        stages = StageConfig(num_block_stages=3, width=16, num_heads=2, context=16)
+        config = PipelineConfig(stages=stages, num_micro_batches=2, micro_batch_size=2)
+        num_steps, reps = 25, 2
+    else:
+        stages = StageConfig(num_block_stages=8, width=64, num_heads=4, context=64)
+        config = PipelineConfig(stages=stages, num_micro_batches=4, micro_batch_size=4)
+        num_steps, reps = 60, 3
+    config = replace(config, checkpoint_every=10_000)
+    ratio, with_rec, without = failure_free_ratio(config, num_steps=num_steps, reps=reps)
+    print(
+        f"\nruntime, no failures: {stages.num_block_stages + 1} stage processes, steps/s with "
+        f"recovery {[round(r, 2) for r in with_rec]}, without {[round(r, 2) for r in without]} "
+        f"(interleaved): ratio {ratio:.4f}"
+    )
+    return {
+        "name": "failure_free_throughput_ratio",
+        "value": round(ratio, 4),
+        "goal": 0.99,
+        "ok": ratio >= 0.99,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed, < 1 minute")
     parser.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--workers", type=int, default=1, help="processes running the runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument(
+        "--runtime",
+        action="store_true",
+        help="also measure failure_free_throughput_ratio: the multi-process pipeline runtime "
+        "against the same stages without recovery, one process per stage, interleaved",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     config, failure_step = _config(args.quick)
@@ -253,14 +299,30 @@ def main() -> None:
 
     copy_steps, grad_steps = e1["copy"]["regain"], e1["gradavg"]["regain"]
     ratio = grad_steps / copy_steps if copy_steps > 0 else None
+    # The claim needs a lost stage that matters: when even a random re-initialisation regains
+    # the pre-failure loss at the first evaluation (at small sizes and early in training a middle
+    # block is close to the identity and the loss still falls fast), every method does, and the
+    # ratio is 1.0 whatever the rule. Say so instead of reporting it.
+    random_regain = e1["random"]["regain"]
+    measurable = random_regain > config.eval_every
+    gradavg_note = (
+        ""
+        if measurable
+        else f"not measurable at this size: even a random re-init of the lost stage regains the "
+        f"pre-failure loss at the first evaluation (spike {e1['random']['spike']:+.4f}, "
+        f"{random_regain:.0f} steps)"
+    )
+    if not measurable:
+        print(f"\ngradavg_vs_copy_recovery_steps: {gradavg_note}")
     final_1e3 = e2[("gradavg", rates[2])] / e2[("no_failure", 0.0)]
     swap_cost = e1["no_failure_swaps"]["final"] / e1["no_failure"]["final"]
     claims = [
         {
             "name": "gradavg_vs_copy_recovery_steps",
-            "value": None if ratio is None else round(ratio, 4),
+            "value": None if ratio is None or not measurable else round(ratio, 4),
             "goal": 0.5,
-            "ok": ratio is not None and ratio <= 0.5,
+            "ok": measurable and ratio is not None and ratio <= 0.5,
+            **({"note": gradavg_note} if gradavg_note else {}),
         },
         {
             "name": "gradavg_final_loss_vs_no_failure_1e3",
@@ -275,10 +337,15 @@ def main() -> None:
             "ok": swap_cost <= 1.01,
         },
     ]
+    if args.runtime:
+        claims.append(_runtime_claim(args.quick))
+        tail: tuple[tuple[str, float], ...] = ()
+    else:
+        tail = (("failure_free_throughput_ratio", 0.99),)
     for name, goal in (
         ("speedup_vs_checkpoint_1e3", 1.15),
         ("speedup_vs_checkpoint_3e3", 1.6),
-        ("failure_free_throughput_ratio", 0.99),
+        *tail,
     ):
         claims.append(
             {"name": name, "value": None, "goal": goal, "ok": False, "note": RUNTIME_NOTE}

@@ -60,6 +60,11 @@ POINTS: dict[str, str] = {
     "local.open": "a local data file is about to be created",
     "local.manifest": "the local manifest is about to be committed",
     "remote.put": "an object is about to be uploaded to the remote level",
+    # pipeline (lowcomm.recovery)
+    "pipeline.micro_batch": "a pipeline stage is about to run micro-batch `mb` of step `step` "
+    "(`phase` 'forward' or 'backward'; context: stage, step, mb, phase)",
+    "pipeline.serve": "a pipeline stage is about to send its state to the replacement of lost "
+    "stage `to_stage` during the recovery at step `step` (context: stage, to_stage, step)",
     # outer loop (lowcomm.diloco)
     "trainer.inner_step": "DiLoCo.step() starts inner step `step` (context: step)",
 }

@@ -5,7 +5,13 @@ from __future__ import annotations
 from lowcomm.comm._ops import DTYPES, OPS, check_all_reduce_args
 from lowcomm.comm._ring_setup import connect_ring
 from lowcomm.comm.backend import CommBackend, open_communicator
-from lowcomm.comm.communicator import AllReduceInfo, CommConfig, Communicator, Handle
+from lowcomm.comm.communicator import (
+    AllReduceInfo,
+    CommConfig,
+    Communicator,
+    Handle,
+    VoteResult,
+)
 from lowcomm.comm.errors import (
     AuthenticationError,
     BackendUnavailableError,
@@ -52,6 +58,7 @@ __all__: list[str] = [
     "SyncInfo",
     "TopologyError",
     "TruncatedFrameError",
+    "VoteResult",
     "check_all_reduce_args",
     "connect_ring",
     "open_communicator",

@@ -6,8 +6,8 @@ One ``ControlClient`` per communicator. It owns two kinds of connection to the m
   breaks (the master restarted) the thread re-registers, telling the new master the world this
   peer knew;
 - *control* connections by channel (``"main"`` for phases and votes, ``"watch"`` for the watcher
-  of a running ring, so neither waits for the other), which carry one request at a time and
-  reconnect until the caller's deadline.
+  of a running ring, ``"probe"`` for ``Communicator.live_revision``, so none waits for another),
+  which carry one request at a time and reconnect until the caller's deadline.
 
 On top of ``request`` it offers the phase protocol every collective uses: ``gate`` (wait until the
 scope arrived), ``vote`` / ``watch_verdict`` (an all-reduce's commit vote) and ``sync_done`` (a
@@ -62,7 +62,7 @@ __all__ = ["CHANNELS", "ControlClient"]
 
 logger = logging.getLogger(__name__)
 
-CHANNELS = ("main", "watch")
+CHANNELS = ("main", "watch", "probe")
 
 
 class ControlClient:

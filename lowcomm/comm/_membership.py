@@ -511,6 +511,14 @@ class Membership(Roster):
             results = {
                 p.peer_id: {"status": "open", "pending": pending, **self._world()} for p in scope
             }
+        elif kind == GateKind.VOTE:
+            failed = sorted(
+                pid for pid, a in arrivals.items() if a is None or a.payload.get("ok") is not True
+            )
+            results = {
+                p.peer_id: {"status": "open", "ok": not failed, "failed": failed, **self._world()}
+                for p in scope
+            }
         elif kind == GateKind.ALL_REDUCE:
             results = self._open_all_reduce(group, scope, arrivals)
         else:

@@ -31,12 +31,16 @@ from lowcomm.comm.listener import PeerListener
 from lowcomm.comm.shaper import Shaper
 from lowcomm.faults import FaultInjector
 
-__all__ = ["P2P_FRAME_BYTES", "P2P_KEEP_MAX", "PointToPoint"]
+__all__ = ["P2P_FRAME_BYTES", "P2P_KEEP_MAX", "P2P_MESSAGE_GRACE_S", "PointToPoint"]
 
 logger = logging.getLogger(__name__)
 
 # p2p payloads travel in frames of at most this size.
 P2P_FRAME_BYTES = 16 * 1024 * 1024
+# Once a message has begun to arrive, recv reads the rest of it for at least this long even past
+# its deadline: a caller that polls with short timeouts (the pipeline waits in slices, checking
+# for an abort between them) must never cut a message in half, which loses it for both ends.
+P2P_MESSAGE_GRACE_S = 10.0
 # Kept point-to-point connections per communicator (both directions): past it the oldest is
 # closed, so a caller that uses a new tag per message does not pile up sockets.
 P2P_KEEP_MAX = 128
@@ -188,6 +192,13 @@ class PointToPoint:
                 raise CommTimeoutError(f"recv from peer {from_} timed out")
             return t
 
+        def grace() -> float:  # for a message that has begun to arrive
+            return max(deadline, time.monotonic() + P2P_MESSAGE_GRACE_S) - time.monotonic()
+
+        def started() -> None:
+            nonlocal deadline
+            deadline = max(deadline, time.monotonic() + P2P_MESSAGE_GRACE_S)
+
         with self._slot(key, deadline) as slot:
             # The sender opens a new connection only when it has no usable one, so a new one
             # supersedes the kept one; the kept one is read only once it has bytes (or EOF).
@@ -199,7 +210,8 @@ class PointToPoint:
                         "p2p", hello_key, count=1, timeout_s=max(0.01, left())
                     )
                     slot[0] = conns[0][0]
-                    kind, _tag, header = conns[0][0].recv_json(timeout_s=left())
+                    kind, _tag, header = conns[0][0].recv_json(timeout_s=grace())
+                    started()
                     break
                 with contextlib.suppress(CommTimeoutError):
                     fresh = listener.wait_for("p2p", hello_key, count=1, timeout_s=0.0)[0][0]
@@ -220,7 +232,8 @@ class PointToPoint:
                 if not ready:
                     continue
                 try:
-                    kind, _tag, header = kept.recv_json(timeout_s=left())
+                    kind, _tag, header = kept.recv_json(timeout_s=grace())
+                    started()
                 except (CommError, OSError) as exc:  # EOF: the sender dropped it; wait for a new
                     logger.debug("kept p2p connection from %s ended: %s", from_, exc)
                     kept.close()

@@ -31,6 +31,8 @@ class Arrival:
             return f"all_reduce(tag={self.key}, peer_group={self.group})"
         if self.kind == GateKind.SYNC:
             return f"sync_shared_state(peer_group={self.group})"
+        if self.kind == GateKind.VOTE:
+            return f"vote({self.key!r})"
         if self.kind == GateKind.PENDING:
             return "are_peers_pending()"
         return "update_topology()"

@@ -121,10 +121,11 @@ class GateKind(enum.StrEnum):
     PENDING = "pending"
     ALL_REDUCE = "all_reduce"
     SYNC = "sync"
+    VOTE = "vote"  # a world-wide ok/fail vote (a pipeline's step commit); key names the step
 
     @property
     def world_scoped(self) -> bool:
-        return self in (GateKind.TOPOLOGY, GateKind.PENDING)
+        return self in (GateKind.TOPOLOGY, GateKind.PENDING, GateKind.VOTE)
 
 
 def describe_gate(kind: str, key: str) -> str:
@@ -134,6 +135,7 @@ def describe_gate(kind: str, key: str) -> str:
         GateKind.PENDING: "are_peers_pending()",
         GateKind.ALL_REDUCE: f"all_reduce(tag={key})",
         GateKind.SYNC: "sync_shared_state()",
+        GateKind.VOTE: f"vote({key!r})",
     }
     return calls.get(kind, kind)
 

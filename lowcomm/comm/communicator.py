@@ -45,7 +45,7 @@ from lowcomm.comm._allreduce import AllReduceInfo, VotedAllReduce
 from lowcomm.comm._control import ControlClient
 from lowcomm.comm._ops import check_all_reduce_args
 from lowcomm.comm._p2p import PointToPoint
-from lowcomm.comm._protocol import GateKind, parse_address
+from lowcomm.comm._protocol import GateKind, StatusRequest, error_for, parse_address
 from lowcomm.comm._worker import Handle, TaskQueue, all_reduce_with_retry, deadline_after
 from lowcomm.comm.listener import PeerListener
 from lowcomm.comm.shaper import Shaper
@@ -53,7 +53,7 @@ from lowcomm.comm.shared_state import SharedState, SyncInfo
 from lowcomm.compression import Codec, resolve_codec
 from lowcomm.faults import FaultInjector
 
-__all__ = ["AllReduceInfo", "CommConfig", "Communicator", "Handle"]
+__all__ = ["AllReduceInfo", "CommConfig", "Communicator", "Handle", "VoteResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,18 @@ class CommConfig:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         if not 0 < self.poll_s <= 1.0:
             raise ValueError(f"poll_s must be in (0, 1], got {self.poll_s}")
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    """The outcome of ``Communicator.vote``: ``ok`` if every accepted peer voted ok; ``failed``
+    the peers that voted fail; ``revision`` and ``peers`` the world the vote closed on (a peer
+    lost before it closed is missing there, and the revision moved)."""
+
+    ok: bool
+    failed: list[str]
+    revision: int
+    peers: list[str]
 
 
 class Communicator:
@@ -186,6 +198,11 @@ class Communicator:
     def peers(self) -> list[str]:
         """Peer ids of the accepted world in join order (for ``send``/``recv``)."""
         return [p["peer_id"] for p in self._control.world]
+
+    @property
+    def peer_groups(self) -> dict[str, int]:
+        """Peer id -> peer group of the accepted world, in join order, as of the last phase."""
+        return {str(p["peer_id"]): int(p["peer_group"]) for p in self._control.world}
 
     @property
     def replicas(self) -> dict[str, list[int]]:
@@ -326,6 +343,38 @@ class Communicator:
             timeout_s,
             "update_topology()",
         ).wait()
+
+    def vote(self, key: str, ok: bool, timeout_s: float | None = None) -> VoteResult:
+        """A world-wide ok/fail vote (a phase: every accepted peer calls it with the same ``key``).
+        Returns once every accepted peer voted; every peer gets the same ``VoteResult``. A peer
+        lost meanwhile (dead: at once; silent: after the heartbeat timeout) is not waited for:
+        the vote closes on the survivors, with the new ``revision``."""
+        resp = self._submit(
+            lambda d: self._control.gate(GateKind.VOTE, str(key), {"ok": bool(ok)}, d),
+            timeout_s,
+            f"vote({key!r})",
+        ).wait()
+        return VoteResult(
+            ok=bool(resp["ok"]),
+            failed=[str(p) for p in resp.get("failed", [])],
+            revision=int(resp["revision"]),
+            peers=[str(p["peer_id"]) for p in resp["world"]],
+        )
+
+    def live_revision(self, timeout_s: float = 5.0) -> int:
+        """The master's membership revision now (one request, on a channel of its own), without
+        changing this peer's view of the world: a caller waiting on ``recv`` polls it to learn
+        that a peer was lost (the revision moves when one is evicted or admitted)."""
+        self._control.check_usable()
+        resp = self._control.request(
+            StatusRequest(peer_id=self.peer_id),
+            deadline=self._deadline(timeout_s),
+            retry=False,
+            channel="probe",
+        )
+        if resp.get("error"):
+            raise error_for(str(resp["error"]), f"live_revision(): {resp.get('message')}", resp)
+        return int(resp["revision"])
 
     def all_reduce(
         self,

@@ -1,0 +1,131 @@
+"""Runs a pipeline of stage processes on loopback around one master, starting replacements."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import queue
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowcomm.comm import Master
+from lowcomm.recovery.pipeline import PipelineConfig
+from tests.recovery._stage_peer import TOKEN, dump_path, run_stage
+
+
+@dataclass
+class Outcome:
+    """What a run produced: events by kind, exit codes, and the dumps' directory."""
+
+    dump: Path
+    events: dict[str, list[tuple[int, dict[str, Any]]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    exitcodes: dict[str, int | None] = field(default_factory=dict)
+    stopped_seen: bool = False
+
+    def load(self, stage: int, what: str) -> dict[str, Any]:
+        obj: dict[str, Any] = torch.load(dump_path(str(self.dump), stage, what), weights_only=True)
+        return obj
+
+    def of(self, kind: str, stage: int) -> list[dict[str, Any]]:
+        return [info for s, info in self.events[kind] if s == stage]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "?"
+
+
+def run_pipeline(
+    tmp: Path,
+    config: PipelineConfig,
+    *,
+    num_steps: int,
+    faults: dict[int, dict[str, Any]],
+    heartbeat_timeout_s: float = 3.0,
+    timeout_s: float = 100.0,
+) -> Outcome:
+    """Starts one process per stage, a replacement for each stage whose process died (or stopped,
+    after which it is killed once the survivors report aborting), and waits for every stage's
+    ``done``."""
+    master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=heartbeat_timeout_s).start()
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "tests.recovery._stage_peer"])
+    events: Any = ctx.Queue()
+    dump = tmp / "dump"
+    dump.mkdir()
+    out = Outcome(dump=dump)
+    base = {
+        "master": "{}:{}".format(*master.address),
+        "config": config,
+        "store": str(tmp / "store"),
+        "dump": str(dump),
+        "num_steps": num_steps,
+    }
+    num_stages = config.stages.num_block_stages + 1
+    procs: dict[str, Any] = {}
+
+    def start(stage: int, *, replacement: bool) -> None:
+        spec = {**base, "stage": stage, "replacement": replacement}
+        if not replacement and stage in faults:
+            spec["fault"] = faults[stage]
+        name = f"{'replacement' if replacement else 'original'}{stage}"
+        procs[name] = ctx.Process(target=run_stage, args=(spec, events), daemon=True)
+        procs[name].start()
+
+    try:
+        for s in range(num_stages):
+            start(s, replacement=False)
+        replaced: set[int] = set()
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(done) < num_stages:
+            assert time.monotonic() < deadline, (
+                f"timed out; done {sorted(done)}, {dict(out.events)}"
+            )
+            for s in faults:
+                victim = procs[f"original{s}"]
+                if s in replaced:
+                    continue
+                if _state(victim.pid) == "T":
+                    out.stopped_seen = True
+                if not victim.is_alive() or out.stopped_seen:
+                    start(s, replacement=True)
+                    replaced.add(s)
+            try:
+                kind, stage, info = events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if kind == "error":  # drain a moment: another stage's error may say more
+                errors = [(stage, info)]
+                with contextlib.suppress(queue.Empty):
+                    while len(errors) < num_stages:
+                        k, s2, i2 = events.get(timeout=2.0)
+                        if k == "error":
+                            errors.append((s2, i2))
+                raise AssertionError("\n".join(f"stage {s} failed:\n{i}" for s, i in errors))
+            out.events[kind].append((stage, info))
+            if kind == "done":
+                done.add(stage)
+        for name, p in procs.items():
+            victim = name.startswith("original") and int(name[len("original") :]) in faults
+            if victim and p.is_alive() and _state(p.pid) == "T":  # evicted long ago: gone now
+                p.kill()  # (first: a survivor's send to it would wait out its timeout at exit)
+        for name, p in procs.items():
+            p.join(timeout=20)
+            out.exitcodes[name] = p.exitcode
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        master.stop()
+    return out

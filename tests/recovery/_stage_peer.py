@@ -1,0 +1,121 @@
+"""One pipeline stage as a process, for the fault tests: ``run_stage(spec, events)``.
+
+The spec (a dict) names the master, the stage, the pipeline config, the store's directory, the
+steps, an optional fault on this stage and a dump directory: after every committed step and every
+rebuild the stage saves its parameters and gradient norm there (``dump``), so the test can compute
+the rule's plain-torch reference from exactly what the sources held. Events go to ``events`` as
+``(kind, stage, info)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowcomm.comm import CommConfig, Communicator, PeerFailureError
+from lowcomm.faults import FaultInjector
+from lowcomm.recovery.pipeline import PipelineConfig, StagePeer
+from lowcomm.recovery.store import StageStore
+
+TOKEN = b"lowcomm-test-token-0123456789abcdef"
+
+# The first Adam of a process imports torch's compiler stack (seconds, and tens of seconds with
+# several stages starting at once on a loaded machine): do it here, once, in the forkserver that
+# preloads this module, so every stage process forks with it loaded.
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
+def batches(config: PipelineConfig):  # type: ignore[no-untyped-def]
+    """The whole step's batch, from a generator seeded by the step (the same in the sim test)."""
+    size = config.micro_batch_size * config.num_micro_batches
+    context = config.stages.context
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(1000 + step)
+        window = torch.randint(0, 256, (size, context + 1), generator=gen)
+        return window[:, :-1], window[:, 1:]
+
+    return batch
+
+
+def dump_path(root: str, stage: int, what: str) -> Path:
+    return Path(root) / f"stage{stage}_{what}.pt"
+
+
+def run_stage(spec: dict[str, Any], events: Any) -> None:
+    torch.set_num_threads(1)
+    if os.environ.get("LOWCOMM_TEST_DEBUG"):
+        logging.basicConfig(
+            level=logging.DEBUG, format=f"%(relativeCreated)d s{spec['stage']} %(name)s %(message)s"
+        )
+    stage = spec["stage"]
+    config: PipelineConfig = spec["config"]
+    faults = None
+    fault = spec.get("fault")
+    if fault:
+        faults = FaultInjector()
+
+        def mark(context: Any) -> None:  # the moment of the fault, before the process dies
+            with open(Path(spec["dump"]) / f"fault{stage}.txt", "w") as f:
+                f.write(repr(time.time()))
+                f.flush()
+                os.fsync(f.fileno())
+
+        point = fault.get("point", "pipeline.micro_batch")
+        where = (
+            {"step": fault["step"], "mb": fault["mb"], "phase": fault["phase"]}
+            if point == "pipeline.micro_batch"
+            else {"step": fault["step"]}
+        )
+        faults.inject(
+            point,
+            kill=fault["action"] == "kill",
+            stop=fault["action"] == "stop",
+            error=PeerFailureError("injected") if fault["action"] == "error" else None,
+            call=mark,
+            where=where,
+        )
+    comm = Communicator(
+        spec["master"],
+        peer_group=stage,
+        token=TOKEN,
+        config=CommConfig(timeout_s=config.timeout_s, poll_s=0.1),
+    )
+    label = "replacement" if spec.get("replacement") else "original"
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind in ("committed", "recovered"):
+            what = f"{label}_step{info['step']}" if kind == "committed" else f"{label}_rebuilt"
+            norm = peer.grad_norm
+            torch.save(
+                {
+                    "params": {k: v.clone() for k, v in peer.module.state_dict().items()},
+                    "grad_norm": None if norm is None else (norm.before_clip, norm.after_clip),
+                    "backup": peer.backup,
+                },
+                dump_path(spec["dump"], stage, what),
+            )
+        events.put((kind, stage, info))
+
+    peer = StagePeer(
+        comm,
+        config,
+        store=StageStore(spec["store"]),
+        batches=batches(config) if stage == 0 else None,
+        replacement=bool(spec.get("replacement")),
+        faults=faults,
+        on_event=on_event,
+    )
+    try:
+        peer.run(spec["num_steps"])
+    except BaseException:
+        events.put(("error", stage, traceback.format_exc()))
+        raise
+    finally:
+        comm.close()
