@@ -9,8 +9,8 @@ payload is read, so a garbage or hostile length claim costs nothing but a closed
 Connections are made (and authenticated) by ``_handshake.connect`` and ``_handshake.accept``.
 
 A protected connection (``Connection.protect``, done by the handshake unless encryption is off)
-seals every later frame with an AEAD (``_aead``): flags bit 0 is set, the payload is ciphertext
-and a 16-byte tag follows it; ``length`` stays the plaintext length. The receive methods hand the
+seals every later frame with an AEAD (``_aead``): flags bit 0 is set, the payload travels as
+records of ciphertext each followed by its 16-byte tag; ``length`` stays the plaintext length. The receive methods hand the
 caller only verified plaintext, so the caller's view of the API is the same either way, except
 that after ``recv_header`` the payload must be read by one ``recv_into`` of exactly ``length``.
 
@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from lowcomm.comm._aead import FLAG_SEALED, TAG_BYTES, FrameCipher
+from lowcomm.comm._aead import FLAG_SEALED, TAG_BYTES, FrameCipher, records
 from lowcomm.comm.errors import (
     CommTimeoutError,
     PeerFailureError,
@@ -368,17 +368,30 @@ class Connection:
         cipher = self._tx_cipher
         flags = 0 if cipher is None else FLAG_SEALED
         header = HEADER.pack(MAGIC, VERSION, kind, flags, seq, tag, length)
-        if cipher is not None:
-            if self.closed:  # a failed send must not consume a nonce the peer will expect
-                raise PeerFailureError(f"connection to {self.peer} is closed")
-            views = [cipher.seal(header, views, length)]
+        if cipher is None:
+            self._send_parts(header, views, timeout_s=timeout_s)
+            self.tx_bytes += HEADER.size + length
+            return
+        if self.closed:  # a failed send must not consume a nonce the peer will expect
+            raise PeerFailureError(f"connection to {self.peer} is closed")
+        # Record by record: each is sealed into a buffer still in cache and leaves at once, so
+        # the wire starts after one record's encryption, not the whole frame's.
+        deadline = time.monotonic() + timeout_s
+        prefix = header
+        for start, end in records(length):
+            sealed = cipher.seal(header, views, start, end)
+            self._send_parts(prefix, [sealed], timeout_s=max(deadline - time.monotonic(), 1e-3))
+            self.tx_bytes += len(prefix) + sealed.nbytes
+            prefix = b""
+
+    def _send_parts(self, header: bytes, views: list[memoryview], *, timeout_s: float) -> None:
+        """Sends ``header`` (may be empty) and ``views``: small ones copied into one buffer."""
         wire = sum(v.nbytes for v in views)
         if wire <= _COALESCE_BYTES:
             buffers: list[Buffer] = [header + b"".join(views)]
         else:
-            buffers = [header, *views]
+            buffers = [header, *views] if header else list(views)
         self._send(buffers, timeout_s=timeout_s)
-        self.tx_bytes += HEADER.size + wire
 
     def send_json(self, kind: int, obj: Any, *, tag: int = 0, timeout_s: float) -> None:
         """Sends ``obj`` as a UTF-8 JSON frame."""
@@ -433,9 +446,27 @@ class Connection:
                 f"recv_header returned ({pending[1] if pending else 'no frame'} bytes), "
                 f"got {mv.nbytes}"
             )
-        sealed = cipher.buffer(mv.nbytes + TAG_BYTES)
-        self._recv_exact(sealed, deadline, in_frame=True)
-        self._open(cipher, pending[0], sealed, mv)
+        self._recv_records(cipher, pending[0], mv, deadline)
+
+    def _recv_records(
+        self,
+        cipher: FrameCipher,
+        header: bytes,
+        out: memoryview,
+        deadline: float,
+        *,
+        first: bool = False,
+        lowat: int = 0,
+    ) -> None:
+        """Receives and opens a sealed payload into ``out``, record by record (the first one
+        already received into the cipher's buffer when ``first``): each record is opened while
+        the next one is arriving."""
+        buf = cipher.buffer()
+        for index, (start, end) in enumerate(records(out.nbytes)):
+            sealed = buf[: end - start + TAG_BYTES]
+            if index or not first:
+                self._recv_exact(sealed, deadline, in_frame=True, lowat=lowat)
+            self._open(cipher, header, sealed, out[start:end])
 
     def _open(
         self, cipher: FrameCipher, header: bytes, sealed: memoryview, out: memoryview
@@ -453,12 +484,13 @@ class Connection:
         closed). For bulk data whose size both sides know; ``lowat``: see ``recv_exact``."""
         mv = memoryview(view).cast("B")
         cipher = self._rx_cipher
-        into = mv if cipher is None else cipher.buffer(mv.nbytes + TAG_BYTES)
+        if cipher is None:
+            into = mv
+        else:  # the header and the first record in one system call
+            into = cipher.buffer()[: records(mv.nbytes)[0][1] + TAG_BYTES]
+        deadline = time.monotonic() + timeout_s
         self._recv_exact(
-            [memoryview(self._header_buf), into],
-            time.monotonic() + timeout_s,
-            in_frame=False,
-            lowat=lowat,
+            [memoryview(self._header_buf), into], deadline, in_frame=False, lowat=lowat
         )
         header = self._parse_header(self.max_frame_bytes)
         if header.length != mv.nbytes:
@@ -468,7 +500,9 @@ class Connection:
                 "expected: the two sides disagree on the size of the data"
             )
         if cipher is not None:
-            self._open(cipher, bytes(self._header_buf), into, mv)
+            self._recv_records(
+                cipher, bytes(self._header_buf), mv, deadline, first=True, lowat=lowat
+            )
         return header
 
     def recv_frame(self, *, timeout_s: float, max_bytes: int | None = None) -> Frame:
@@ -496,9 +530,7 @@ class Connection:
         payload = bytearray(header.length)
         cipher = self._rx_cipher
         if cipher is not None:
-            sealed = cipher.buffer(header.length + TAG_BYTES)
-            self._recv_exact(sealed, deadline, in_frame=True)
-            self._open(cipher, bytes(self._header_buf), sealed, memoryview(payload))
+            self._recv_records(cipher, bytes(self._header_buf), memoryview(payload), deadline)
         elif header.length:
             self._recv_exact(memoryview(payload), deadline, in_frame=True)
         return Frame(header.kind, header.tag, bytes(payload), header.seq)
