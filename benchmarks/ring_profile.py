@@ -170,11 +170,14 @@ def main() -> None:
     parser.add_argument("--num-connections", type=int, default=1)
     parser.add_argument("--subchunk-mib", type=float, default=4.0)
     parser.add_argument(
-        "--only", choices=["gloo", "protected", "plain"], default=None,
+        "--only",
+        choices=["gloo", "protected", "plain"],
+        default=None,
         help="time one variant alone (for a profiler); no ratios, no claims",
     )
     parser.add_argument(
-        "--pid-file", default=None,
+        "--pid-file",
+        default=None,
         help="each peer appends its pid here and waits 3 s before the timed loop, "
         "then a line '<pid> done' after it (attach a profiler: perf record -p ...)",
     )
@@ -196,8 +199,10 @@ def main() -> None:
         f"{args.num_connections} connection(s), {args.subchunk_mib:g} MiB sub-chunks, "
         f"{cfg['reps']} reps"
     )
-    print(f"{'peers':>5} {'variant':<10} {'busbw GB/s':>10} {'vs Gloo':>8} "
-          f"{'user ms/op':>10} {'kernel ms/op':>12}")
+    print(
+        f"{'peers':>5} {'variant':<10} {'busbw GB/s':>10} {'vs Gloo':>8} "
+        f"{'user ms/op':>10} {'kernel ms/op':>12}"
+    )
     claims: list[dict[str, Any]] = []
     for n in args.peers:
         results = run_group(n, cfg)
@@ -214,14 +219,22 @@ def main() -> None:
         if n == 2:
             value = round(bw["protected"] / bw["plain"], 3)
             claims.append(
-                {"name": "protected_vs_plain_loopback_2peers", "value": value, "goal": 0.8,
-                 "ok": ok and value >= 0.8}
+                {
+                    "name": "protected_vs_plain_loopback_2peers",
+                    "value": value,
+                    "goal": 0.8,
+                    "ok": ok and value >= 0.8,
+                }
             )
         if n == 4:
             value = round(bw["protected"] / gloo, 3)
             claims.append(
-                {"name": "ring_busbw_vs_gloo_4peers", "value": value, "goal": 1.05,
-                 "ok": ok and value >= 1.05}
+                {
+                    "name": "ring_busbw_vs_gloo_4peers",
+                    "value": value,
+                    "goal": 1.05,
+                    "ok": ok and value >= 1.05,
+                }
             )
     print(json.dumps({"benchmark": "ring_profile", "claims": claims}))
 
