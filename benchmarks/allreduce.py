@@ -257,7 +257,7 @@ def run_group(n: int, cfg: dict[str, Any], *, bound_s: float = 900.0) -> list[di
         if needed:
             m = Master(("127.0.0.1", 0), token=TOKEN, first_peer_grace_s=0.1, encryption=enc)
             masters.append(m.start())
-            cfg[key] = "%s:%d" % m.address
+            cfg[key] = f"{m.address[0]}:{m.address[1]}"
     helpers = []
     if variants & {"pccl", "pccl_uint8"}:
         port = _free_port()
