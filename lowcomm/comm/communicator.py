@@ -75,6 +75,11 @@ class CommConfig:
         shaper: optional WAN emulation applied to this peer's sends.
         faults: optional fault injector for this peer's points (``comm.gate``, ``state.serve``,
             ``p2p.send``, ``ring.send``; see ``lowcomm.faults``). None in production.
+        thread_per_connection: the ring gives every connection its own sending and receiving
+            thread (True: what a long, fat WAN link needs so that one full window does not hold
+            back the others) or uses one of each for all connections (False: fewer threads and
+            GIL hand-offs, faster where the CPU is the limit). None (default): False when both
+            ring neighbours are on this host (loopback), True otherwise.
         encryption: seal (encrypt and authenticate) every frame after the handshake, on every
             connection (default). False only on a trusted network, and then on the master and
             every peer too: the handshake fails if the two ends differ. The token proof is made
@@ -89,6 +94,7 @@ class CommConfig:
     poll_s: float = 0.5
     shaper: Shaper | None = None
     faults: FaultInjector | None = None
+    thread_per_connection: bool | None = None
     encryption: bool = True
 
     def __post_init__(self) -> None:
@@ -294,7 +300,7 @@ class Communicator:
         self._control.close(timeout_s)
         self._worker.close()
         if self._all_reduce is not None:
-            self._all_reduce.drop_ring()
+            self._all_reduce.close()
         if self._listener is not None:
             self._listener.close()
         if self._p2p is not None:
