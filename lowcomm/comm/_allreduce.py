@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import queue
 import threading
 import time
@@ -28,20 +29,55 @@ from lowcomm.compression import Codec
 if TYPE_CHECKING:
     from lowcomm.comm.communicator import CommConfig
 
-__all__ = ["AllReduceInfo", "VotedAllReduce"]
+__all__ = ["AUTO_MIN_BYTES", "AllReduceInfo", "AutoQuantization", "VotedAllReduce"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class AllReduceInfo:
     """What one committed all-reduce did: ``world_size`` is the number of participants;
     ``master_round_trips`` the requests this peer made to the master for it (gate, vote and any
-    watcher polls; 0 on backends without a master protocol)."""
+    watcher polls; 0 on backends without a master protocol); ``codec`` the name of the codec the
+    data travelled with (None: exact), which ``quantization="auto"`` chooses."""
 
     world_size: int
     tx_bytes: int
     rx_bytes: int
     seconds: float
     master_round_trips: int = 0
+    codec: str | None = None
+
+
+# "auto" quantizes only tensors at least this large: below it an op is latency-bound and the
+# codec's passes cannot pay for themselves.
+AUTO_MIN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class AutoQuantization:
+    """``quantization="auto"``: quantize with ``codec`` only where it is faster than fp32.
+
+    Decided per ring (a fixed set of peers; a new one after every membership change or failure):
+    the first op of at least ``AUTO_MIN_BYTES`` on a ring runs in fp32, the second with ``codec``,
+    each timed; with the second op every peer's preference (the codec was faster here) is
+    all-reduced with ``min`` on the same ring, so every peer takes the same decision, for every
+    later op of the ring. Smaller ops always run in fp32. On a fast link (loopback, a datacenter
+    network) the CPU-bound codec loses and is left off; on a WAN link it wins."""
+
+    codec: Codec
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "auto", "codec": describe_codec(self.codec)}
+
+
+@dataclass
+class _AutoState:
+    """What "auto" measured on one ring: seconds per value of fp32 and of the codec."""
+
+    fp32_s: float | None = None
+    codec_s: float | None = None
+    quantize: bool | None = None
 
 
 class VotedAllReduce:
@@ -69,6 +105,7 @@ class VotedAllReduce:
         self._buffers: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
         # The gate request runs here while the worker thread stages the data; the watcher of a
         # running ring on its own thread (both kept between operations).
+        self._auto: dict[str, _AutoState] = {}  # ring id -> what "auto" measured on that ring
         self._helper = _Helper(f"lowcomm-gate-{peer_id}")
         self._watcher = _Helper(f"lowcomm-watch-{peer_id}")
 
@@ -157,7 +194,7 @@ class VotedAllReduce:
         tensor: torch.Tensor,
         op: str,
         out: torch.Tensor | None,
-        codec: Codec | None,
+        codec: Codec | AutoQuantization | None,
         tag: int,
         deadline: float,
         *,
@@ -170,7 +207,9 @@ class VotedAllReduce:
             "op": op,
             "numel": tensor.numel(),
             "dtype": str(tensor.dtype),
-            "codec": describe_codec(codec),
+            "codec": codec.describe()
+            if isinstance(codec, AutoQuantization)
+            else describe_codec(codec),
         }
         if stamp is not None:
             payload["stamp"] = stamp
@@ -198,13 +237,14 @@ class VotedAllReduce:
         report(OpState.RUNNING)
         if self._config.faults is not None:
             self._config.faults.hit("comm.gate", tag=tag, op=op_id)
-        error: CommError | None = None
+        error: BaseException | None = None
         tx = rx = 0
+        used = codec if not isinstance(codec, AutoQuantization) else None
         if len(participants) == 1:
             if plan.dest.data_ptr() != plan.src.data_ptr():
                 plan.dest.copy_(plan.src)
         else:
-            error, tx, rx = self._run_ring(gate, plan, op, codec, tag, deadline)
+            error, tx, rx, used = self._run_ring(gate, plan, op, codec, tag, deadline)
         if error is not None:
             plan.restore()
             # A ring thread that outlived the failed op may still write into these.
@@ -226,6 +266,8 @@ class VotedAllReduce:
                 plan.restore()
             report(OpState.ABORTED)
             self.drop_ring()
+            if error is not None and not isinstance(error, CommError):
+                raise error
             reason = str(verdict.get("reason", ""))
             what = f"all_reduce(tag={tag}) among {len(participants)} peers aborted"
             detail = f"{error} (master: {reason})" if error is not None else reason
@@ -246,6 +288,7 @@ class VotedAllReduce:
             rx_bytes=rx,
             seconds=time.perf_counter() - start,
             master_round_trips=self._control.round_trips - trips0,
+            codec=None if used is None else str(getattr(used, "name", type(used).__name__)),
         )
 
     def _stage(self, tensor: torch.Tensor, target: torch.Tensor) -> _Plan:
@@ -287,11 +330,12 @@ class VotedAllReduce:
         gate: dict[str, Any],
         plan: _Plan,
         op: str,
-        codec: Codec | None,
+        codec: Codec | AutoQuantization | None,
         tag: int,
         deadline: float,
-    ) -> tuple[CommError | None, int, int]:
-        """The ring part of an op, watched for the master's abort; (error or None, tx, rx)."""
+    ) -> tuple[BaseException | None, int, int, Codec | None]:
+        """The ring part of an op, watched for the master's abort; (error or None, tx, rx, the
+        codec it used)."""
         op_id = str(gate["op_id"])
         done = threading.Event()
         aborted = threading.Event()
@@ -309,24 +353,66 @@ class VotedAllReduce:
                 op_id, on_abort=on_abort, done=done, deadline=deadline
             )
         )
+        used = codec if not isinstance(codec, AutoQuantization) else None
         try:
             ring = self.ring_for(gate, deadline, aborted)
             if aborted.is_set():
                 raise PeerFailureError("the master aborted this all-reduce")
+            state: _AutoState | None = None
+            if isinstance(codec, AutoQuantization) and plan.src.numel() * 4 >= AUTO_MIN_BYTES:
+                state = self._auto_state(str(gate["ring_id"]))
+                if state.quantize or (state.quantize is None and state.fp32_s is not None):
+                    used = codec.codec
+            t0 = time.perf_counter()
             stats = ring.all_reduce(
                 plan.src,
                 op=op,
-                codec=codec,
+                codec=used,
                 tag=tag,
                 timeout_s=max(0.01, deadline - time.monotonic()),
                 out=plan.dest,
             )
-            return None, int(stats.tx_bytes), int(stats.rx_bytes)
-        except CommError as e:
+            if state is not None and state.quantize is None:
+                self._calibrate(
+                    ring, state, (time.perf_counter() - t0) / plan.src.numel(), tag, deadline
+                )
+            return None, int(stats.tx_bytes), int(stats.rx_bytes), used
+        except BaseException as e:
+            # Any failure, a CommError or not (a bug, an injected fault), fails the op on every
+            # peer and leaves the caller's tensor as it was.
             self.drop_ring()
-            return e, 0, 0
+            return e, 0, 0, used
         finally:
             done.set()
+
+    def _auto_state(self, ring_id: str) -> _AutoState:
+        state = self._auto.get(ring_id)
+        if state is None:
+            if len(self._auto) >= 8:
+                self._auto.pop(next(iter(self._auto)))
+            state = self._auto[ring_id] = _AutoState()
+        return state
+
+    def _calibrate(
+        self, ring: Ring, state: _AutoState, seconds_per_value: float, tag: int, deadline: float
+    ) -> None:
+        """Records an "auto" calibration op (see ``AutoQuantization``); after the second, agrees
+        with the other peers on the decision (a one-value ``min`` all-reduce on the ring)."""
+        if state.fp32_s is None:
+            state.fp32_s = seconds_per_value
+            return
+        state.codec_s = seconds_per_value
+        vote = torch.tensor([1.0 if state.codec_s < state.fp32_s else 0.0])
+        ring.all_reduce(vote, "min", tag=tag, timeout_s=max(0.01, deadline - time.monotonic()))
+        state.quantize = bool(vote.item() > 0.5)
+        logger.info(
+            "quantization='auto' on ring %s: fp32 %.3g ns/value, codec %.3g ns/value here; "
+            "all peers: %s",
+            ring.ring_id,
+            state.fp32_s * 1e9,
+            state.codec_s * 1e9,
+            "quantize" if state.quantize else "exact fp32",
+        )
 
 
 @dataclass(frozen=True, slots=True)

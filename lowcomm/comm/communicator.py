@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import torch
 
 from lowcomm.comm import _handshake, shared_state
-from lowcomm.comm._allreduce import AllReduceInfo, VotedAllReduce
+from lowcomm.comm._allreduce import AllReduceInfo, AutoQuantization, VotedAllReduce
 from lowcomm.comm._control import ControlClient
 from lowcomm.comm._ops import check_all_reduce_args
 from lowcomm.comm._p2p import PointToPoint
@@ -50,7 +50,7 @@ from lowcomm.comm._worker import Handle, TaskQueue, all_reduce_with_retry, deadl
 from lowcomm.comm.listener import PeerListener
 from lowcomm.comm.shaper import Shaper
 from lowcomm.comm.shared_state import SharedState, SyncInfo
-from lowcomm.compression import Codec, resolve_codec
+from lowcomm.compression import Codec, get_codec, resolve_codec
 from lowcomm.faults import FaultInjector
 
 __all__ = ["AllReduceInfo", "CommConfig", "Communicator", "Handle"]
@@ -359,6 +359,10 @@ class Communicator:
         call it again (or use ``all_reduce_with_retry``) to reduce among the survivors. Peers in
         different phases or with different arguments all get ``TopologyError`` at once.
 
+        ``quantization``: None (exact), a codec name (``"uint8"``) or ``Codec``, or ``"auto"``:
+        uint8 where it is faster than fp32 on this ring, measured on the ring's first two large
+        ops and agreed by all peers (``AutoQuantization``); ``AllReduceInfo.codec`` says which.
+
         ``check_finite``: refuse a contribution holding NaN or inf (one ``isfinite`` pass over
         the input before the ring); every peer then raises ``NonFiniteError`` naming the peer.
         Always on with a quantizing codec (it could not encode it).
@@ -392,7 +396,11 @@ class Communicator:
         submit them in the same order (tags tell them apart; mismatched tags raise). Do not
         touch ``tensor``/``out`` until ``handle.wait()`` returned."""
         check_all_reduce_args(tensor, op, out=out, tag=tag)
-        codec = resolve_codec(quantization)
+        codec: Codec | AutoQuantization | None = (
+            AutoQuantization(get_codec("uint8"))
+            if quantization == "auto"
+            else resolve_codec(quantization)
+        )
 
         stamp = None if stamp is None else {str(k): int(v) for k, v in stamp.items()}
 
