@@ -29,12 +29,13 @@ __all__ = ["CipherThread", "Pending"]
 class Pending:
     """One queued job: ``wait()`` returns once it has run, re-raising its exception."""
 
-    __slots__ = ("_done", "_error", "_job")
+    __slots__ = ("_done", "_error", "_finished", "_job")
 
     def __init__(self, job: Callable[[], None]) -> None:
         self._job = job
         # A SimpleQueue (C, one lock) is a cheaper one-shot signal than an Event (a Condition).
         self._done: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._finished = False
         self._error: BaseException | None = None
 
     def execute(self) -> None:
@@ -46,9 +47,11 @@ class Pending:
             self._done.put(True)
 
     def wait(self) -> None:
-        """Blocks until the job has run (jobs are short: one record's AES-GCM); re-raises.
-        Called once per job."""
-        self._done.get()
+        """Blocks until the job has run (jobs are short: one record's AES-GCM); re-raises its
+        exception (again on every later call)."""
+        if not self._finished:
+            self._done.get()
+            self._finished = True
         if self._error is not None:
             raise self._error
 

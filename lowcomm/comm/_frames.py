@@ -397,10 +397,13 @@ class Connection:
             if pending is not None:
                 done, pending = pending, None
                 done.wait()
-        finally:
-            if pending is not None:  # it writes into the caller's buffer: let it finish first
-                with contextlib.suppress(BaseException):
-                    pending.wait()
+        except BaseException:
+            if pending is not None:
+                # It writes into the caller's buffer: let it finish first. A record it failed to
+                # open also closed the connection under this thread: that failure is the cause.
+                done, pending = pending, None
+                done.wait()
+            raise
 
     def _open(
         self, cipher: FrameCipher, header: bytes, sealed: memoryview, out: memoryview

@@ -19,8 +19,9 @@ tensor's dtype once and the all-gather carries those 2-byte values.
 Quantized (``codec=``): what travels is encoded, what is accumulated is fp32; the owner of each
 reduced chunk encodes it once for the all-gather and replaces its own copy by the decoded value, and
 the other peers forward those same bytes, so every peer ends bit-identical. A quantized sub-chunk
-travels as the codec's raw parts followed by their crc32c (``_ring_wire.Layout``; a zstd codec's
-output in its own checksummed format instead): received into one reused buffer, checked, decoded
+travels as the codec's raw parts followed by their crc32c (``_ring_wire.Layout``; no crc32c where
+the ring's frames are sealed: the AEAD authenticates them; a zstd codec's output in its own
+checksummed format instead): received into one reused buffer, checked, decoded
 from views of it and forwarded from it, without copies. The calling thread encodes the first step's
 sub-chunks in order while the ring threads already send, so the wire starts after one encode.
 The pipeline itself is ``_ring_pipeline.RingPipeline``; the wire layout ``_ring_wire``.
@@ -222,6 +223,7 @@ class Ring:
             world_size=self.world_size,
             send=self._send,
             recv=self._recv,
+            protected=all(c.protected for c in self._send + self._recv),
             subchunk_bytes=self.subchunk_bytes,
             thread_per_connection=self.thread_per_connection,
             buffers=self._buffers,
