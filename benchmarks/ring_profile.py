@@ -2,7 +2,9 @@
 
 Starts the peers itself (multiprocessing, spawn). Every peer builds a protected ring (the default,
 AES-256-GCM), a plain one (``encryption=False``) and a Gloo group, and times them interleaved rep by
-rep on the same tensor, so the ratios are taken under the same load. For each variant it reports
+rep on the same tensor, so the ratios are taken under the same load; "serial" is a protected ring
+with ``overlap_cipher=False`` (records sealed and opened on the ring's own threads, in turn with
+the socket calls, instead of on the helper threads). For each variant it reports
 the bus bandwidth (best of the reps, each rep timed by its slowest peer) and the CPU a peer spends
 per op, split into user and kernel time (on loopback the kernel time is the socket copies), so a
 change can be judged by the CPU it costs as well as by the wall clock.
@@ -49,6 +51,7 @@ def _worker(rank: int, n: int, cfg: dict[str, Any], addr_q: Any, pipe: Any) -> N
     listeners = {
         "protected": PeerListener("127.0.0.1", 0, token=TOKEN),
         "plain": PeerListener("127.0.0.1", 0, token=TOKEN, encryption=False),
+        "serial": PeerListener("127.0.0.1", 0, token=TOKEN),
     }
     addr_q.put((rank, {k: v.address for k, v in listeners.items()}))
     addresses = pipe.recv()
@@ -63,7 +66,8 @@ def _worker(rank: int, n: int, cfg: dict[str, Any], addr_q: Any, pipe: Any) -> N
             timeout_s=60,
             subchunk_bytes=cfg["subchunk_bytes"],
             thread_per_connection=False,
-            encryption=name == "protected",
+            encryption=name != "plain",
+            overlap_cipher=name != "serial",
         )
         for name, listener in listeners.items()
     }
@@ -171,7 +175,7 @@ def main() -> None:
     parser.add_argument("--subchunk-mib", type=float, default=4.0)
     parser.add_argument(
         "--only",
-        choices=["gloo", "protected", "plain"],
+        choices=["gloo", "protected", "plain", "serial"],
         default=None,
         help="time one variant alone (for a profiler); no ratios, no claims",
     )
@@ -192,7 +196,7 @@ def main() -> None:
         "warmup": 1,
         "reps": args.reps if args.reps is not None else (3 if args.quick else 6),
         "pid_file": args.pid_file,
-        "variants": [args.only] if args.only else ["gloo", "protected", "plain"],
+        "variants": [args.only] if args.only else ["gloo", "protected", "plain", "serial"],
     }
     print(
         f"ring all-reduce of {nbytes / 1e6:.0f} MB fp32 on loopback, {os.cpu_count()} CPUs, "
