@@ -16,7 +16,9 @@ overlaps the wire instead of adding to it, and the next hop of a ring starts one
 last byte, not one frame. Measured here (2-peer ring, 64 MiB fp32, loopback, interleaved, busy
 host): a 4 MiB sub-chunk sealed whole then sent ran at 0.52-0.58x the unprotected ring, 1 MiB
 records overlapped at 0.73-0.75x; 256 KiB records cost more in thread hand-offs than they gained,
-and records without the helper thread were slower than whole frames.
+and records without the helper thread were slower than whole frames. The hand-offs cost CPU
+(19-25% more per op than whole frames, on that busy host): a host with no core to spare may do
+better without them (``connect_ring(overlap_cipher=False)``).
 
 Why AES-GCM: it is the fastest AEAD ``cryptography`` offers here (x86 with VAES/AVX-512;
 ``cryptography`` 50 with OpenSSL 4.0: AES-GCM 7-12 GB/s, AES-OCB3 2.8, ChaCha20-Poly1305 1.6);

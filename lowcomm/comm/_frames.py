@@ -29,6 +29,7 @@ concurrent senders (or two concurrent receivers) must be serialised by the calle
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -281,7 +282,7 @@ class Connection:
 
         pending: Pending | None = None
         if helper is not None:
-            pending = helper.run(lambda: seal(0))
+            pending = helper.run(functools.partial(seal, 0))
         prefix = header
         try:
             for index in range(len(recs)):
@@ -291,7 +292,8 @@ class Connection:
                     pending.wait()
                     pending = None
                     if index + 1 < len(recs):
-                        pending = helper.run(lambda i=index + 1: seal(i))  # type: ignore[union-attr]
+                        assert helper is not None
+                        pending = helper.run(functools.partial(seal, index + 1))
                 out = sealed[index % 2]
                 self._send_parts(prefix, [out], timeout_s=max(deadline - time.monotonic(), 1e-3))
                 self.tx_bytes += len(prefix) + out.nbytes
@@ -392,7 +394,7 @@ class Connection:
                 if pending is not None:
                     pending.wait()
                 pending = helper.run(
-                    lambda s=sealed, o=out[start:end]: self._open(cipher, header, s, o)
+                    functools.partial(self._open, cipher, header, sealed, out[start:end])
                 )
             if pending is not None:
                 done, pending = pending, None

@@ -45,7 +45,7 @@ _GRACE_S = 2.0
 _MIN_SUBCHUNKS = 4
 _MIN_QUANT_SUBCHUNKS = 8
 _MIN_SUBCHUNK_BYTES = 256 * 1024
-# Bulk receives wake once this much has arrived (see _frames.recv_exact), not per segment.
+# Bulk receives wake once this much has arrived (see _sockets.recv_exact), not per segment.
 _RCVLOWAT = 1 << 20
 
 _yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)

@@ -26,8 +26,11 @@ from views of it and forwarded from it, without copies. The calling thread encod
 sub-chunks in order while the ring threads already send, so the wire starts after one encode.
 The pipeline itself is ``_ring_pipeline.RingPipeline``; the wire layout ``_ring_wire``.
 
-Receiving threads wake on a low-water mark (``_frames.recv_exact``), not per TCP segment: on
-loopback the wake-ups were a good part of the sending side's CPU.
+Receiving threads wake on a low-water mark (``_sockets.recv_exact``), not per TCP segment: on
+loopback the wake-ups were a good part of the sending side's CPU. On a sealed ring a frame's 1 MiB
+records are sealed and opened on a helper thread per connection direction while the ring's
+threads move the neighbouring record through the socket (``_aead``, ``_cipher_thread``), so the
+cipher overlaps the wire.
 
 Failure: every socket operation runs against the operation's deadline. A dead neighbour raises
 ``PeerFailureError``, a stalled one ``CommTimeoutError``, peers in different operations
