@@ -52,6 +52,7 @@ LABELS = {
     "api": "public call, in place (protected)",
     "api_out": "public call, out= (protected)",
     "api_uint8": "public call uint8, in place (protected)",
+    "api_auto": "public call quantization='auto', in place (protected)",
     "api_plain": "public call, in place (plain)",
     "ring": "internal ring, out= (protected; reference)",
     "ring_plain": "internal ring, out= (plain; reference)",
@@ -157,20 +158,27 @@ def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> dict[str, 
         work = x.clone()
         times: dict[str, list[float]] = {v: [] for v in names}
         trips: dict[str, list[int]] = {v: [] for v in names}
+        cpu: dict[str, list[float]] = {v: [] for v in names}
+        codecs: dict[str, set[str]] = {v: set() for v in names}
         for rep in range(warmup + reps):
             # Alternate the order so that neither system always runs right after the other.
             for v in names if rep % 2 == 0 else names[::-1]:
                 work.copy_(x)  # in-place variants start from the same values every rep
                 dist.barrier()
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 info = _call(v, comms, rings, codec, x, work, out)
                 dt = time.perf_counter() - t0
                 if rep >= warmup:
                     times[v].append(dt)
+                    cpu[v].append(time.process_time() - c0)
+                    codecs[v].add(str(getattr(info, "codec", None)))
                     rt = getattr(info, "master_round_trips", None)
                     if rt is not None:
                         trips[v].append(int(rt))
         results.setdefault("round_trips", {}).update({v: t for v, t in trips.items() if t})
+        results.setdefault("cpu", {}).update(cpu)
+        results.setdefault("codecs", {}).update({v: sorted(c) for v, c in codecs.items()})
         return times
 
     results["times"] = timed(cfg["numel"], variants, cfg["reps"], cfg["warmup"])
@@ -219,6 +227,8 @@ def _call(
         return comms["api"].all_reduce(x, "sum", out=out)
     if v == "api_uint8":
         return comms["api"].all_reduce(work, "sum", quantization="uint8")
+    if v == "api_auto":
+        return comms["api"].all_reduce(work, "sum", quantization="auto")
     if v == "api_plain":
         return comms["plain"].all_reduce(work, "sum")
     if v == "ring":
@@ -251,7 +261,7 @@ def run_group(n: int, cfg: dict[str, Any], *, bound_s: float = 900.0) -> list[di
     masters = []
     cfg = dict(cfg, gloo_port=_free_port())
     for key, enc, needed in (
-        ("master", True, {"api", "api_out", "api_uint8"} & variants or cfg.get("rmse")),
+        ("master", True, {"api", "api_out", "api_uint8", "api_auto"} & variants or cfg.get("rmse")),
         ("plain_master", False, "api_plain" in variants),
     ):
         if needed:
@@ -312,6 +322,12 @@ def median(results: list[dict[str, Any]], variant: str, key: str = "times") -> f
     return statistics.median(max(rep) for rep in reps)
 
 
+def cpu_ms(results: list[dict[str, Any]], variant: str) -> float:
+    """CPU milliseconds per op of one peer process (all its threads), median over reps and
+    averaged over the peers: on a loaded host a steadier measure of the work than the clock."""
+    return 1e3 * statistics.mean(statistics.median(r["cpu"][variant]) for r in results)
+
+
 def busbw(n: int, nbytes: int, results: list[dict[str, Any]], variant: str) -> float:
     """Best-of-reps bus bandwidth in GB/s."""
     return 2 * (n - 1) / n * nbytes / best(results, variant) / 1e9
@@ -365,15 +381,21 @@ def main() -> None:
     )
     api_vs_gloo: dict[int, float] = {}
     for n in (2, 4):
-        variants = ["gloo", "api", "api_out", "api_uint8", "ring", "ring_uint8"]
+        variants = ["gloo", "api", "api_out", "api_uint8", "api_auto", "ring", "ring_uint8"]
         if n == 2:
             variants += ["api_plain", "ring_plain"]
         cfg = dict(base, variants=variants, small_reps=30 if quick else 200)
         results = run_group(n, cfg)
         bw = {v: busbw(n, nbytes, results, v) for v in variants}
         for v in variants:
+            used = results[0]["codecs"].get(v, [])
+            tail = f"; codec {'/'.join(used)}" if v == "api_auto" else ""
             rows.append(
-                (f"{n} peers  {LABELS[v]}", f"{bw[v]:.2f} GB/s  ({bw[v] / bw['gloo']:.2f}x Gloo)")
+                (
+                    f"{n} peers  {LABELS[v]}",
+                    f"{bw[v]:.2f} GB/s  ({bw[v] / bw['gloo']:.2f}x Gloo; "
+                    f"{cpu_ms(results, v):.1f} CPU-ms/op{tail})",
+                )
             )
         api_vs_gloo[n] = bw["api"] / bw["gloo"]
         claim(f"api_busbw_vs_gloo_{n}peers", api_vs_gloo[n], 1.3 if n == 2 else 1.05)
@@ -470,18 +492,20 @@ def main() -> None:
         base,
         numel=shaped_numel,
         bandwidth_bps=rate_bps,
-        variants=["api", "api_plain", "api_uint8", "ring"],
-        reps=2 if quick else 6,
+        variants=["api", "api_plain", "api_uint8", "api_auto", "ring"],
+        reps=3 if quick else 6,
     )
     results = run_group(n, cfg)
     shaped_bytes = shaped_numel * 4
     bw = {v: busbw(n, shaped_bytes, results, v) for v in cfg["variants"]}
     link = rate_bps / 8 / 1e9
     for v in cfg["variants"]:
+        used = results[0]["codecs"].get(v, [])
+        tail = f"; codec {'/'.join(used)}" if v == "api_auto" else ""
         rows.append(
             (
                 f"{n} peers @1 Gbit/s  {LABELS[v]}",
-                f"{bw[v]:.3f} GB/s = {bw[v] / link:.1%} of the link",
+                f"{bw[v]:.3f} GB/s = {bw[v] / link:.1%} of the link{tail}",
             )
         )
     claim("link_utilisation_1gbit", bw["api"] / link, 0.9, what="public call, in place")

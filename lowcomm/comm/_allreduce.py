@@ -1,6 +1,15 @@
 """One all-reduce of the TCP backend, all or nothing: the phase gate at the master, the ring
-(cached between operations), the commit vote, and the copy into the caller's tensor only after
-the verdict. ``Communicator`` owns one and runs it on its worker thread."""
+(cached between operations), the commit vote. ``Communicator`` owns one and runs it on its worker
+thread.
+
+The caller's tensor is written by the ring directly, not copied into after the verdict: before the
+ring starts, a backup of what the ring will overwrite is taken (in place: the input, which the ring
+then reads from; ``out=``: its old contents), while the gate request is already on its way to the
+master. Any failure (the ring, the vote, an abort verdict) puts the backup back, so the caller's
+tensor is unchanged unless the operation committed on every participant. (CUDA and strided
+tensors go through host buffers, copied back after the verdict.) ``quantization="auto"``:
+``AutoQuantization``.
+"""
 
 from __future__ import annotations
 

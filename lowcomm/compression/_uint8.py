@@ -42,7 +42,10 @@ def _magic_rounding_works() -> bool:
     return torch.equal(got, expected)
 
 
-_MAGIC_OK = _magic_rounding_works()
+# Checked at the first encode, not at import: torch work at import time in a forkserver or a
+# parent that forks would be inherited by its children (torch's thread pool does not survive a
+# fork).
+_MAGIC_OK: bool | None = None
 
 
 # The elementwise passes run over pieces of about this many values (1 MiB of fp32): a piece and its
@@ -81,6 +84,9 @@ def _quantize(v: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, codes: torch
 
 def _round_into(y: torch.Tensor, codes: torch.Tensor) -> None:
     """``codes = round_half_even(y)`` for fp32 ``y`` in [0, 255.5) (``y`` is clobbered)."""
+    global _MAGIC_OK
+    if y.device.type == "cpu" and _MAGIC_OK is None:
+        _MAGIC_OK = _magic_rounding_works()
     if y.device.type == "cpu" and _MAGIC_OK:
         y.add_(_MAGIC)
         codes.copy_(y.view(torch.int32))
