@@ -151,7 +151,9 @@ def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> dict[str, 
     codec = get_codec("uint8")
     results: dict[str, Any] = {}
 
-    def timed(numel: int, names: list[str], reps: int, warmup: int) -> dict[str, list[float]]:
+    def timed(
+        numel: int, names: list[str], reps: int, warmup: int, key: str = ""
+    ) -> dict[str, list[float]]:
         gen = torch.Generator().manual_seed(1234 + rank)
         x = torch.randn(numel, generator=gen)
         out = torch.empty_like(x)
@@ -176,15 +178,15 @@ def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> dict[str, 
                     rt = getattr(info, "master_round_trips", None)
                     if rt is not None:
                         trips[v].append(int(rt))
-        results.setdefault("round_trips", {}).update({v: t for v, t in trips.items() if t})
-        results.setdefault("cpu", {}).update(cpu)
-        results.setdefault("codecs", {}).update({v: sorted(c) for v, c in codecs.items()})
+        results[key + "round_trips"] = {v: t for v, t in trips.items() if t}
+        results[key + "cpu"] = cpu
+        results[key + "codecs"] = {v: sorted(c) for v, c in codecs.items()}
         return times
 
     results["times"] = timed(cfg["numel"], variants, cfg["reps"], cfg["warmup"])
     small = [v for v in ("gloo", "api") if v in variants] if cfg.get("small_reps") else []
     if small:
-        results["small"] = timed(SMALL_NUMEL, small, cfg["small_reps"], 5)
+        results["small"] = timed(SMALL_NUMEL, small, cfg["small_reps"], 5, key="small_")
     if cfg.get("rmse"):
         # Quantized all-reduce of Gaussian inputs against the exact fp64 result of the same inputs,
         # for the average (the scale of PCCL's published 0.0268 / 0.0087) and for the sum.
@@ -417,7 +419,7 @@ def main() -> None:
             rows.append(
                 (f"{n} peers  ring protected vs plain", f"{bw['ring'] / bw['ring_plain']:.2f}x")
             )
-        trips = results[0].get("round_trips", {})
+        trips = results[0].get("small_round_trips", {})
         g_small, a_small = median(results, "gloo", "small"), median(results, "api", "small")
         rt = trips.get("api")
         rt_txt = f", {max(rt)} master round trips per op" if rt else ""
