@@ -222,6 +222,14 @@ class RingPipeline:
         self.raw = codec is not None and getattr(codec, "zstd_level", None) is None
         self.arena: np.ndarray[Any, np.dtype[np.uint8]] | None = None
         self.recv_offsets: list[int] = []
+        # A sum's quantized reduce-scatter step decodes and adds in one (the codec's decode_add)
+        # where the codec has it and the local values are fp32.
+        self.fused_add = (
+            codec is not None
+            and op in ("sum", "avg")
+            and callable(getattr(codec, "decode_add", None))
+            and src.dtype == torch.float32
+        )
         if self.raw:
             self.arena = self._plan_arena()
 
@@ -466,7 +474,15 @@ class RingPipeline:
             )
             self.check_header(conn, header, m)
             self.wait_for_first_step(step)
-            self.decode_into(unpack(self.layout(b - a), slot, b - a), region)
+            enc = unpack(self.layout(b - a), slot, b - a)
+            if step <= self.n - 2 and self.fused_add:
+                # Decode and add the local values in one kernel (see _reduce_step).
+                try:
+                    self.codec.decode_add(enc, region, self.src[a:b])  # type: ignore[union-attr]
+                except ValueError as exc:
+                    raise ProtocolError(f"a quantized sub-chunk did not decode: {exc}") from exc
+            else:
+                self.decode_into(enc, region)
             return [slot.data]
         header = conn.recv_header(timeout_s=max(self.left(), 1e-3))
         self.check_header(conn, header, m)
@@ -493,7 +509,8 @@ class RingPipeline:
         """Reduces a received reduce-scatter sub-chunk (now in ``region``, ``res[a:b]``) with the
         local values; returns what to forward (quantized: the new encoding), else None. At the
         last reduce-scatter step this peer owns the chunk and finishes it."""
-        _reduce(region, self.src[a:b], self.op)
+        if not (self.raw and self.fused_add):  # else _receive decoded and added in one
+            _reduce(region, self.src[a:b], self.op)
         if step < self.n - 2:
             # Encode the new partial sum here, while it is still in cache.
             return self.encode(region) if self.codec is not None else None

@@ -158,11 +158,12 @@ class Uint8Codec(BaseCodec):
             lo = mins[first : first + rows].view(rows, 1)
             for r, c in _pieces(o):
                 oo = o[r, c]
+                # The decode's passes, then the add, on one piece while it is in cache: the same
+                # bits as decoding the whole sub-chunk and adding, one pass over memory fewer.
                 oo.copy_(q[r, c])
-                # addend + q * scale in one pass, then + min: three passes where decoding and
-                # adding take four. Not the decode's rounding (no peer compares a partial sum).
-                torch.addcmul(a[r, c], oo, sc[r], out=oo)
+                oo.mul_(sc[r])
                 oo.add_(lo[r])
+                oo.add_(a[r, c])
 
     def _decode_flat(
         self, parts: Mapping[str, torch.Tensor], out: torch.Tensor, shape: tuple[int, ...]
