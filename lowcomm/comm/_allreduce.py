@@ -308,9 +308,11 @@ class VotedAllReduce:
         if not on_host:
             # A CUDA (or strided) tensor: the ring works on host copies; the result goes back to
             # the caller's tensor only after the verdict.
-            host = self.buffer("host", src.numel(), src.dtype, pin=src.device.type == "cuda")
+            pin = src.device.type == "cuda"
+            host = self.buffer("host", src.numel(), src.dtype, pin=pin)
             host.copy_(src.reshape(-1))
-            result = self.buffer("result", src.numel(), src.dtype, pin=False)
+            # Pinned too: the copy back to the device after the verdict is then a fast DMA.
+            result = self.buffer("result", src.numel(), src.dtype, pin=pin)
             return _Plan(src=host, dest=result, backup=None, copy_back=True)
         flat = src.reshape(-1)
         if dst.device.type != "cpu" or not dst.is_contiguous():
