@@ -87,12 +87,12 @@ def _api_config(cfg: dict[str, Any], shaper: Shaper | None, *, encryption: bool)
 
 def _worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> None:
     try:
-        conn.send(_run_worker(rank, n, cfg, conn))
+        _run_worker(rank, n, cfg, conn)
     except BaseException:
         conn.send({"error": traceback.format_exc()})
 
 
-def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> dict[str, Any]:
+def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> None:
     torch.set_num_threads(1)
     variants: list[str] = list(cfg["variants"])
     shaper = (
@@ -202,6 +202,8 @@ def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> dict[str, 
             results[f"bias_{op}"] = float(err.mean())
             results[f"qhash_{op}"] = hashlib.sha256(qout.numpy().tobytes()).hexdigest()
     dist.barrier()
+    # Results first: a close that hangs (PCCL's did) must not lose them; the parent kills us.
+    conn.send(results)
     for ring in rings.values():
         ring.close()
     for lst in listeners.values():
@@ -209,7 +211,6 @@ def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> dict[str, 
     for c in comms.values():
         c.close()
     dist.destroy_process_group()
-    return results
 
 
 def _call(
@@ -293,8 +294,9 @@ def run_group(n: int, cfg: dict[str, Any], *, bound_s: float = 900.0) -> list[di
         for parent, _ in pipes:
             parent.send(ring_addresses)
         results = [_recv(parent, deadline) for parent, _ in pipes]
+        end = time.monotonic() + 20  # closing; the finally kills a peer that hangs in it
         for p in procs:
-            p.join(timeout=60)
+            p.join(timeout=max(0.1, end - time.monotonic()))
         return results
     finally:
         for p in procs + helpers:
