@@ -58,6 +58,10 @@ class AllReduceInfo:
     codec: str | None = None
 
 
+# From this size on, the gate request is sent from a helper thread while the worker stages the
+# tensor (the backup copy); below it the copy is cheaper than the hand-off.
+_STAGE_ASIDE_BYTES = 256 * 1024
+
 # "auto" quantizes only tensors at least this large: below it an op is latency-bound and the
 # codec's passes cannot pay for themselves.
 AUTO_MIN_BYTES = 1 << 20
@@ -224,17 +228,24 @@ class VotedAllReduce:
             payload["stamp"] = stamp
         # The verdict travels through the gate: every peer learns it when the gate opens.
         nonfinite = (check_finite or codec is not None) and has_nonfinite(tensor)
-        # The gate request leaves first; this thread stages the data while it is answered.
-        gate_call = self._helper.call(
-            lambda: self._control.gate(
+
+        def open_gate() -> dict[str, Any]:
+            return self._control.gate(
                 GateKind.ALL_REDUCE, str(tag), payload, deadline, nonfinite=nonfinite
             )
-        )
+
         target = out if out is not None else tensor
-        try:
+        if tensor.numel() * tensor.element_size() < _STAGE_ASIDE_BYTES:
+            # Staging a small tensor costs less than handing the request to another thread.
+            gate = open_gate()
             plan = self._stage(tensor, target)
-        finally:
-            gate = gate_call.result()
+        else:
+            # The gate request leaves first; this thread stages the data while it is answered.
+            gate_call = self._helper.call(open_gate)
+            try:
+                plan = self._stage(tensor, target)
+            finally:
+                gate = gate_call.result()
         participants = list(gate["participants"])
         op_id = str(gate["op_id"])
 
