@@ -224,11 +224,9 @@ class RingPipeline:
         self.recv_offsets: list[int] = []
         # A sum's quantized reduce-scatter step decodes and adds in one (the codec's decode_add)
         # where the codec has it and the local values are fp32.
+        self.decode_add: Any = getattr(codec, "decode_add", None)
         self.fused_add = (
-            codec is not None
-            and op in ("sum", "avg")
-            and callable(getattr(codec, "decode_add", None))
-            and src.dtype == torch.float32
+            callable(self.decode_add) and op in ("sum", "avg") and src.dtype == torch.float32
         )
         if self.raw:
             self.arena = self._plan_arena()
@@ -478,7 +476,7 @@ class RingPipeline:
             if step <= self.n - 2 and self.fused_add:
                 # Decode and add the local values in one kernel (see _reduce_step).
                 try:
-                    self.codec.decode_add(enc, region, self.src[a:b])  # type: ignore[union-attr]
+                    self.decode_add(enc, region, self.src[a:b])
                 except ValueError as exc:
                     raise ProtocolError(f"a quantized sub-chunk did not decode: {exc}") from exc
             else:
