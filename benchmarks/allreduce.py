@@ -388,7 +388,7 @@ def main() -> None:
         variants = ["gloo", "api", "api_out", "api_uint8", "api_auto", "ring", "ring_uint8"]
         if n == 2:
             variants += ["api_plain", "ring_plain"]
-        cfg = dict(base, variants=variants, small_reps=30 if quick else 200)
+        cfg = dict(base, variants=variants, small_reps=20 if quick else 200)
         results = run_group(n, cfg)
         bw = {v: busbw(n, nbytes, results, v) for v in variants}
         for v in variants:
@@ -497,7 +497,7 @@ def main() -> None:
         numel=shaped_numel,
         bandwidth_bps=rate_bps,
         variants=["api", "api_plain", "api_uint8", "api_auto", "ring"],
-        reps=3 if quick else 6,
+        reps=2 if quick else 6,
     )
     results = run_group(n, cfg)
     shaped_bytes = shaped_numel * 4
