@@ -169,7 +169,7 @@ class VotedAllReduce:
                     addresses=[(str(h), int(p)) for h, p in gate["addresses"]],
                     ring_id=str(gate["ring_id"]),
                     token=control.token,
-                    num_connections=config.num_connections,
+                    num_connections=_num_connections(gate, config),
                     thread_per_connection=_thread_per_connection(gate, config),
                     timeout_s=max(0.1, build_s),
                     shaper=config.shaper,
@@ -467,10 +467,21 @@ def _thread_per_connection(gate: dict[str, Any], config: CommConfig) -> bool:
     (the ring is then CPU-bound: fewer threads move more), True otherwise."""
     if config.thread_per_connection is not None:
         return config.thread_per_connection
+    return not _loopback_neighbours(gate)
+
+
+def _num_connections(gate: dict[str, Any], config: CommConfig) -> int:
+    """The configured number, or (None) 1 for loopback neighbours, else 4."""
+    if config.num_connections is not None:
+        return config.num_connections
+    return 1 if _loopback_neighbours(gate) else 4
+
+
+def _loopback_neighbours(gate: dict[str, Any]) -> bool:
     addresses = gate["addresses"]
     n, rank = len(addresses), int(gate["rank"])
     neighbours = {str(addresses[(rank + d) % n][0]) for d in (-1, 1)}
-    return not all(_is_loopback(h) for h in neighbours)
+    return all(_is_loopback(h) for h in neighbours)
 
 
 def _is_loopback(host: str) -> bool:

@@ -167,3 +167,18 @@ def test_strided_and_half_precision_tensors_all_reduce_in_place(master) -> None:
         assert all(torch.all(t == 3.0) for t in tensors)
     assert all(torch.all(b[1::2] == float(i + 1)) for i, b in enumerate(bases))  # untouched
     _close(comms)
+
+
+def test_ring_settings_follow_the_neighbours_addresses_unless_configured() -> None:
+    from lowcomm.comm import CommConfig, _allreduce
+
+    local = {"rank": 1, "addresses": [["127.0.0.1", 1], ["127.0.0.1", 2], ["127.0.0.5", 3]]}
+    wan = {"rank": 1, "addresses": [["127.0.0.1", 1], ["127.0.0.1", 2], ["10.0.0.7", 3]]}
+    default = CommConfig()
+    assert _allreduce._num_connections(local, default) == 1
+    assert not _allreduce._thread_per_connection(local, default)
+    assert _allreduce._num_connections(wan, default) == 4  # one neighbour is remote
+    assert _allreduce._thread_per_connection(wan, default)
+    chosen = CommConfig(num_connections=3, thread_per_connection=True)
+    assert _allreduce._num_connections(local, chosen) == 3
+    assert _allreduce._thread_per_connection(local, chosen)
