@@ -271,21 +271,25 @@ def run_group(n: int, cfg: dict[str, Any], *, bound_s: float = 900.0) -> list[di
             m = Master(("127.0.0.1", 0), token=TOKEN, first_peer_grace_s=0.1, encryption=enc)
             masters.append(m.start())
             cfg[key] = f"{m.address[0]}:{m.address[1]}"
-    helpers = []
-    if variants & {"pccl", "pccl_uint8"}:
-        port = _free_port()
-        ready = ctx.Event()
-        pm = ctx.Process(target=_pccl_master, args=(port, ready), daemon=True)
-        pm.start()
-        helpers.append(pm)
-        if not ready.wait(60):
-            raise TimeoutError("the PCCL master did not start within 60 s")
-        cfg["pccl_master"] = f"127.0.0.1:{port}"
-    pipes = [ctx.Pipe() for _ in range(n)]
-    procs = [
-        ctx.Process(target=_worker, args=(r, n, cfg, pipes[r][1]), daemon=True) for r in range(n)
-    ]
+    helpers: list[Any] = []
+    procs: list[Any] = []
     try:
+        if variants & {"pccl", "pccl_uint8"}:
+            port = _free_port()
+            ready = ctx.Event()
+            pm = ctx.Process(target=_pccl_master, args=(port, ready), daemon=True)
+            pm.start()
+            helpers.append(pm)
+            end = time.monotonic() + 60
+            while not ready.wait(0.2):
+                if not pm.is_alive() or time.monotonic() > end:
+                    raise RuntimeError("the PCCL master did not start (or died at once)")
+            cfg["pccl_master"] = f"127.0.0.1:{port}"
+        pipes = [ctx.Pipe() for _ in range(n)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, n, cfg, pipes[r][1]), daemon=True)
+            for r in range(n)
+        ]
         for p in procs:
             p.start()
         deadline = time.monotonic() + bound_s
