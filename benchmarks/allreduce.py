@@ -52,6 +52,7 @@ LABELS = {
     "api": "public call, in place (protected)",
     "api_out": "public call, out= (protected)",
     "api_uint8": "public call uint8, in place (protected)",
+    "api_auto": "public call quantization='auto', in place (protected)",
     "api_plain": "public call, in place (plain)",
     "ring": "internal ring, out= (protected; reference)",
     "ring_plain": "internal ring, out= (plain; reference)",
@@ -86,12 +87,12 @@ def _api_config(cfg: dict[str, Any], shaper: Shaper | None, *, encryption: bool)
 
 def _worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> None:
     try:
-        conn.send(_run_worker(rank, n, cfg, conn))
+        _run_worker(rank, n, cfg, conn)
     except BaseException:
         conn.send({"error": traceback.format_exc()})
 
 
-def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> dict[str, Any]:
+def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> None:
     torch.set_num_threads(1)
     variants: list[str] = list(cfg["variants"])
     shaper = (
@@ -150,33 +151,42 @@ def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> dict[str, 
     codec = get_codec("uint8")
     results: dict[str, Any] = {}
 
-    def timed(numel: int, names: list[str], reps: int, warmup: int) -> dict[str, list[float]]:
+    def timed(
+        numel: int, names: list[str], reps: int, warmup: int, key: str = ""
+    ) -> dict[str, list[float]]:
         gen = torch.Generator().manual_seed(1234 + rank)
         x = torch.randn(numel, generator=gen)
         out = torch.empty_like(x)
         work = x.clone()
         times: dict[str, list[float]] = {v: [] for v in names}
         trips: dict[str, list[int]] = {v: [] for v in names}
+        cpu: dict[str, list[float]] = {v: [] for v in names}
+        codecs: dict[str, set[str]] = {v: set() for v in names}
         for rep in range(warmup + reps):
             # Alternate the order so that neither system always runs right after the other.
             for v in names if rep % 2 == 0 else names[::-1]:
                 work.copy_(x)  # in-place variants start from the same values every rep
                 dist.barrier()
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 info = _call(v, comms, rings, codec, x, work, out)
                 dt = time.perf_counter() - t0
                 if rep >= warmup:
                     times[v].append(dt)
+                    cpu[v].append(time.process_time() - c0)
+                    codecs[v].add(str(getattr(info, "codec", None)))
                     rt = getattr(info, "master_round_trips", None)
                     if rt is not None:
                         trips[v].append(int(rt))
-        results.setdefault("round_trips", {}).update({v: t for v, t in trips.items() if t})
+        results[key + "round_trips"] = {v: t for v, t in trips.items() if t}
+        results[key + "cpu"] = cpu
+        results[key + "codecs"] = {v: sorted(c) for v, c in codecs.items()}
         return times
 
     results["times"] = timed(cfg["numel"], variants, cfg["reps"], cfg["warmup"])
     small = [v for v in ("gloo", "api") if v in variants] if cfg.get("small_reps") else []
     if small:
-        results["small"] = timed(SMALL_NUMEL, small, cfg["small_reps"], 5)
+        results["small"] = timed(SMALL_NUMEL, small, cfg["small_reps"], 5, key="small_")
     if cfg.get("rmse"):
         # Quantized all-reduce of Gaussian inputs against the exact fp64 result of the same inputs,
         # for the average (the scale of PCCL's published 0.0268 / 0.0087) and for the sum.
@@ -192,6 +202,8 @@ def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> dict[str, 
             results[f"bias_{op}"] = float(err.mean())
             results[f"qhash_{op}"] = hashlib.sha256(qout.numpy().tobytes()).hexdigest()
     dist.barrier()
+    # Results first: a close that hangs (PCCL's did) must not lose them; the parent kills us.
+    conn.send(results)
     for ring in rings.values():
         ring.close()
     for lst in listeners.values():
@@ -199,7 +211,6 @@ def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> dict[str, 
     for c in comms.values():
         c.close()
     dist.destroy_process_group()
-    return results
 
 
 def _call(
@@ -219,6 +230,8 @@ def _call(
         return comms["api"].all_reduce(x, "sum", out=out)
     if v == "api_uint8":
         return comms["api"].all_reduce(work, "sum", quantization="uint8")
+    if v == "api_auto":
+        return comms["api"].all_reduce(work, "sum", quantization="auto")
     if v == "api_plain":
         return comms["plain"].all_reduce(work, "sum")
     if v == "ring":
@@ -251,28 +264,32 @@ def run_group(n: int, cfg: dict[str, Any], *, bound_s: float = 900.0) -> list[di
     masters = []
     cfg = dict(cfg, gloo_port=_free_port())
     for key, enc, needed in (
-        ("master", True, {"api", "api_out", "api_uint8"} & variants or cfg.get("rmse")),
+        ("master", True, {"api", "api_out", "api_uint8", "api_auto"} & variants or cfg.get("rmse")),
         ("plain_master", False, "api_plain" in variants),
     ):
         if needed:
             m = Master(("127.0.0.1", 0), token=TOKEN, first_peer_grace_s=0.1, encryption=enc)
             masters.append(m.start())
             cfg[key] = f"{m.address[0]}:{m.address[1]}"
-    helpers = []
-    if variants & {"pccl", "pccl_uint8"}:
-        port = _free_port()
-        ready = ctx.Event()
-        pm = ctx.Process(target=_pccl_master, args=(port, ready), daemon=True)
-        pm.start()
-        helpers.append(pm)
-        if not ready.wait(60):
-            raise TimeoutError("the PCCL master did not start within 60 s")
-        cfg["pccl_master"] = f"127.0.0.1:{port}"
-    pipes = [ctx.Pipe() for _ in range(n)]
-    procs = [
-        ctx.Process(target=_worker, args=(r, n, cfg, pipes[r][1]), daemon=True) for r in range(n)
-    ]
+    helpers: list[Any] = []
+    procs: list[Any] = []
     try:
+        if variants & {"pccl", "pccl_uint8"}:
+            port = _free_port()
+            ready = ctx.Event()
+            pm = ctx.Process(target=_pccl_master, args=(port, ready), daemon=True)
+            pm.start()
+            helpers.append(pm)
+            end = time.monotonic() + 60
+            while not ready.wait(0.2):
+                if not pm.is_alive() or time.monotonic() > end:
+                    raise RuntimeError("the PCCL master did not start (or died at once)")
+            cfg["pccl_master"] = f"127.0.0.1:{port}"
+        pipes = [ctx.Pipe() for _ in range(n)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, n, cfg, pipes[r][1]), daemon=True)
+            for r in range(n)
+        ]
         for p in procs:
             p.start()
         deadline = time.monotonic() + bound_s
@@ -281,8 +298,9 @@ def run_group(n: int, cfg: dict[str, Any], *, bound_s: float = 900.0) -> list[di
         for parent, _ in pipes:
             parent.send(ring_addresses)
         results = [_recv(parent, deadline) for parent, _ in pipes]
+        end = time.monotonic() + 20  # closing; the finally kills a peer that hangs in it
         for p in procs:
-            p.join(timeout=60)
+            p.join(timeout=max(0.1, end - time.monotonic()))
         return results
     finally:
         for p in procs + helpers:
@@ -310,6 +328,12 @@ def best(results: list[dict[str, Any]], variant: str, key: str = "times") -> flo
 def median(results: list[dict[str, Any]], variant: str, key: str = "times") -> float:
     reps = zip(*(r[key][variant] for r in results), strict=True)
     return statistics.median(max(rep) for rep in reps)
+
+
+def cpu_ms(results: list[dict[str, Any]], variant: str) -> float:
+    """CPU milliseconds per op of one peer process (all its threads), median over reps and
+    averaged over the peers: on a loaded host a steadier measure of the work than the clock."""
+    return 1e3 * statistics.mean(statistics.median(r["cpu"][variant]) for r in results)
 
 
 def busbw(n: int, nbytes: int, results: list[dict[str, Any]], variant: str) -> float:
@@ -365,15 +389,21 @@ def main() -> None:
     )
     api_vs_gloo: dict[int, float] = {}
     for n in (2, 4):
-        variants = ["gloo", "api", "api_out", "api_uint8", "ring", "ring_uint8"]
+        variants = ["gloo", "api", "api_out", "api_uint8", "api_auto", "ring", "ring_uint8"]
         if n == 2:
             variants += ["api_plain", "ring_plain"]
-        cfg = dict(base, variants=variants, small_reps=30 if quick else 200)
+        cfg = dict(base, variants=variants, small_reps=20 if quick else 200)
         results = run_group(n, cfg)
         bw = {v: busbw(n, nbytes, results, v) for v in variants}
         for v in variants:
+            used = results[0]["codecs"].get(v, [])
+            tail = f"; codec {'/'.join(used)}" if v == "api_auto" else ""
             rows.append(
-                (f"{n} peers  {LABELS[v]}", f"{bw[v]:.2f} GB/s  ({bw[v] / bw['gloo']:.2f}x Gloo)")
+                (
+                    f"{n} peers  {LABELS[v]}",
+                    f"{bw[v]:.2f} GB/s  ({bw[v] / bw['gloo']:.2f}x Gloo; "
+                    f"{cpu_ms(results, v):.1f} CPU-ms/op{tail})",
+                )
             )
         api_vs_gloo[n] = bw["api"] / bw["gloo"]
         claim(f"api_busbw_vs_gloo_{n}peers", api_vs_gloo[n], 1.3 if n == 2 else 1.05)
@@ -395,7 +425,7 @@ def main() -> None:
             rows.append(
                 (f"{n} peers  ring protected vs plain", f"{bw['ring'] / bw['ring_plain']:.2f}x")
             )
-        trips = results[0].get("round_trips", {})
+        trips = results[0].get("small_round_trips", {})
         g_small, a_small = median(results, "gloo", "small"), median(results, "api", "small")
         rt = trips.get("api")
         rt_txt = f", {max(rt)} master round trips per op" if rt else ""
@@ -470,7 +500,7 @@ def main() -> None:
         base,
         numel=shaped_numel,
         bandwidth_bps=rate_bps,
-        variants=["api", "api_plain", "api_uint8", "ring"],
+        variants=["api", "api_plain", "api_uint8", "api_auto", "ring"],
         reps=2 if quick else 6,
     )
     results = run_group(n, cfg)
@@ -478,10 +508,12 @@ def main() -> None:
     bw = {v: busbw(n, shaped_bytes, results, v) for v in cfg["variants"]}
     link = rate_bps / 8 / 1e9
     for v in cfg["variants"]:
+        used = results[0]["codecs"].get(v, [])
+        tail = f"; codec {'/'.join(used)}" if v == "api_auto" else ""
         rows.append(
             (
                 f"{n} peers @1 Gbit/s  {LABELS[v]}",
-                f"{bw[v]:.3f} GB/s = {bw[v] / link:.1%} of the link",
+                f"{bw[v]:.3f} GB/s = {bw[v] / link:.1%} of the link{tail}",
             )
         )
     claim("link_utilisation_1gbit", bw["api"] / link, 0.9, what="public call, in place")

@@ -1,6 +1,15 @@
 """One all-reduce of the TCP backend, all or nothing: the phase gate at the master, the ring
-(cached between operations), the commit vote, and the copy into the caller's tensor only after
-the verdict. ``Communicator`` owns one and runs it on its worker thread."""
+(cached between operations), the commit vote. ``Communicator`` owns one and runs it on its worker
+thread.
+
+The caller's tensor is written by the ring directly, not copied into after the verdict: before the
+ring starts, a backup of what the ring will overwrite is taken (in place: the input, which the ring
+then reads from; ``out=``: its old contents), while the gate request is already on its way to the
+master. Any failure (the ring, the vote, an abort verdict) puts the backup back, so the caller's
+tensor is unchanged unless the operation committed on every participant. (CUDA and strided
+tensors go through host buffers, copied back after the verdict.) ``quantization="auto"``:
+``AutoQuantization``.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +57,10 @@ class AllReduceInfo:
     master_round_trips: int = 0
     codec: str | None = None
 
+
+# From this size on, the gate request is sent from a helper thread while the worker stages the
+# tensor (the backup copy); below it the copy is cheaper than the hand-off.
+_STAGE_ASIDE_BYTES = 256 * 1024
 
 # "auto" quantizes only tensors at least this large: below it an op is latency-bound and the
 # codec's passes cannot pay for themselves.
@@ -156,7 +169,7 @@ class VotedAllReduce:
                     addresses=[(str(h), int(p)) for h, p in gate["addresses"]],
                     ring_id=str(gate["ring_id"]),
                     token=control.token,
-                    num_connections=config.num_connections,
+                    num_connections=_num_connections(gate, config),
                     thread_per_connection=_thread_per_connection(gate, config),
                     timeout_s=max(0.1, build_s),
                     shaper=config.shaper,
@@ -215,17 +228,24 @@ class VotedAllReduce:
             payload["stamp"] = stamp
         # The verdict travels through the gate: every peer learns it when the gate opens.
         nonfinite = (check_finite or codec is not None) and has_nonfinite(tensor)
-        # The gate request leaves first; this thread stages the data while it is answered.
-        gate_call = self._helper.call(
-            lambda: self._control.gate(
+
+        def open_gate() -> dict[str, Any]:
+            return self._control.gate(
                 GateKind.ALL_REDUCE, str(tag), payload, deadline, nonfinite=nonfinite
             )
-        )
+
         target = out if out is not None else tensor
-        try:
+        if tensor.numel() * tensor.element_size() < _STAGE_ASIDE_BYTES:
+            # Staging a small tensor costs less than handing the request to another thread.
+            gate = open_gate()
             plan = self._stage(tensor, target)
-        finally:
-            gate = gate_call.result()
+        else:
+            # The gate request leaves first; this thread stages the data while it is answered.
+            gate_call = self._helper.call(open_gate)
+            try:
+                plan = self._stage(tensor, target)
+            finally:
+                gate = gate_call.result()
         participants = list(gate["participants"])
         op_id = str(gate["op_id"])
 
@@ -299,9 +319,11 @@ class VotedAllReduce:
         if not on_host:
             # A CUDA (or strided) tensor: the ring works on host copies; the result goes back to
             # the caller's tensor only after the verdict.
-            host = self.buffer("host", src.numel(), src.dtype, pin=src.device.type == "cuda")
+            pin = src.device.type == "cuda"
+            host = self.buffer("host", src.numel(), src.dtype, pin=pin)
             host.copy_(src.reshape(-1))
-            result = self.buffer("result", src.numel(), src.dtype, pin=False)
+            # Pinned too: the copy back to the device after the verdict is then a fast DMA.
+            result = self.buffer("result", src.numel(), src.dtype, pin=pin)
             return _Plan(src=host, dest=result, backup=None, copy_back=True)
         flat = src.reshape(-1)
         if dst.device.type != "cpu" or not dst.is_contiguous():
@@ -445,10 +467,21 @@ def _thread_per_connection(gate: dict[str, Any], config: CommConfig) -> bool:
     (the ring is then CPU-bound: fewer threads move more), True otherwise."""
     if config.thread_per_connection is not None:
         return config.thread_per_connection
+    return not _loopback_neighbours(gate)
+
+
+def _num_connections(gate: dict[str, Any], config: CommConfig) -> int:
+    """The configured number, or (None) 1 for loopback neighbours, else 4."""
+    if config.num_connections is not None:
+        return config.num_connections
+    return 1 if _loopback_neighbours(gate) else 4
+
+
+def _loopback_neighbours(gate: dict[str, Any]) -> bool:
     addresses = gate["addresses"]
     n, rank = len(addresses), int(gate["rank"])
     neighbours = {str(addresses[(rank + d) % n][0]) for d in (-1, 1)}
-    return not all(_is_loopback(h) for h in neighbours)
+    return all(_is_loopback(h) for h in neighbours)
 
 
 def _is_loopback(host: str) -> bool:

@@ -66,6 +66,8 @@ class CommConfig:
 
     Args:
         num_connections: TCP connections per ring neighbour that one all-reduce stripes over.
+            None (default): 4 (a long, fat WAN link needs several windows in flight), or 1 when
+            both ring neighbours are on this host (loopback: more only cost CPU).
         listen_host: interface the peer-to-peer listener binds.
         advertise_host: address other peers use to reach this one (default ``listen_host``).
         timeout_s: default ``timeout_s`` of every blocking call that is not given one.
@@ -86,7 +88,7 @@ class CommConfig:
             either way.
     """
 
-    num_connections: int = 4
+    num_connections: int | None = None
     listen_host: str = "127.0.0.1"
     advertise_host: str | None = None
     timeout_s: float = 60.0
@@ -98,7 +100,7 @@ class CommConfig:
     encryption: bool = True
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_connections <= 64:
+        if self.num_connections is not None and not 1 <= self.num_connections <= 64:
             raise ValueError(f"num_connections must be in [1, 64], got {self.num_connections}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")

@@ -153,10 +153,11 @@ class BaseCodec:
         return out
 
     def decode_add(self, encoded: Encoded, out: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
-        """``out = decode(encoded) + addend`` in fewer passes than decoding and adding (the ring's
-        reduce-scatter step). ``out`` and ``addend``: contiguous fp32, the payload's number of
-        elements; ``addend`` may not overlap ``out``. The sum's rounding may differ from
-        ``decode`` followed by ``add_`` in the last bit (it is not the decode's result).
+        """``out = decode(encoded) + addend`` (the ring's reduce-scatter step), bit for bit what
+        ``decode`` then ``out.add_(addend)`` give, in fewer passes over memory where the codec
+        fuses them (uint8: piece by piece, each piece decoded and added while in cache).
+        ``out`` and ``addend``: contiguous fp32, the payload's number of elements, not
+        overlapping.
 
         Raises:
             ValueError: as ``decode``, or ``out``/``addend`` not contiguous fp32 of that size.

@@ -147,3 +147,38 @@ def test_an_all_reduce_alone_makes_two_master_round_trips_and_with_peers_at_leas
     )
     assert all(i.master_round_trips >= 2 for i in infos), infos  # type: ignore[union-attr]
     _close(comms)
+
+
+@pytest.mark.timeout(60)
+def test_strided_and_half_precision_tensors_all_reduce_in_place(master) -> None:  # type: ignore[no-untyped-def]
+    # Through host buffers (a strided view), and with the ring's own staging (bf16).
+    comms = _pair(master)
+    bases = [torch.full((2001,), float(i + 1)) for i in range(2)]
+    views = [b[::2] for b in bases]
+    halves = [torch.full((999,), float(i + 1), dtype=torch.bfloat16) for i in range(2)]
+    for tensors in (views, halves):
+        results = run_threads(
+            [
+                lambda c=c, t=t: c.all_reduce(t, "sum", timeout_s=30)
+                for c, t in zip(comms, tensors, strict=True)
+            ]
+        )
+        assert all(isinstance(r, AllReduceInfo) for r in results), results
+        assert all(torch.all(t == 3.0) for t in tensors)
+    assert all(torch.all(b[1::2] == float(i + 1)) for i, b in enumerate(bases))  # untouched
+    _close(comms)
+
+
+def test_ring_settings_follow_the_neighbours_addresses_unless_configured() -> None:
+    from lowcomm.comm import CommConfig, _allreduce
+
+    local = {"rank": 1, "addresses": [["127.0.0.1", 1], ["127.0.0.1", 2], ["127.0.0.5", 3]]}
+    wan = {"rank": 1, "addresses": [["127.0.0.1", 1], ["127.0.0.1", 2], ["10.0.0.7", 3]]}
+    default = CommConfig()
+    assert _allreduce._num_connections(local, default) == 1
+    assert not _allreduce._thread_per_connection(local, default)
+    assert _allreduce._num_connections(wan, default) == 4  # one neighbour is remote
+    assert _allreduce._thread_per_connection(wan, default)
+    chosen = CommConfig(num_connections=3, thread_per_connection=True)
+    assert _allreduce._num_connections(local, chosen) == 3
+    assert _allreduce._thread_per_connection(local, chosen)
