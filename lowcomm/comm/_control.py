@@ -125,6 +125,15 @@ class ControlClient:
         # This peer's latest all-reduce and where it stands in it: told to every master it
         # registers with, so a restarted one can resolve an operation it never saw.
         self._last_op: OpReport | None = None
+        # Requests answered by the master (every channel): an all-reduce reports how many it made.
+        self._round_trips = 0
+        self._round_trips_lock = threading.Lock()
+
+    @property
+    def round_trips(self) -> int:
+        """Requests to the master that got an answer so far, all channels together (heartbeats
+        on the session connection not included)."""
+        return self._round_trips
 
     def report_op(self, report: OpReport) -> None:
         """Records where this peer stands in its latest all-reduce (see ``_rounds``). Call it
@@ -347,6 +356,8 @@ class ControlClient:
                     kind, _tag, resp = conn.recv_json(timeout_s=wait_s + 10.0)
                     if kind != KIND_RESPONSE or not isinstance(resp, dict):
                         raise ProtocolError(f"unexpected frame kind {kind} from the master")
+                    with self._round_trips_lock:
+                        self._round_trips += 1
                 except (PeerFailureError, CommTimeoutError, ProtocolError, OSError) as e:
                     if conn is not None:
                         conn.close()

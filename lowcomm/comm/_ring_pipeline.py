@@ -26,6 +26,7 @@ from lowcomm.comm._ring_wire import (
     KIND_RING_DATA,
     Layout,
     Payload,
+    decode_add_into,
     decode_into,
     describe,
     op_descriptor,
@@ -44,7 +45,7 @@ _GRACE_S = 2.0
 _MIN_SUBCHUNKS = 4
 _MIN_QUANT_SUBCHUNKS = 8
 _MIN_SUBCHUNK_BYTES = 256 * 1024
-# Bulk receives wake once this much has arrived (see _frames.recv_exact), not per segment.
+# Bulk receives wake once this much has arrived (see _sockets.recv_exact), not per segment.
 _RCVLOWAT = 1 << 20
 
 _yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
@@ -101,7 +102,7 @@ class RingBuffers:
         self._scratch: torch.Tensor | None = None
         self._stage: torch.Tensor | None = None
         self._arena: np.ndarray[Any, np.dtype[np.uint8]] | None = None
-        self._layouts: dict[tuple[Any, int], Layout] = {}
+        self._layouts: dict[tuple[Any, int, bool], Layout] = {}
 
     def scratch(self, numel: int) -> torch.Tensor:
         """An fp32 buffer of ``numel`` values."""
@@ -122,19 +123,19 @@ class RingBuffers:
             self._arena = np.empty(max(nbytes, 1), dtype=np.uint8)
         return self._arena[:nbytes]
 
-    def layout(self, codec: Codec, numel: int) -> Layout:
+    def layout(self, codec: Codec, numel: int, *, checksum: bool) -> Layout:
         """The wire layout of a quantized sub-chunk of ``numel`` values (see ``Layout``)."""
         # Keyed by the codec's value (codecs are frozen dataclasses) or, failing that, identity.
         try:
-            key: tuple[Any, int] = (codec, numel)
+            key: tuple[Any, int, bool] = (codec, numel, checksum)
             hash(key)
         except TypeError:
-            key = (id(codec), numel)
+            key = (id(codec), numel, checksum)
         layout = self._layouts.get(key)
         if layout is None:
             if len(self._layouts) > 256:
                 self._layouts.clear()
-            layout = self._layouts[key] = Layout(codec, numel)
+            layout = self._layouts[key] = Layout(codec, numel, checksum=checksum)
         return layout
 
     def drop(self) -> None:
@@ -146,13 +147,15 @@ class RingBuffers:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RingLinks:
     """What an operation needs of its ring: this peer's place, the connections to the right-hand
-    (``send``) and left-hand (``recv``) neighbours, the settings, the reused buffers, how to abort
-    the ring, and the fault injector."""
+    (``send``) and left-hand (``recv``) neighbours, whether all of them seal their frames
+    (``protected``: then quantized sub-chunks carry no crc32c), the settings, the reused buffers,
+    how to abort the ring, and the fault injector."""
 
     rank: int
     world_size: int
     send: list[Connection]
     recv: list[Connection]
+    protected: bool
     subchunk_bytes: int
     thread_per_connection: bool
     buffers: RingBuffers
@@ -241,7 +244,7 @@ class RingPipeline:
 
     def layout(self, numel: int) -> Layout:
         assert self.codec is not None
-        return self.links.buffers.layout(self.codec, numel)
+        return self.links.buffers.layout(self.codec, numel, checksum=not self.links.protected)
 
     def bounds(self, chunk: int, sub: int) -> tuple[int, int]:
         lo, hi = split(self.numel, self.n, chunk)
@@ -321,7 +324,8 @@ class RingPipeline:
     # --- quantized values ---
 
     def encode(self, values: torch.Tensor) -> Payload:
-        """What travels for ``values``: the raw parts plus checksum, or the codec's bytes."""
+        """What travels for ``values``: the raw parts (plus checksum on an unsealed ring), or
+        the codec's bytes."""
         assert self.codec is not None
         enc = self.codec.encode(values)
         return self._wire_form(enc, values.numel())
@@ -432,9 +436,9 @@ class RingPipeline:
                 self.decode_into(*deferred.pop())
             a, b = self.bounds(self.recv_chunk(step), sub)
             region = self.res[a:b]
-            blob = self._receive(conn, m, step, a, b, region)
+            blob, fused = self._receive(conn, m, step, a, b, region)
             if step <= last_rs:
-                blob = self._reduce_step(step, a, b, region, deferred)
+                blob = self._reduce_step(step, a, b, region, deferred, fused=fused)
             if step < 2 * self.n - 3:
                 self.push(step + 1, sub, blob)
         while deferred and self.error is None:
@@ -442,10 +446,11 @@ class RingPipeline:
 
     def _receive(
         self, conn: Connection, m: int, step: int, a: int, b: int, region: torch.Tensor
-    ) -> Payload | None:
+    ) -> tuple[Payload | None, bool]:
         """Receives message ``m`` (values ``a:b`` of ``step``'s chunk) into place: straight into
         the working or staging buffer, or (quantized) decoded into ``region`` (``res[a:b]``).
-        Returns the received bytes to forward (quantized), else None."""
+        Returns the received bytes to forward (quantized, else None) and whether the local
+        values were added in the same pass (``fuse_add``)."""
         if self.codec is None:
             # Header and payload in one system call, the payload straight into place.
             assert self.res_bytes is not None and self.stage_bytes is not None
@@ -455,7 +460,7 @@ class RingPipeline:
                 into = self.stage_bytes[self.stage_esz * a : self.stage_esz * b].data
             header = conn.recv_frame_into(into, timeout_s=max(self.left(), 1e-3), lowat=_RCVLOWAT)
             self.check_header(conn, header, m)
-            return None
+            return None, False
         if self.raw:
             assert self.arena is not None
             slot = self.arena[
@@ -466,8 +471,12 @@ class RingPipeline:
             )
             self.check_header(conn, header, m)
             self.wait_for_first_step(step)
-            self.decode_into(unpack(self.layout(b - a), slot, b - a), region)
-            return [slot.data]
+            enc = unpack(self.layout(b - a), slot, b - a)
+            assert self.codec is not None
+            fused = self.fuse_add(step) and decode_add_into(self.codec, enc, region, self.src[a:b])
+            if not fused:
+                self.decode_into(enc, region)
+            return [slot.data], fused
         header = conn.recv_header(timeout_s=max(self.left(), 1e-3))
         self.check_header(conn, header, m)
         bound = 2 * 4 * (b - a) + 65536
@@ -479,8 +488,11 @@ class RingPipeline:
         blob = bytearray(header.length)
         conn.recv_into(blob, timeout_s=max(self.left(), 1e-3))
         self.wait_for_first_step(step)
-        self.decode_into(blob, region)
-        return blob
+        assert self.codec is not None
+        fused = self.fuse_add(step) and decode_add_into(self.codec, blob, region, self.src[a:b])
+        if not fused:
+            self.decode_into(blob, region)
+        return blob, fused
 
     def _reduce_step(
         self,
@@ -489,11 +501,15 @@ class RingPipeline:
         b: int,
         region: torch.Tensor,
         deferred: list[tuple[Encoded, torch.Tensor]],
+        *,
+        fused: bool,
     ) -> Payload | None:
         """Reduces a received reduce-scatter sub-chunk (now in ``region``, ``res[a:b]``) with the
-        local values; returns what to forward (quantized: the new encoding), else None. At the
-        last reduce-scatter step this peer owns the chunk and finishes it."""
-        _reduce(region, self.src[a:b], self.op)
+        local values (unless ``_receive`` fused it with the decode); returns what to forward
+        (quantized: the new encoding), else None. At the last reduce-scatter step this peer owns
+        the chunk and finishes it."""
+        if not fused:
+            _reduce(region, self.src[a:b], self.op)
         if step < self.n - 2:
             # Encode the new partial sum here, while it is still in cache.
             return self.encode(region) if self.codec is not None else None
@@ -509,6 +525,11 @@ class RingPipeline:
         blob = self._wire_form(enc, b - a)
         deferred.append((enc, region))
         return blob
+
+    def fuse_add(self, step: int) -> bool:
+        """Whether a quantized reduce-scatter sub-chunk of ``step`` is decoded and added to the
+        local values in one pass (sum/avg of fp32; the codec's ``decode_add``, if it has one)."""
+        return step <= self.n - 2 and self.op in ("sum", "avg") and self.src.dtype == torch.float32
 
     def wait_for_first_step(self, step: int) -> None:
         """Holds a receiving thread's reduce-scatter work (decode, reduce, encode) until the

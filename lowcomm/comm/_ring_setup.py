@@ -38,6 +38,7 @@ def connect_ring(
     thread_per_connection: bool = True,
     faults: FaultInjector | None = None,
     encryption: bool = True,
+    overlap_cipher: bool = True,
 ) -> Ring:
     """Builds this peer's place in a ring: ``num_connections`` connections to the right-hand
     neighbour (``addresses[(rank + 1) % n]``), and as many accepted from the left-hand one.
@@ -55,7 +56,10 @@ def connect_ring(
 
     ``faults``: the ring's sending threads hit its ``ring.send`` point before each sub-chunk
     leaves (see ``Ring``). ``encryption``: seal the ring's frames (see ``_handshake``; every
-    member and its listener must agree).
+    member and its listener must agree). ``overlap_cipher``: seal and open a frame's records on a
+    helper thread per connection direction, overlapped with the socket (``_cipher_thread``; the
+    default); False does it on the ring's own threads, in turn with the socket calls (less CPU in
+    thread hand-offs, for a host with no core to spare). A local choice: peers may differ.
 
     While it waits, the listener serves connections from the left neighbour's host before
     strangers' (``PeerListener.expecting``).
@@ -101,6 +105,7 @@ def connect_ring(
             thread_per_connection=thread_per_connection,
             faults=faults,
             encryption=encryption,
+            overlap_cipher=overlap_cipher,
         )
 
 
@@ -119,6 +124,7 @@ def _connect(
     thread_per_connection: bool,
     faults: FaultInjector | None,
     encryption: bool,
+    overlap_cipher: bool,
 ) -> Ring:
     n = len(addresses)
     right_host, right_port = addresses[(rank + 1) % n]
@@ -177,6 +183,8 @@ def _connect(
         for conn in send + recv:
             conn.close()
         raise
+    for conn in send + recv:
+        conn.overlap_cipher = overlap_cipher
     return Ring(
         rank=rank,
         world_size=n,

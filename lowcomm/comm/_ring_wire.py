@@ -1,5 +1,7 @@
 """What a ring all-reduce puts on the wire: its frame kind, the operation descriptor in each frame's
-``seq``, and the raw layout of a quantized sub-chunk (the codec's parts, then their crc32c).
+``seq``, and the raw layout of a quantized sub-chunk (the codec's parts, then their crc32c on a ring
+whose frames are not sealed; a sealed frame's AEAD tag already authenticates every byte, so a
+protected ring sends and checks no crc32c).
 
 Both sides derive every layout from the codec and the sub-chunk's size, so a frame carries nothing
 but data: a receiver reads a quantized sub-chunk straight into place, checks it and decodes views of
@@ -25,6 +27,7 @@ __all__ = [
     "KIND_RING_DATA",
     "Layout",
     "Payload",
+    "decode_add_into",
     "decode_into",
     "describe",
     "op_descriptor",
@@ -54,16 +57,17 @@ def describe(desc: int) -> str:
 
 class Layout:
     """What the raw wire form of one quantized sub-chunk of ``numel`` values looks like: the
-    ``Encoded`` parts of the codec, in order, then a crc32c of them (4 bytes, little endian).
+    ``Encoded`` parts of the codec, in order, then (``checksum``) a crc32c of them (4 bytes,
+    little endian).
 
     A codec's part layout depends only on its parameters and the shape (``Encoded.from_bytes``
     relies on the same), so both sides derive it from a template encoding of zeros; the frame
     then carries nothing but the parts' bytes and the checksum, and the receiver reads them
     straight into place and decodes views of them (no header parsing, no copies)."""
 
-    __slots__ = ("codec_name", "nbytes", "params", "parts")
+    __slots__ = ("checksum", "codec_name", "nbytes", "params", "parts")
 
-    def __init__(self, codec: Codec, numel: int) -> None:
+    def __init__(self, codec: Codec, numel: int, *, checksum: bool = True) -> None:
         template = codec.encode(torch.zeros(numel, dtype=torch.float32))
         self.codec_name: str = template.codec
         self.params: dict[str, Any] = dict(template.params)
@@ -71,7 +75,8 @@ class Layout:
             (name, t.dtype, tuple(t.shape), t.numel() * t.element_size())
             for name, t in template.parts.items()
         ]
-        self.nbytes = sum(p[3] for p in self.parts) + _CRC.size
+        self.checksum = checksum
+        self.nbytes = sum(p[3] for p in self.parts) + (_CRC.size if checksum else 0)
 
 
 def pack(layout: Layout, enc: Encoded, numel: int) -> list[Any]:
@@ -86,20 +91,25 @@ def pack(layout: Layout, enc: Encoded, numel: int) -> list[Any]:
                 f"{numel} values: its layout must depend on the shape and parameters only"
             )
         view = byte_view(t.contiguous())
-        crc = crc32c.crc32c(view, crc)
+        if layout.checksum:
+            crc = crc32c.crc32c(view, crc)
         views.append(view)
-    views.append(_CRC.pack(crc))
+    if layout.checksum:
+        views.append(_CRC.pack(crc))
     return views
 
 
 def unpack(layout: Layout, buf: np.ndarray[Any, np.dtype[np.uint8]], numel: int) -> Encoded:
-    """Checks the crc32c of a received raw sub-chunk; returns an ``Encoded`` viewing it."""
-    body = buf[: -_CRC.size]
-    (expected,) = _CRC.unpack(buf[-_CRC.size :].tobytes())
-    if crc32c.crc32c(body.data) != expected:
-        raise ProtocolError(
-            "a quantized sub-chunk failed its crc32c check: the data was corrupted in transit"
-        )
+    """Checks the crc32c of a received raw sub-chunk (if its layout has one); returns an
+    ``Encoded`` viewing it."""
+    body = buf
+    if layout.checksum:
+        body = buf[: -_CRC.size]
+        (expected,) = _CRC.unpack(buf[-_CRC.size :].tobytes())
+        if crc32c.crc32c(body.data) != expected:
+            raise ProtocolError(
+                "a quantized sub-chunk failed its crc32c check: the data was corrupted in transit"
+            )
     parts: dict[str, torch.Tensor] = {}
     offset = 0
     for name, dtype, shape, nbytes in layout.parts:
@@ -130,3 +140,22 @@ def decode_into(
         )
     if decoded.data_ptr() != out.data_ptr():
         out.copy_(decoded)
+
+
+def decode_add_into(
+    codec: Codec,
+    blob: Encoded | bytes | bytearray | memoryview,
+    out: torch.Tensor,
+    addend: torch.Tensor,
+) -> bool:
+    """``out = decode(blob) + addend`` in one fused pass where the codec has one
+    (``decode_add``); returns False (nothing done) where it has not."""
+    fused = getattr(codec, "decode_add", None)
+    if fused is None:
+        return False
+    try:
+        enc = Encoded.from_bytes(blob) if isinstance(blob, bytes | bytearray | memoryview) else blob
+        fused(enc, out, addend)
+    except ValueError as exc:  # CodecError is a ValueError
+        raise ProtocolError(f"a quantized sub-chunk did not decode: {exc}") from exc
+    return True

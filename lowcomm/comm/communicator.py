@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import torch
 
 from lowcomm.comm import _handshake, shared_state
-from lowcomm.comm._allreduce import AllReduceInfo, VotedAllReduce
+from lowcomm.comm._allreduce import AllReduceInfo, AutoQuantization, VotedAllReduce
 from lowcomm.comm._control import ControlClient
 from lowcomm.comm._ops import check_all_reduce_args
 from lowcomm.comm._p2p import PointToPoint
@@ -50,7 +50,7 @@ from lowcomm.comm._worker import Handle, TaskQueue, all_reduce_with_retry, deadl
 from lowcomm.comm.listener import PeerListener
 from lowcomm.comm.shaper import Shaper
 from lowcomm.comm.shared_state import SharedState, SyncInfo
-from lowcomm.compression import Codec, resolve_codec
+from lowcomm.compression import Codec, get_codec, resolve_codec
 from lowcomm.faults import FaultInjector
 
 __all__ = ["AllReduceInfo", "CommConfig", "Communicator", "Handle", "VoteResult"]
@@ -66,6 +66,8 @@ class CommConfig:
 
     Args:
         num_connections: TCP connections per ring neighbour that one all-reduce stripes over.
+            None (default): 4 (a long, fat WAN link needs several windows in flight), or 1 when
+            both ring neighbours are on this host (loopback: more only cost CPU).
         listen_host: interface the peer-to-peer listener binds.
         advertise_host: address other peers use to reach this one (default ``listen_host``).
         timeout_s: default ``timeout_s`` of every blocking call that is not given one.
@@ -75,13 +77,18 @@ class CommConfig:
         shaper: optional WAN emulation applied to this peer's sends.
         faults: optional fault injector for this peer's points (``comm.gate``, ``state.serve``,
             ``p2p.send``, ``ring.send``; see ``lowcomm.faults``). None in production.
+        thread_per_connection: the ring gives every connection its own sending and receiving
+            thread (True: what a long, fat WAN link needs so that one full window does not hold
+            back the others) or uses one of each for all connections (False: fewer threads and
+            GIL hand-offs, faster where the CPU is the limit). None (default): False when both
+            ring neighbours are on this host (loopback), True otherwise.
         encryption: seal (encrypt and authenticate) every frame after the handshake, on every
             connection (default). False only on a trusted network, and then on the master and
             every peer too: the handshake fails if the two ends differ. The token proof is made
             either way.
     """
 
-    num_connections: int = 4
+    num_connections: int | None = None
     listen_host: str = "127.0.0.1"
     advertise_host: str | None = None
     timeout_s: float = 60.0
@@ -89,10 +96,11 @@ class CommConfig:
     poll_s: float = 0.5
     shaper: Shaper | None = None
     faults: FaultInjector | None = None
+    thread_per_connection: bool | None = None
     encryption: bool = True
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_connections <= 64:
+        if self.num_connections is not None and not 1 <= self.num_connections <= 64:
             raise ValueError(f"num_connections must be in [1, 64], got {self.num_connections}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
@@ -311,7 +319,7 @@ class Communicator:
         self._control.close(timeout_s)
         self._worker.close()
         if self._all_reduce is not None:
-            self._all_reduce.drop_ring()
+            self._all_reduce.close()
         if self._listener is not None:
             self._listener.close()
         if self._p2p is not None:
@@ -402,6 +410,10 @@ class Communicator:
         call it again (or use ``all_reduce_with_retry``) to reduce among the survivors. Peers in
         different phases or with different arguments all get ``TopologyError`` at once.
 
+        ``quantization``: None (exact), a codec name (``"uint8"``) or ``Codec``, or ``"auto"``:
+        uint8 where it is faster than fp32 on this ring, measured on the ring's first two large
+        ops and agreed by all peers (``AutoQuantization``); ``AllReduceInfo.codec`` says which.
+
         ``check_finite``: refuse a contribution holding NaN or inf (one ``isfinite`` pass over
         the input before the ring); every peer then raises ``NonFiniteError`` naming the peer.
         Always on with a quantizing codec (it could not encode it).
@@ -435,7 +447,11 @@ class Communicator:
         submit them in the same order (tags tell them apart; mismatched tags raise). Do not
         touch ``tensor``/``out`` until ``handle.wait()`` returned."""
         check_all_reduce_args(tensor, op, out=out, tag=tag)
-        codec = resolve_codec(quantization)
+        codec: Codec | AutoQuantization | None = (
+            AutoQuantization(get_codec("uint8"))
+            if quantization == "auto"
+            else resolve_codec(quantization)
+        )
 
         stamp = None if stamp is None else {str(k): int(v) for k, v in stamp.items()}
 

@@ -19,14 +19,18 @@ tensor's dtype once and the all-gather carries those 2-byte values.
 Quantized (``codec=``): what travels is encoded, what is accumulated is fp32; the owner of each
 reduced chunk encodes it once for the all-gather and replaces its own copy by the decoded value, and
 the other peers forward those same bytes, so every peer ends bit-identical. A quantized sub-chunk
-travels as the codec's raw parts followed by their crc32c (``_ring_wire.Layout``; a zstd codec's
-output in its own checksummed format instead): received into one reused buffer, checked, decoded
+travels as the codec's raw parts followed by their crc32c (``_ring_wire.Layout``; no crc32c where
+the ring's frames are sealed: the AEAD authenticates them; a zstd codec's output in its own
+checksummed format instead): received into one reused buffer, checked, decoded
 from views of it and forwarded from it, without copies. The calling thread encodes the first step's
 sub-chunks in order while the ring threads already send, so the wire starts after one encode.
 The pipeline itself is ``_ring_pipeline.RingPipeline``; the wire layout ``_ring_wire``.
 
-Receiving threads wake on a low-water mark (``_frames.recv_exact``), not per TCP segment: on
-loopback the wake-ups were a good part of the sending side's CPU.
+Receiving threads wake on a low-water mark (``_sockets.recv_exact``), not per TCP segment: on
+loopback the wake-ups were a good part of the sending side's CPU. On a sealed ring a frame's 1 MiB
+records are sealed and opened on a helper thread per connection direction while the ring's
+threads move the neighbouring record through the socket (``_aead``, ``_cipher_thread``), so the
+cipher overlaps the wire.
 
 Failure: every socket operation runs against the operation's deadline. A dead neighbour raises
 ``PeerFailureError``, a stalled one ``CommTimeoutError``, peers in different operations
@@ -222,6 +226,7 @@ class Ring:
             world_size=self.world_size,
             send=self._send,
             recv=self._recv,
+            protected=all(c.protected for c in self._send + self._recv),
             subchunk_bytes=self.subchunk_bytes,
             thread_per_connection=self.thread_per_connection,
             buffers=self._buffers,

@@ -143,6 +143,46 @@ class BaseCodec:
             ValueError: ``encoded`` belongs to another codec, its parts are inconsistent, or
                 ``out`` has the wrong size or dtype.
         """
+        cfg, parts, out = self._prepare_decode(encoded, out, device)
+        if out.dtype == torch.float32 and out.is_contiguous():
+            cfg._decode_flat(parts, out.view(-1), encoded.shape)
+        else:
+            tmp = torch.empty(out.numel(), dtype=torch.float32, device=out.device)
+            cfg._decode_flat(parts, tmp, encoded.shape)
+            out.copy_(tmp.view(out.shape))
+        return out
+
+    def decode_add(self, encoded: Encoded, out: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
+        """``out = decode(encoded) + addend`` (the ring's reduce-scatter step), bit for bit what
+        ``decode`` then ``out.add_(addend)`` give, in fewer passes over memory where the codec
+        fuses them (uint8: piece by piece, each piece decoded and added while in cache).
+        ``out`` and ``addend``: contiguous fp32, the payload's number of elements, not
+        overlapping.
+
+        Raises:
+            ValueError: as ``decode``, or ``out``/``addend`` not contiguous fp32 of that size.
+        """
+        for name, t in (("out", out), ("addend", addend)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"decode_add needs a contiguous fp32 {name}")
+        if addend.numel() != out.numel():
+            raise ValueError(f"addend has {addend.numel()} elements, out {out.numel()}")
+        cfg, parts, out = self._prepare_decode(encoded, out, None)
+        cfg._decode_add_flat(parts, out.view(-1), addend.view(-1))
+        return out
+
+    def _decode_add_flat(
+        self, parts: Mapping[str, torch.Tensor], out: torch.Tensor, addend: torch.Tensor
+    ) -> None:
+        """``out = decode + addend``; codecs with a fused kernel override it."""
+        self._decode_flat(parts, out, (out.numel(),))
+        out.add_(addend)
+
+    def _prepare_decode(
+        self, encoded: Encoded, out: torch.Tensor | None, device: torch.device | str | None
+    ) -> tuple[BaseCodec, dict[str, torch.Tensor], torch.Tensor]:
+        """Checks ``encoded`` against this codec and ``out``; (the decoding config, the parts on
+        ``out``'s device, ``out`` or a new tensor)."""
         if not isinstance(encoded, Encoded):
             raise TypeError(f"decode needs an Encoded, got {type(encoded).__name__}")
         if encoded.codec != self.name:
@@ -169,13 +209,7 @@ class BaseCodec:
             k: v.to(out.device, non_blocking=True) if v.device != out.device else v
             for k, v in encoded.parts.items()
         }
-        if out.dtype == torch.float32 and out.is_contiguous():
-            cfg._decode_flat(parts, out.view(-1), encoded.shape)
-        else:
-            tmp = torch.empty(numel, dtype=torch.float32, device=out.device)
-            cfg._decode_flat(parts, tmp, encoded.shape)
-            out.copy_(tmp.view(out.shape))
-        return out
+        return cfg, parts, out
 
 
 def div(t: torch.Tensor, c: float) -> torch.Tensor:

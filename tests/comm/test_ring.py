@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from lowcomm.comm import PeerListener, Ring, _frames, _handshake, connect_ring
+from lowcomm.comm import PeerListener, Ring, _frames, _handshake, _ring_wire, connect_ring
 from lowcomm.comm.errors import (
     AuthenticationError,
     CommError,
@@ -63,8 +63,11 @@ class Cluster:
         subchunk_bytes: int = 1 << 16,
         thread_per_connection: bool = True,
         faults: dict[int, FaultInjector] | None = None,
+        encryption: bool = True,
     ) -> None:
-        self.listeners = [PeerListener("127.0.0.1", 0, token=TOKEN) for _ in range(n)]
+        self.listeners = [
+            PeerListener("127.0.0.1", 0, token=TOKEN, encryption=encryption) for _ in range(n)
+        ]
         addresses = [lst.address for lst in self.listeners]
         made = _run_all(
             [
@@ -79,6 +82,7 @@ class Cluster:
                     subchunk_bytes=subchunk_bytes,
                     thread_per_connection=thread_per_connection,
                     faults=(faults or {}).get(r),
+                    encryption=encryption,
                 )
                 for r in range(n)
             ]
@@ -344,11 +348,13 @@ def test_uint8_all_reduce_with_zstd_travels_in_the_codecs_own_format(cluster3: C
 
 @pytest.mark.timeout(60)
 def test_a_corrupted_quantized_sub_chunk_fails_its_checksum_and_nothing_is_applied() -> None:
+    # The crc32c guards quantized sub-chunks on a ring whose frames are not sealed (a sealed
+    # frame's AEAD tag covers every byte on the wire: see the next test).
     codec = _uint8_codec()
     faults = FaultInjector()
     # Peer 1's first quantized sub-chunk leaves with one byte flipped.
     faults.inject("ring.send", corrupt=True, where={"step": 0, "sub": 0})
-    cluster = Cluster(3, faults={1: faults})
+    cluster = Cluster(3, faults={1: faults}, encryption=False)
     try:
         inputs = _inputs(3, 100_000, torch.float32, seed=4)
         originals = [t.clone() for t in inputs]
@@ -360,6 +366,36 @@ def test_a_corrupted_quantized_sub_chunk_fails_its_checksum_and_nothing_is_appli
     assert any(isinstance(r, ProtocolError) and "crc32c" in str(r) for r in results), results
     for t, o in zip(inputs, originals, strict=True):
         assert torch.equal(t, o), "a failed operation changed its input"
+
+
+@pytest.mark.timeout(60)
+def test_a_sealed_ring_sends_quantized_sub_chunks_without_a_crc_and_both_agree() -> None:
+    codec = _uint8_codec()
+    inputs = _inputs(3, 300_000, torch.float32, seed=6)
+    outs: dict[bool, list[torch.Tensor]] = {}
+    tx: dict[bool, int] = {}
+    for encryption in (True, False):
+        cluster = Cluster(3, num_connections=1, encryption=encryption)
+        try:
+            outs[encryption] = [torch.empty_like(t) for t in inputs]
+            results = cluster.all_reduce(inputs, "sum", codec=codec, outs=outs[encryption])
+        finally:
+            cluster.close()
+        assert all(not isinstance(r, BaseException) for r in results), results
+        assert all(r.seconds > 0 for r in results)
+        tx[encryption] = results[0].tx_bytes
+    for sealed, plain in zip(outs[True], outs[False], strict=True):
+        assert torch.equal(sealed, plain)
+    assert torch.equal(outs[True][0], outs[True][2])
+    # The layouts: the sealed one has no crc32c after the parts.
+    nbytes = {c: _ring_wire.Layout(codec, 50_000, checksum=c).nbytes for c in (True, False)}
+    assert nbytes[True] - nbytes[False] == 4
+    # On the wire, per frame (each sub-chunk here is one record): sealing adds its 16-byte tag
+    # and drops the 4-byte crc32c, so the sealed op sends 12 more bytes per frame; the op sends
+    # 2 (n - 1) k = 4k frames per peer (k sub-chunks per chunk). Were the crc32c still sent, the
+    # difference would be 16 per frame: 64k, not a multiple of 12 for the k = 2 of this size.
+    diff = tx[True] - tx[False]
+    assert diff > 0 and diff % 12 == 0 and (diff // 12) % 4 == 0, tx
 
 
 # ----- peers out of step -------------------------------------------------------------------

@@ -356,3 +356,86 @@ def test_header_layout_is_stable() -> None:
     assert _frames.HEADER.pack(b"LCMW", 1, 2, 0, 3, 4, 5) == (
         b"LCMW" + struct.pack("!BBHIQQ", 1, 2, 0, 3, 4, 5)
     )
+
+
+# ----- sealed frames of several records (see _aead) ----------------------------------------------
+
+
+def _payload_over_records() -> tuple[list[Any], bytes]:
+    """A payload of about 2.5 records in three views whose boundaries fall inside records."""
+    from lowcomm.comm._aead import RECORD_BYTES
+
+    a = bytes(range(256)) * (2 * RECORD_BYTES // 256 + 7)  # two records and a bit
+    b = bytearray(b"\x5a" * 1000)
+    c = memoryview(bytes(reversed(a)))[: RECORD_BYTES // 2 + 3]
+    return [a, b, c], a + bytes(b) + bytes(c)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_frame_of_several_records_round_trips_on_every_receive_path(
+    listener: socket.socket, overlap: bool
+) -> None:
+    conn, server = _connected_pair(listener)
+    conn.overlap_cipher = server.overlap_cipher = overlap
+    parts, whole = _payload_over_records()
+    conn.send_frame(70, parts, tag=9, seq=4, timeout_s=5)
+    frame = server.recv_frame(timeout_s=5)
+    assert (frame.kind, frame.tag, frame.seq, frame.payload) == (70, 9, 4, whole)
+    conn.send_frame(71, parts, timeout_s=5)
+    out = bytearray(len(whole))
+    server.recv_frame_into(out, timeout_s=5, lowat=1 << 20)
+    assert out == whole
+    conn.send_frame(72, parts, timeout_s=5)
+    header = server.recv_header(timeout_s=5)
+    out = bytearray(header.length)
+    server.recv_into(out, timeout_s=5)
+    assert out == whole
+    # A control frame after them still opens: the record counters stayed in step.
+    server.send_json(73, {"ok": True}, timeout_s=5)
+    assert conn.recv_json(timeout_s=5) == (73, 0, {"ok": True})
+    conn.close()
+    server.close()
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, "connection closed"
+        out += chunk
+    return out
+
+
+@pytest.mark.parametrize("attack", ["swap-records", "drop-record", "flip-last-tag", "truncate"])
+def test_records_of_a_frame_reordered_dropped_or_modified_fail_authentication(
+    listener: socket.socket, attack: str
+) -> None:
+    from lowcomm.comm._aead import RECORD_BYTES, TAG_BYTES
+
+    conn, server = _connected_pair(listener)
+    parts, whole = _payload_over_records()
+    # The sealed frame as it leaves (read meanwhile: it is larger than the socket buffers):
+    # header, then three records (two full, one short).
+    full = RECORD_BYTES + TAG_BYTES
+    sizes = [_frames.HEADER.size, full, full, len(whole) - 2 * RECORD_BYTES + TAG_BYTES]
+    server._sock.settimeout(5)
+    reader = _in_thread(lambda: [_read_exact(server._sock, n) for n in sizes])
+    conn.send_frame(70, parts, timeout_s=5)
+    assert reader.done.wait(10) and reader.error is None, reader.error
+    head, *recs = reader.value
+    if attack == "swap-records":
+        body = recs[1] + recs[0] + recs[2]
+    elif attack == "drop-record":  # the third record moves up: the lengths still add up
+        body = recs[0] + recs[2] + recs[1][: len(recs[2])]
+    elif attack == "flip-last-tag":
+        body = recs[0] + recs[1] + recs[2][:-1] + bytes([recs[2][-1] ^ 1])
+    else:  # the frame ends before its last record: the receiver must not apply a prefix
+        body = recs[0] + recs[1] + recs[2][:100]
+    server._sock.settimeout(None)
+    conn._sock.sendall(head + body)
+    if attack == "truncate":
+        conn._sock.shutdown(socket.SHUT_WR)
+    with pytest.raises((ProtocolError, TruncatedFrameError)):
+        server.recv_frame(timeout_s=5)
+    assert server.closed
+    conn.close()

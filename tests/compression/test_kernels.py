@@ -1,0 +1,58 @@
+"""The fast uint8 kernels against their plain forms: rounding by 2**23, pieces, decode_add."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowcomm.compression import _uint8 as uint8_module
+from lowcomm.compression import get_codec
+
+# Sizes around the piece (2**18 values) and block (65536) boundaries, a ragged tail, one block.
+SIZES = [1, 1000, 65536, 65537, (1 << 18) + 3, 3 * (1 << 18) + 12345]
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("block_size", [65536, 1000, None])
+def test_uint8_codes_are_the_same_with_and_without_the_fast_rounding(
+    numel: int, block_size: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = get_codec("uint8", block_size=block_size)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    x[::7] = 0.5  # values that land on exact halves after scaling somewhere
+    fast = codec.encode(x)
+    assert uint8_module._MAGIC_OK, "the int32 -> uint8 cast does not wrap here"
+    monkeypatch.setattr(uint8_module, "_MAGIC_OK", False)
+    monkeypatch.setattr(uint8_module, "_PIECE", 1 << 40)  # one piece: the plain passes
+    slow = codec.encode(x)
+    for name in slow.parts:
+        assert torch.equal(fast.parts[name], slow.parts[name]), name
+    # And against the obvious formula.
+    block = numel if block_size is None else block_size
+    for i in range(0, numel, block):
+        b = x[i : i + block]
+        lo, hi = b.min(), b.max()
+        if hi - lo > 2.0**-100:
+            q = torch.round((b - lo) * (torch.tensor(255.0) / (hi - lo)))
+            assert torch.equal(fast.parts["codes"][i : i + block], q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("name", ["uint8", "int8"])
+def test_decode_add_is_bit_for_bit_decode_then_add(numel: int, name: str) -> None:
+    codec = get_codec(name)
+    gen = torch.Generator().manual_seed(7)
+    enc = codec.encode(torch.randn(numel, generator=gen))
+    addend = torch.randn(numel, generator=gen)
+    expected = codec.decode(enc, out=torch.empty(numel)).add_(addend)
+    got = codec.decode_add(enc, torch.empty(numel), addend)
+    assert torch.equal(got, expected)
+
+
+def test_decode_add_refuses_what_it_cannot_fuse() -> None:
+    codec = get_codec("uint8")
+    enc = codec.encode(torch.randn(100))
+    with pytest.raises(ValueError, match="contiguous fp32 addend"):
+        codec.decode_add(enc, torch.empty(100), torch.randn(100).half())
+    with pytest.raises(ValueError, match="addend has 99 elements"):
+        codec.decode_add(enc, torch.empty(100), torch.randn(99))
