@@ -227,7 +227,13 @@ class VotedAllReduce:
         if stamp is not None:
             payload["stamp"] = stamp
         # The verdict travels through the gate: every peer learns it when the gate opens.
-        nonfinite = (check_finite or codec is not None) and has_nonfinite(tensor)
+        # A quantized contribution must be finite (min-max codes cannot carry NaN/inf); "auto"
+        # quantizes only ops of AUTO_MIN_BYTES or more, which every peer decides alike.
+        quantizes = codec is not None and (
+            not isinstance(codec, AutoQuantization)
+            or tensor.numel() * tensor.element_size() >= AUTO_MIN_BYTES
+        )
+        nonfinite = (check_finite or quantizes) and has_nonfinite(tensor)
 
         def open_gate() -> dict[str, Any]:
             return self._control.gate(
@@ -235,15 +241,21 @@ class VotedAllReduce:
             )
 
         target = out if out is not None else tensor
+        stage_error: BaseException | None = None
         if tensor.numel() * tensor.element_size() < _STAGE_ASIDE_BYTES:
             # Staging a small tensor costs less than handing the request to another thread.
             gate = open_gate()
-            plan = self._stage(tensor, target)
+            try:
+                plan = self._stage(tensor, target)
+            except BaseException as exc:
+                stage_error = exc
         else:
             # The gate request leaves first; this thread stages the data while it is answered.
             gate_call = self._helper.call(open_gate)
             try:
                 plan = self._stage(tensor, target)
+            except BaseException as exc:
+                stage_error = exc
             finally:
                 gate = gate_call.result()
         participants = list(gate["participants"])
@@ -253,6 +265,15 @@ class VotedAllReduce:
             self._control.report_op(
                 OpReport(op_id=op_id, group=self.peer_group, participants=participants, state=state)
             )
+
+        if stage_error is not None:
+            # The gate is open: say so at once rather than let the others wait out the ring.
+            with contextlib.suppress(BaseException):
+                report(OpState.FAILED)
+                self._control.vote(
+                    op_id, False, deadline, group=self.peer_group, participants=participants
+                )
+            raise stage_error
 
         report(OpState.RUNNING)
         if self._config.faults is not None:
@@ -471,10 +492,12 @@ def _thread_per_connection(gate: dict[str, Any], config: CommConfig) -> bool:
 
 
 def _num_connections(gate: dict[str, Any], config: CommConfig) -> int:
-    """The configured number, or (None) 1 for loopback neighbours, else 4."""
+    """The configured number, or (None) 1 when every ring member's address is loopback, else 4.
+    Both ends of a link must pick the same count, so the choice is made from the addresses every
+    peer receives alike, never from one peer's own neighbours."""
     if config.num_connections is not None:
         return config.num_connections
-    return 1 if _loopback_neighbours(gate) else 4
+    return 1 if all(_is_loopback(str(h)) for h, _ in gate["addresses"]) else 4
 
 
 def _loopback_neighbours(gate: dict[str, Any]) -> bool:

@@ -352,8 +352,14 @@ class ControlClient:
                         )
                         self._ctls[channel] = conn
                     # The secret of the session registered now (it changes after a restart).
-                    conn.send_json(KIND_REQUEST, {**wire, "secret": self._secret}, timeout_s=10.0)
-                    kind, _tag, resp = conn.recv_json(timeout_s=wait_s + 10.0)
+                    send_s, reply_s = 10.0, wait_s + 10.0
+                    if channel == "probe":
+                        # A probe is a quick look: a frozen master must not hold it past its
+                        # deadline (the other channels keep their slack for a master under load).
+                        left = max(0.1, deadline - time.monotonic())
+                        send_s, reply_s = min(send_s, left), min(reply_s, left)
+                    conn.send_json(KIND_REQUEST, {**wire, "secret": self._secret}, timeout_s=send_s)
+                    kind, _tag, resp = conn.recv_json(timeout_s=reply_s)
                     if kind != KIND_RESPONSE or not isinstance(resp, dict):
                         raise ProtocolError(f"unexpected frame kind {kind} from the master")
                     with self._round_trips_lock:

@@ -36,7 +36,7 @@ __all__ = ["P2P_FRAME_BYTES", "P2P_KEEP_MAX", "P2P_MESSAGE_GRACE_S", "PointToPoi
 logger = logging.getLogger(__name__)
 
 # p2p payloads travel in frames of at most this size.
-P2P_FRAME_BYTES = 16 * 1024 * 1024
+P2P_FRAME_BYTES = 1024 * 1024  # each frame that arrives extends a started message's grace
 # Once a message has begun to arrive, recv reads the rest of it for at least this long even past
 # its deadline: a caller that polls with short timeouts (the pipeline waits in slices, checking
 # for an abort between them) must never cut a message in half, which loses it for both ends.
@@ -253,6 +253,9 @@ class PointToPoint:
             raw = byte_view(staging)
             got = 0
             while got < raw.nbytes or (raw.nbytes == 0 and got == 0):
+                # Each frame that arrives extends the grace: a long message on a slow link is
+                # read to its end (giving up half-way would lose it for both ends).
+                started()
                 fh = conn.recv_header(timeout_s=left())
                 if fh.kind != KIND_P2P_DATA or got + fh.length > raw.nbytes:
                     raise ProtocolError(f"unexpected p2p frame from {from_} (kind {fh.kind})")

@@ -9,6 +9,7 @@ module docstring (``comm/ring.py``) describes the algorithm and the failure cont
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -38,6 +39,8 @@ from lowcomm.compression import Codec, Encoded
 from lowcomm.faults import FaultInjector, damaged
 
 __all__ = ["RingBuffers", "RingLinks", "RingPipeline", "split"]
+
+logger = logging.getLogger(__name__)
 
 # A sender waits for its next sub-chunk at most this long past the deadline before giving up on
 # the receiving thread (which is itself bounded by the deadline).
@@ -295,7 +298,13 @@ class RingPipeline:
             self.fail(CommTimeoutError("a ring thread did not finish by the deadline"))
             for th in threads:
                 th.join(timeout=max(hard_deadline + _GRACE_S - time.monotonic(), 0))
-            # A thread that is still alive may yet write into the scratch buffers: drop them.
+            # The result may be the caller's own tensor, which the caller restores after a
+            # failure: a straggler must not write into it afterwards. The links are aborted, so
+            # what is left is CPU work (a slow decode or add on a starved host), which ends.
+            for th in threads:
+                while th.is_alive():
+                    logger.warning("ring thread %s still running after the op failed: waiting", th.name)
+                    th.join(timeout=5.0)
             self.links.buffers.drop()
 
     def _guarded(self, fn: Callable[[int], None], index: int) -> None:

@@ -179,6 +179,33 @@ def test_ring_settings_follow_the_neighbours_addresses_unless_configured() -> No
     assert not _allreduce._thread_per_connection(local, default)
     assert _allreduce._num_connections(wan, default) == 4  # one neighbour is remote
     assert _allreduce._thread_per_connection(wan, default)
+    # Both ends of a link must open the same number of connections: every rank of a ring that
+    # mixes loopback and remote addresses picks one count (rank 0's neighbours are 3 and 2,
+    # both loopback in `mixed`, rank 1's are 0 and 2, one of them remote).
+    mixed = [["127.0.0.1", 1], ["10.0.0.7", 2], ["127.0.0.1", 3], ["127.0.0.1", 4]]
+    counts = {
+        _allreduce._num_connections({"rank": r, "addresses": mixed}, default) for r in range(4)
+    }
+    assert counts == {4}
     chosen = CommConfig(num_connections=3, thread_per_connection=True)
     assert _allreduce._num_connections(local, chosen) == 3
     assert _allreduce._thread_per_connection(local, chosen)
+
+
+@pytest.mark.timeout(90)
+def test_auto_quantization_keeps_non_finite_values_of_an_op_that_travels_in_fp32(master) -> None:  # type: ignore[no-untyped-def]
+    # "auto" sends ops under AUTO_MIN_BYTES in exact fp32, so an inf (an overflow check, a mask)
+    # is reduced like any fp32 value instead of being refused as a quantized contribution.
+    comms = _pair(master)
+    try:
+        xs = [torch.tensor([1.0, float("inf")]), torch.tensor([2.0, 3.0])]
+        run_threads(
+            [
+                lambda c=c, x=x: c.all_reduce(x, "max", quantization="auto", timeout_s=20)
+                for c, x in zip(comms, xs, strict=True)
+            ]
+        )
+        for x in xs:
+            assert x.tolist() == [2.0, float("inf")]
+    finally:
+        _close(comms)

@@ -373,3 +373,80 @@ def test_codec_parameters_differing_between_peers_fail_fast_naming_both_settings
         assert repr(mine.params()[field]) in str(r) and repr(theirs.params()[field]) in str(r)
     assert all(torch.equal(x, b) for x, b in zip(xs, before, strict=True))
     _close(comms)
+
+
+@pytest.mark.timeout(90)
+def test_a_message_slower_than_the_grace_is_read_to_its_end_by_a_polling_receiver(
+    master, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # The pipeline polls recv in short slices. A message that has begun to arrive is read to its
+    # end while its frames keep coming, even when the whole takes longer than the grace (scaled
+    # down here from 10 s): giving up half-way closed the connection and lost it for both ends.
+    from lowcomm.comm import _p2p
+    from lowcomm.comm.errors import CommTimeoutError
+    from lowcomm.comm.shaper import Shaper
+
+    monkeypatch.setattr(_p2p, "P2P_MESSAGE_GRACE_S", 0.5)
+    slow = dataclasses.replace(FAST, shaper=Shaper(bandwidth_bps=8 * 4e6))  # 4 MB/s
+    a = communicator(addr(master), config=slow)
+    b = communicator(addr(master))
+    a.connect(timeout_s=20)
+
+    def admit() -> None:
+        while a.world_size < 2:
+            a.update_topology(timeout_s=20)
+
+    assert run_threads([lambda: b.connect(timeout_s=20), admit]) == [None, None]
+    x = torch.arange(1_000_000, dtype=torch.float32)  # 4 MB: about a second on the link
+    out = torch.zeros_like(x)
+
+    def poll() -> int:
+        for attempt in range(200):
+            try:
+                b.recv(out, from_=a.peer_id, timeout_s=0.2)
+                return attempt
+            except CommTimeoutError:
+                continue
+        raise AssertionError("the message never arrived")
+
+    try:
+        res = run_threads([lambda: a.send(x, to=b.peer_id, timeout_s=30), poll])
+        assert res[0] is None and isinstance(res[1], int), res
+        assert torch.equal(out, x)
+    finally:
+        _close([a, b])
+
+
+@pytest.mark.timeout(60)
+def test_live_revision_answers_within_its_timeout_when_the_master_is_frozen() -> None:
+    # The pipeline's watcher probes the membership with a short timeout to notice a lost stage;
+    # a SIGSTOPped master must not hold the probe for the control channel's 10 s of slack.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lowcomm.comm.errors import PeerFailureError
+
+    code = (
+        "import time; from tests.comm._control_harness import start_master; "
+        "m = start_master(heartbeat_timeout_s=30.0); print(m.address[1], flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        c = communicator(f"127.0.0.1:{port}")
+        c.connect(timeout_s=20)
+        assert isinstance(c.live_revision(timeout_s=5.0), int)
+        os.kill(proc.pid, signal.SIGSTOP)
+        while open(f"/proc/{proc.pid}/stat").read().split(") ")[1][0] != "T":
+            time.sleep(0.01)  # stopped (the signal is delivered asynchronously)
+        start = time.monotonic()
+        with pytest.raises(PeerFailureError):
+            c.live_revision(timeout_s=1.0)
+        assert time.monotonic() - start < 5.0  # was 10.1 s: the probe ignored its timeout
+    finally:
+        proc.kill()
+        proc.wait()
+    c.close()
