@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["METHODS", "QUANTIZATIONS", "OuterConfig"]
+__all__ = ["METHODS", "QUANTIZATIONS", "SLOW_INNER_BETA2", "SLOW_INNER_MAX_MOMENTUM", "OuterConfig"]
 
 Method = Literal["diloco", "async", "streaming", "co2", "delayed_nesterov"]
 METHODS: tuple[str, ...] = ("diloco", "async", "streaming", "co2", "delayed_nesterov")
 QUANTIZATIONS: tuple[str, ...] = ("none", "fp16", "bf16", "uint8", "int8", "fp8", "fp4", "topk")
 OnFailure = Literal["retry", "drop"]
+# Outer momentum above this, with an inner Adam whose beta2 is above SLOW_INNER_BETA2, is unsafe:
+# measured with torch's default AdamW (docs/outer_loop_defaults.md), momentum 0.5 closed 51% of
+# the one-worker/data-parallel gap and 0.9 ended worse than one worker.
+SLOW_INNER_MAX_MOMENTUM = 0.5
+SLOW_INNER_BETA2 = 0.99
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +36,7 @@ class OuterConfig:
             steps to tau. Pick tau just above the all-reduce time over the inner-step time.
             Its outer momentum defaults to 0 (see ``outer_momentum``).
         ``"streaming"``: Streaming DiLoCo; the parameters are split into ``num_fragments``
-            fragments, one synced every ``sync_every / num_fragments`` inner steps, each all-reduce
+            fragments, one synced every ``sync_every // num_fragments`` inner steps, each all-reduce
             overlapping ``overlap_steps`` inner steps, then merged with factor ``merge_alpha``.
         ``"co2"``: CO2; one-round-stale heavy-ball outer step with the staleness gap penalty
             ``co2_gap_penalty`` (>= 1) and element-wise outer momentum clipping ``co2_clip``.
@@ -119,10 +124,13 @@ class OuterConfig:
         if self.num_fragments < 1:
             raise ValueError(f"OuterConfig.num_fragments must be >= 1, got {self.num_fragments}")
         if self.method == "streaming":
-            if self.sync_every % self.num_fragments:
+            # One fragment every sync_every // num_fragments inner steps, so each fragment syncs
+            # every num_fragments * (sync_every // num_fragments) <= sync_every inner steps (the
+            # defaults, 50 and 3, give 48: the defaults must be a valid config).
+            if self.sync_every < self.num_fragments:
                 raise ValueError(
-                    f"OuterConfig.sync_every ({self.sync_every}) must be a multiple of "
-                    f"num_fragments ({self.num_fragments}) for method='streaming'"
+                    f"OuterConfig.sync_every ({self.sync_every}) must be >= num_fragments "
+                    f"({self.num_fragments}) for method='streaming'"
                 )
             spacing = self.sync_every // self.num_fragments
             if not 0 <= self.overlap_steps < spacing:
@@ -150,6 +158,28 @@ class OuterConfig:
             )
         if self.max_retries < 0:
             raise ValueError(f"OuterConfig.max_retries must be >= 0, got {self.max_retries}")
+
+    def inner_optimizer_warning(self, optimizer: Any) -> str | None:
+        """Why this outer loop's momentum is unsafe with ``optimizer``, or None if it is not.
+
+        Outer momentum above ``SLOW_INNER_MAX_MOMENTUM`` needs an inner optimizer whose step
+        adapts quickly: with an Adam-family second-moment decay above ``SLOW_INNER_BETA2`` (torch's
+        AdamW default is 0.999) the pseudo-gradients stay large and aligned round after round and
+        the momentum overshoots (docs/outer_loop_defaults.md: outer momentum 0.9 ends worse than
+        one worker there). ``DiLoCo`` logs this once at construction.
+        """
+        momentum = self.outer_momentum or 0.0
+        if momentum <= SLOW_INNER_MAX_MOMENTUM:
+            return None
+        for group in getattr(optimizer, "param_groups", ()):
+            betas = group.get("betas")
+            if isinstance(betas, tuple | list) and len(betas) == 2 and betas[1] > SLOW_INNER_BETA2:
+                return (
+                    f"outer momentum {momentum} with an inner optimizer of beta2 {betas[1]} "
+                    f"(> {SLOW_INNER_BETA2}) overshoots: use betas (0.9, 0.95) (lowcomm.launch."
+                    f"experiments.LMAdamW) or outer_momentum <= {SLOW_INNER_MAX_MOMENTUM}"
+                )
+        return None
 
     @property
     def is_pipelined(self) -> bool:

@@ -1,0 +1,110 @@
+"""The outer loops' defaults: valid for every method, and the unsafe combinations flagged.
+
+The numbers behind the defaults are in docs/outer_loop_defaults.md (benchmarks/diloco.py part A).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lowcomm.diloco import METHODS, DiLoCo, OuterConfig
+from lowcomm.launch.experiments import LM_BETAS, LM_WEIGHT_DECAY, LMAdamW
+from lowcomm.testing import SoloCommunicator
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_has_a_valid_default_config(method: str) -> None:
+    config = OuterConfig(method=method)  # type: ignore[arg-type]
+    assert config.outer_momentum is not None
+
+
+def test_streaming_defaults_sync_each_fragment_within_sync_every() -> None:
+    config = OuterConfig(method="streaming")
+    assert config.sync_every % config.num_fragments != 0  # 50 and 3: allowed, rounded down
+    spacing = config.sync_every // config.num_fragments
+    assert 0 <= config.overlap_steps < spacing
+
+
+def _params() -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.zeros(3))]
+
+
+def test_slow_inner_adam_with_outer_momentum_is_flagged() -> None:
+    slow = torch.optim.AdamW(_params(), lr=1e-3)  # torch's default betas (0.9, 0.999)
+    message = OuterConfig(outer_momentum=0.9).inner_optimizer_warning(slow)
+    assert message is not None and "0.999" in message
+    assert OuterConfig(outer_momentum=0.5).inner_optimizer_warning(slow) is None
+    fast = LMAdamW(_params(), lr=1e-3)
+    assert OuterConfig(outer_momentum=0.9).inner_optimizer_warning(fast) is None
+    sgd = torch.optim.SGD(_params(), lr=1e-3)
+    assert OuterConfig(outer_momentum=0.9).inner_optimizer_warning(sgd) is None
+
+
+def test_the_wrapper_logs_the_slow_inner_optimizer_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = torch.nn.Linear(2, 2)
+    with caplog.at_level(logging.WARNING, logger="lowcomm.diloco.trainer"):
+        DiLoCo(
+            model,
+            torch.optim.AdamW(model.parameters(), lr=1e-3),
+            SoloCommunicator(),
+            config=OuterConfig(outer_momentum=0.9),
+        )
+    assert any("overshoots" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowcomm.diloco.trainer"):
+        DiLoCo(
+            model,
+            LMAdamW(model.parameters(), lr=1e-3),
+            SoloCommunicator(),
+            config=OuterConfig(outer_momentum=0.9),
+        )
+    assert not any("overshoots" in r.getMessage() for r in caplog.records)
+
+
+def test_lm_adamw_settings_and_linear_warmup() -> None:
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = LMAdamW([p], lr=1e-2, warmup_steps=4)
+    group = opt.param_groups[0]
+    assert group["betas"] == LM_BETAS and group["weight_decay"] == LM_WEIGHT_DECAY
+    lrs = []
+    for _ in range(6):
+        p.grad = torch.ones(4)
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+
+
+def test_lm_adamw_warmup_resumes_from_its_state_dict() -> None:
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = LMAdamW([p], lr=1e-2, warmup_steps=4)
+    for _ in range(2):
+        p.grad = torch.ones(4)
+        opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = LMAdamW([q], lr=1e-2, warmup_steps=4)
+    resumed.load_state_dict(opt.state_dict())
+    q.grad = torch.ones(4)
+    resumed.step()
+    assert resumed.param_groups[0]["lr"] == pytest.approx(7.5e-3)  # step 3 of 4, not step 1
+
+
+def test_lm_adamw_without_warmup_is_torch_adamw() -> None:
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    ours = LMAdamW([a], lr=1e-2)
+    ref = torch.optim.AdamW([b], lr=1e-2, betas=LM_BETAS, weight_decay=LM_WEIGHT_DECAY)
+    for i in range(3):
+        a.grad = torch.full((4,), float(i + 1))
+        b.grad = torch.full((4,), float(i + 1))
+        ours.step()
+        ref.step()
+    assert torch.equal(a, b)
+
+
+def test_lm_adamw_rejects_a_negative_warmup() -> None:
+    with pytest.raises(ValueError, match="warmup_steps"):
+        LMAdamW(_params(), lr=1e-3, warmup_steps=-1)
