@@ -86,7 +86,12 @@ class OuterState:
     def _nesterov(self, theta: torch.Tensor, mom: torch.Tensor, avg: torch.Tensor) -> None:
         cfg = self.config
         nesterov_step(
-            theta, mom, avg, lr=cfg.outer_lr, mu=cfg.outer_momentum or 0.0, nesterov=cfg.nesterov
+            theta,
+            mom,
+            avg,
+            lr=cfg.outer_lr or 0.0,
+            mu=cfg.outer_momentum or 0.0,
+            nesterov=cfg.nesterov,
         )
 
     def _co2(self, theta: torch.Tensor, mom: torch.Tensor, avg: torch.Tensor) -> None:
@@ -95,7 +100,7 @@ class OuterState:
             theta,
             mom,
             avg,
-            lr=cfg.outer_lr,
+            lr=cfg.outer_lr or 0.0,
             beta=cfg.outer_momentum or 0.0,
             gap_penalty=cfg.co2_gap_penalty,
             clip=cfg.co2_clip,
@@ -111,7 +116,7 @@ class OuterState:
             avg,
             count=self.dn_count,
             period=cfg.dn_period,
-            lr=cfg.outer_lr,
+            lr=cfg.outer_lr or 0.0,
             mu=cfg.outer_momentum or 0.0,
         )
 

@@ -78,7 +78,7 @@ class PipelinedLoop:
                 state.offset,
                 state.offset_momentum,
                 diff.div_(world),
-                lr=cfg.outer_lr,
+                lr=cfg.outer_lr or 0.0,
                 mu=cfg.outer_momentum or 0.0,
                 nesterov=cfg.nesterov,
             )

@@ -6,7 +6,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["METHODS", "QUANTIZATIONS", "SLOW_INNER_BETA2", "SLOW_INNER_MAX_MOMENTUM", "OuterConfig"]
+__all__ = [
+    "DN_OUTER_LR",
+    "METHODS",
+    "QUANTIZATIONS",
+    "SLOW_INNER_BETA2",
+    "SLOW_INNER_MAX_MOMENTUM",
+    "OuterConfig",
+]
 
 Method = Literal["diloco", "async", "streaming", "co2", "delayed_nesterov"]
 METHODS: tuple[str, ...] = ("diloco", "async", "streaming", "co2", "delayed_nesterov")
@@ -17,6 +24,7 @@ OnFailure = Literal["retry", "drop"]
 # the one-worker/data-parallel gap and 0.9 ended worse than one worker.
 SLOW_INNER_MAX_MOMENTUM = 0.5
 SLOW_INNER_BETA2 = 0.99
+DN_OUTER_LR = 0.07  # delayed_nesterov's default outer learning rate (see OuterConfig.outer_lr)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +62,12 @@ class OuterConfig:
 
     method: Method = "diloco"
     sync_every: int = 50
-    outer_lr: float = 0.7
+    # None: 0.7 (DiLoCo's) for every method but delayed_nesterov, whose momentum acts on
+    # one-round-stale averages: there 0.7 with momentum 0.9 diverged (validation loss 10.06
+    # against one worker's 1.71, docs/outer_loop_defaults.md), and its default is
+    # DN_OUTER_LR, the published toy's (0.07-0.1 with momentum 0.9): the same steady-state step,
+    # lr / (1 - momentum) = 0.7, as async's lr 0.7 without momentum.
+    outer_lr: float | None = None
     # None: 0.9 (Nesterov) for diloco, streaming and delayed_nesterov; 0.0 for the one-step-stale
     # async and co2 (PCCL's async example uses none; with 0.9 a one-round-stale Nesterov step
     # diverged in our CPU runs: validation loss 5.90 against 2.64 without momentum).
@@ -87,6 +100,9 @@ class OuterConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"OuterConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.outer_lr is None:
+            lr = DN_OUTER_LR if self.method == "delayed_nesterov" else 0.7
+            object.__setattr__(self, "outer_lr", lr)
         if self.outer_momentum is None:
             momentum = 0.0 if self.method in ("async", "co2") else 0.9
             object.__setattr__(self, "outer_momentum", momentum)

@@ -27,7 +27,7 @@ from lowcomm.comm.shaper import Shaper
 from lowcomm.comm.shared_state import tensor_hash
 from lowcomm.diloco import DiLoCo, OuterConfig
 from lowcomm.faults import FaultInjector
-from lowcomm.launch.experiments import LM_WARMUP_STEPS, Corpus, LMAdamW, evaluate
+from lowcomm.launch.experiments import LM_WARMUP_STEPS, Corpus, LMAdamW, build_gpt, evaluate
 from lowcomm.launch.tasks import ByteBatches
 from lowcomm.launch.tinygpt import GPT, GPTConfig, sample_batch
 from lowcomm.launch.volunteer import open_trainer
@@ -182,8 +182,7 @@ def _run(spec: PeerSpec, events: Any) -> None:
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.manual_seed(spec.seed)
-    model = GPT(spec.gpt).to(device)
+    model = build_gpt(spec.gpt, seed=spec.seed).to(device)  # torch's init, as the calibration
     opt = LMAdamW(model.parameters(), lr=spec.lr, warmup_steps=spec.warmup_steps)
     # Peer 0's copy of the outer parameters for its snapshots: on CPU, where theta lives.
     probe = GPT(spec.gpt) if spec.snapshots and spec.mode != "ddp" else model

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from lowcomm.launch.experiments import LM_WARMUP_STEPS, Corpus, LMAdamW
+from lowcomm.launch.experiments import LM_WARMUP_STEPS, Corpus, LMAdamW, build_gpt
 from lowcomm.launch.task import Task, TaskConfig
-from lowcomm.launch.tinygpt import GPT, GPTConfig, sample_batch
+from lowcomm.launch.tinygpt import GPTConfig, sample_batch
 
 __all__ = ["ByteBatches", "TinyGPTSettings", "tinygpt"]
 
@@ -102,10 +102,10 @@ def tinygpt(config: TaskConfig) -> Task:
     settings = TinyGPTSettings(**config.settings)
     gpt = settings.gpt()
     corpus = Corpus.load(max_bytes=settings.corpus_bytes or None)
-    torch.manual_seed(0)  # the same initial weights on every peer (the outer state overrides them)
     lr, warmup = settings.lr, settings.warmup_steps
     return Task(
-        model=GPT(gpt),
+        # The same initial weights on every peer (the outer state overrides them anyway).
+        model=build_gpt(gpt, seed=0),
         inner_optimizer=lambda params: LMAdamW(params, lr=lr, warmup_steps=warmup),
         data=ByteBatches(
             corpus.train, batch_size=settings.batch_size, context=gpt.context, seed=config.seed

@@ -108,3 +108,13 @@ def test_lm_adamw_without_warmup_is_torch_adamw() -> None:
 def test_lm_adamw_rejects_a_negative_warmup() -> None:
     with pytest.raises(ValueError, match="warmup_steps"):
         LMAdamW(_params(), lr=1e-3, warmup_steps=-1)
+
+
+def test_delayed_nesterov_defaults_to_a_damped_outer_lr() -> None:
+    from lowcomm.diloco.config import DN_OUTER_LR
+
+    dn = OuterConfig(method="delayed_nesterov")
+    assert dn.outer_lr == DN_OUTER_LR and dn.outer_momentum == 0.9
+    assert OuterConfig(method="delayed_nesterov", outer_lr=0.5).outer_lr == 0.5
+    for method in ("diloco", "async", "streaming", "co2"):
+        assert OuterConfig(method=method).outer_lr == 0.7  # type: ignore[arg-type]
