@@ -126,7 +126,7 @@ class OuterConfig:
                 f"OuterConfig.topk_fraction must be in (0, 1], got {self.topk_fraction}"
             )
         if self.eager is None:
-            object.__setattr__(self, "eager", self.method == "async")
+            object.__setattr__(self, "eager", self.is_pipelined)
         if self.apply_after_steps is not None:
             if self.method != "async":
                 raise ValueError("OuterConfig.apply_after_steps applies to method='async' only")
@@ -135,8 +135,11 @@ class OuterConfig:
                     f"OuterConfig.apply_after_steps must be in [1, sync_every = {self.sync_every}),"
                     f" got {self.apply_after_steps}"
                 )
-        if self.eager and self.method != "async":
-            raise ValueError("OuterConfig.eager applies to method='async' only")
+        if self.eager and not self.is_pipelined:
+            raise ValueError(
+                "OuterConfig.eager applies to the one-step-delayed methods (async, co2, "
+                "delayed_nesterov) only"
+            )
         if self.num_fragments < 1:
             raise ValueError(f"OuterConfig.num_fragments must be >= 1, got {self.num_fragments}")
         if self.method == "streaming":

@@ -118,3 +118,47 @@ def test_delayed_nesterov_defaults_to_a_damped_outer_lr() -> None:
     assert OuterConfig(method="delayed_nesterov", outer_lr=0.5).outer_lr == 0.5
     for method in ("diloco", "async", "streaming", "co2"):
         assert OuterConfig(method=method).outer_lr == 0.7  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["async", "co2", "delayed_nesterov"])
+def test_the_one_step_delayed_methods_default_to_eager_updates(method: str) -> None:
+    assert OuterConfig(method=method).eager is True  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="eager"):
+        OuterConfig(method="streaming", eager=True)
+
+
+def _two_peer_run(config: OuterConfig) -> list[torch.Tensor]:
+    """Two peers of a small regression model over a LocalGroup; peer 0's outer parameters."""
+    from lowcomm.testing.groups import LocalGroup
+
+    from ._toy import run_threads
+
+    group = LocalGroup(2)
+    out: list[list[torch.Tensor]] = [[], []]
+
+    def peer(rank: int) -> None:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        trainer = DiLoCo(
+            model, LMAdamW(model.parameters(), lr=1e-2), group.communicator(rank), config=config
+        )
+        gen = torch.Generator().manual_seed(10 + rank)
+        for _ in range(13):
+            x = torch.randn(8, 4, generator=gen)
+            torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
+            trainer.step()
+        trainer.finish()
+        out[rank] = [trainer.outer_params.clone()]
+
+    run_threads([lambda: peer(0), lambda: peer(1)])
+    return out[0]
+
+
+def test_co2_at_its_defaults_is_async_at_its_defaults_while_the_clip_does_not_bind() -> None:
+    # CO2's defaults (momentum 0, gap penalty 1, clip 1.0 on values far below 1) make its rule
+    # async's (Nesterov with momentum 0); both eager. docs/outer_loop_defaults.md measures async.
+    co2 = _two_peer_run(OuterConfig(method="co2", sync_every=3, quantization="none"))
+    asy = _two_peer_run(OuterConfig(method="async", sync_every=3, quantization="none"))
+    naive = _two_peer_run(OuterConfig(method="co2", sync_every=3, quantization="none", eager=False))
+    assert torch.equal(co2[0], asy[0])
+    assert not torch.equal(co2[0], naive[0])
