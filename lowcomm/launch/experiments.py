@@ -47,9 +47,11 @@ LM_WARMUP_STEPS = 100
 class LMAdamW(torch.optim.AdamW):
     """AdamW with the language-model settings and a linear learning-rate warm-up.
 
-    The learning rate ramps from ``lr / warmup_steps`` to ``lr`` over the first ``warmup_steps``
-    steps (0: no warm-up), then stays constant. The step count is kept in each parameter group
-    (``"num_steps"``), so it travels with ``state_dict()`` and a resumed optimizer continues the
+    Step t (from 1) uses ``lr * min(1, t / warmup_steps)`` (``warmup_steps=0``: no warm-up), where
+    ``lr`` is each group's ``"lr"`` at that step: the warm-up only scales it for the step and
+    restores it, so a schedule that sets ``"lr"``, or ``lowcomm.trainer``'s priming step at lr 0,
+    works unchanged. The step count is kept in each parameter group (``"num_steps"``, not counted
+    for a step at lr 0), so it travels with ``state_dict()`` and a resumed optimizer continues the
     ramp where it stopped.
     """
 
@@ -66,17 +68,21 @@ class LMAdamW(torch.optim.AdamW):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay)
         for group in self.param_groups:
-            group.update(base_lr=lr, warmup_steps=warmup_steps, num_steps=0)
+            group.update(warmup_steps=warmup_steps, num_steps=0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        for group in self.param_groups:
-            group["num_steps"] += 1
+        peaks = [group["lr"] for group in self.param_groups]
+        for group, peak in zip(self.param_groups, peaks, strict=True):
+            if float(peak) != 0.0:
+                group["num_steps"] += 1
             if group["warmup_steps"]:
-                group["lr"] = group["base_lr"] * min(
-                    1.0, group["num_steps"] / group["warmup_steps"]
-                )
-        return super().step(closure)
+                group["lr"] = peak * min(1.0, max(1, group["num_steps"]) / group["warmup_steps"])
+        try:
+            return super().step(closure)
+        finally:
+            for group, peak in zip(self.param_groups, peaks, strict=True):
+                group["lr"] = peak
 
 
 @dataclass(frozen=True)

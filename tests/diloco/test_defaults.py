@@ -66,31 +66,45 @@ def test_the_wrapper_logs_the_slow_inner_optimizer_warning(
     assert not any("overshoots" in r.getMessage() for r in caplog.records)
 
 
+def _step_sizes(opt: LMAdamW, p: torch.nn.Parameter, n: int) -> list[float]:
+    """How far each of n steps on a constant gradient moves p (Adam's step is about lr there)."""
+    sizes = []
+    for _ in range(n):
+        before = p.detach().clone()
+        p.grad = torch.ones_like(p)
+        opt.step()
+        sizes.append(float((before - p.detach())[0]))
+    return sizes
+
+
 def test_lm_adamw_settings_and_linear_warmup() -> None:
     p = torch.nn.Parameter(torch.ones(4))
-    opt = LMAdamW([p], lr=1e-2, warmup_steps=4)
-    group = opt.param_groups[0]
-    assert group["betas"] == LM_BETAS and group["weight_decay"] == LM_WEIGHT_DECAY
-    lrs = []
-    for _ in range(6):
-        p.grad = torch.ones(4)
-        opt.step()
-        lrs.append(opt.param_groups[0]["lr"])
-    assert lrs == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+    assert LMAdamW([p], lr=1e-2).param_groups[0]["betas"] == LM_BETAS
+    assert LMAdamW([p], lr=1e-2).param_groups[0]["weight_decay"] == LM_WEIGHT_DECAY
+    opt = LMAdamW([p], lr=1e-2, weight_decay=0.0, warmup_steps=4)
+    sizes = _step_sizes(opt, p, 6)
+    assert sizes == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2], rel=1e-4)
+    assert opt.param_groups[0]["lr"] == 1e-2  # the peak stays what a schedule would set
 
 
 def test_lm_adamw_warmup_resumes_from_its_state_dict() -> None:
     p = torch.nn.Parameter(torch.ones(4))
-    opt = LMAdamW([p], lr=1e-2, warmup_steps=4)
-    for _ in range(2):
-        p.grad = torch.ones(4)
-        opt.step()
+    opt = LMAdamW([p], lr=1e-2, weight_decay=0.0, warmup_steps=4)
+    _step_sizes(opt, p, 2)
     q = torch.nn.Parameter(p.detach().clone())
-    resumed = LMAdamW([q], lr=1e-2, warmup_steps=4)
+    resumed = LMAdamW([q], lr=1e-2, weight_decay=0.0, warmup_steps=4)
     resumed.load_state_dict(opt.state_dict())
-    q.grad = torch.ones(4)
-    resumed.step()
-    assert resumed.param_groups[0]["lr"] == pytest.approx(7.5e-3)  # step 3 of 4, not step 1
+    assert _step_sizes(resumed, q, 1) == pytest.approx([7.5e-3], rel=1e-4)  # step 3 of 4
+
+
+def test_lm_adamw_step_at_lr_zero_moves_nothing_and_is_not_counted() -> None:
+    from lowcomm.trainer.trainer import prime_optimizer
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = LMAdamW([p], lr=1e-2, warmup_steps=4)
+    prime_optimizer(opt)  # what a restore does before loading a checkpoint into it
+    assert torch.equal(p.detach(), torch.ones(4))
+    assert opt.param_groups[0]["num_steps"] == 0 and opt.param_groups[0]["lr"] == 1e-2
 
 
 def test_lm_adamw_without_warmup_is_torch_adamw() -> None:
