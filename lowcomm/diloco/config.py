@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
-    "DN_OUTER_LR",
+    "DEFAULT_OUTER",
     "METHODS",
     "QUANTIZATIONS",
     "SLOW_INNER_BETA2",
@@ -24,7 +24,19 @@ OnFailure = Literal["retry", "drop"]
 # the one-worker/data-parallel gap and 0.9 ended worse than one worker.
 SLOW_INNER_MAX_MOMENTUM = 0.5
 SLOW_INNER_BETA2 = 0.99
-DN_OUTER_LR = 0.07  # delayed_nesterov's default outer learning rate (see OuterConfig.outer_lr)
+# Each method's default (outer lr, outer momentum), measured at the calibration setting (docs/
+# outer_loop_defaults.md: 4 replicas, H=50, 1200 steps; one worker 1.6917): synchronous DiLoCo and
+# Streaming keep the paper's Nesterov lr 0.7 momentum 0.9 (Streaming 1.5295). The one-round-stale
+# methods cannot: with momentum 0.9 async diverged (5.90 against 2.64) and delayed Nesterov too
+# (10.06); without momentum, lr 0.7 ends worse than one worker (async, eager: 1.7842; CO2's naive
+# delay: 1.8152), and so does delayed Nesterov at its toy's lr 0.07 (2.1786).
+DEFAULT_OUTER: dict[str, tuple[float, float]] = {
+    "diloco": (0.7, 0.9),
+    "streaming": (0.7, 0.9),
+    "async": (0.7, 0.0),
+    "co2": (0.7, 0.0),
+    "delayed_nesterov": (0.07, 0.9),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,15 +74,8 @@ class OuterConfig:
 
     method: Method = "diloco"
     sync_every: int = 50
-    # None: 0.7 (DiLoCo's) for every method but delayed_nesterov, whose momentum acts on
-    # one-round-stale averages: there 0.7 with momentum 0.9 diverged (validation loss 10.06
-    # against one worker's 1.71, docs/outer_loop_defaults.md), and its default is
-    # DN_OUTER_LR, the published toy's (0.07-0.1 with momentum 0.9): the same steady-state step,
-    # lr / (1 - momentum) = 0.7, as async's lr 0.7 without momentum.
+    # None: the method's entry of DEFAULT_OUTER (lr, momentum), chosen from measurements.
     outer_lr: float | None = None
-    # None: 0.9 (Nesterov) for diloco, streaming and delayed_nesterov; 0.0 for the one-step-stale
-    # async and co2 (PCCL's async example uses none; with 0.9 a one-round-stale Nesterov step
-    # diverged in our CPU runs: validation loss 5.90 against 2.64 without momentum).
     outer_momentum: float | None = None
     nesterov: bool = True
     quantization: str = "uint8"
@@ -100,11 +105,10 @@ class OuterConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"OuterConfig.method must be one of {METHODS}, got {self.method!r}")
+        lr, momentum = DEFAULT_OUTER[self.method]
         if self.outer_lr is None:
-            lr = DN_OUTER_LR if self.method == "delayed_nesterov" else 0.7
             object.__setattr__(self, "outer_lr", lr)
         if self.outer_momentum is None:
-            momentum = 0.0 if self.method in ("async", "co2") else 0.9
             object.__setattr__(self, "outer_momentum", momentum)
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(

@@ -6,6 +6,7 @@ The numbers behind the defaults are in docs/outer_loop_defaults.md (benchmarks/d
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -124,14 +125,14 @@ def test_lm_adamw_rejects_a_negative_warmup() -> None:
         LMAdamW(_params(), lr=1e-3, warmup_steps=-1)
 
 
-def test_delayed_nesterov_defaults_to_a_damped_outer_lr() -> None:
-    from lowcomm.diloco.config import DN_OUTER_LR
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_takes_its_measured_outer_defaults_unless_set(method: str) -> None:
+    from lowcomm.diloco.config import DEFAULT_OUTER
 
-    dn = OuterConfig(method="delayed_nesterov")
-    assert dn.outer_lr == DN_OUTER_LR and dn.outer_momentum == 0.9
-    assert OuterConfig(method="delayed_nesterov", outer_lr=0.5).outer_lr == 0.5
-    for method in ("diloco", "async", "streaming", "co2"):
-        assert OuterConfig(method=method).outer_lr == 0.7  # type: ignore[arg-type]
+    config = OuterConfig(method=method)  # type: ignore[arg-type]
+    assert (config.outer_lr, config.outer_momentum) == DEFAULT_OUTER[method]
+    set_ = OuterConfig(method=method, outer_lr=0.5, outer_momentum=0.25)  # type: ignore[arg-type]
+    assert (set_.outer_lr, set_.outer_momentum) == (0.5, 0.25)
 
 
 @pytest.mark.parametrize("method", ["async", "co2", "delayed_nesterov"])
@@ -176,3 +177,10 @@ def test_co2_at_its_defaults_is_async_at_its_defaults_while_the_clip_does_not_bi
     naive = _two_peer_run(OuterConfig(method="co2", sync_every=3, quantization="none", eager=False))
     assert torch.equal(co2[0], asy[0])
     assert not torch.equal(co2[0], naive[0])
+
+
+def test_delayed_nesterov_with_period_1_is_async_with_the_same_outer_step() -> None:
+    kw: dict[str, Any] = dict(sync_every=3, quantization="none", outer_lr=0.7, outer_momentum=0.5)
+    dn = _two_peer_run(OuterConfig(method="delayed_nesterov", **kw))
+    asy = _two_peer_run(OuterConfig(method="async", **kw))
+    assert torch.equal(dn[0], asy[0])
