@@ -138,8 +138,9 @@ def build_gpt(gpt: GPTConfig, *, seed: int, init: Init = "torch") -> GPT:
     model = GPT(gpt)
     if init == "torch":
         for module in model.modules():
-            if module is not model and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if module is not model and callable(reset):
+                reset()
     return model
 
 
@@ -206,15 +207,15 @@ def simulate(
                 with torch.no_grad():
                     for i, p in enumerate(params[0]):
                         assert p.grad is not None
-                        for other in params[1:]:
-                            p.grad.add_(other[i].grad)  # type: ignore[arg-type]
+                        for copy in params[1:]:
+                            p.grad.add_(copy[i].grad)  # type: ignore[arg-type]
                         p.grad.div_(num_replicas)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if pool is not None:
                 with torch.no_grad():
-                    for other in params[1:]:
-                        for p, q in zip(params[0], other, strict=True):
+                    for copy in params[1:]:
+                        for p, q in zip(params[0], copy, strict=True):
                             q.copy_(p)
                             q.grad = None
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:

@@ -151,9 +151,13 @@ def _two_peer_run(config: OuterConfig) -> list[torch.Tensor]:
     group = LocalGroup(2)
     out: list[list[torch.Tensor]] = [[], []]
 
-    def peer(rank: int) -> None:
+    models = []
+    for _ in range(2):  # seeded here, not in the threads: the global RNG is shared
         torch.manual_seed(0)
-        model = torch.nn.Linear(4, 1)
+        models.append(torch.nn.Linear(4, 1))
+
+    def peer(rank: int) -> None:
+        model = models[rank]
         trainer = DiLoCo(
             model, LMAdamW(model.parameters(), lr=1e-2), group.communicator(rank), config=config
         )
