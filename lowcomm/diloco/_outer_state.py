@@ -86,7 +86,12 @@ class OuterState:
     def _nesterov(self, theta: torch.Tensor, mom: torch.Tensor, avg: torch.Tensor) -> None:
         cfg = self.config
         nesterov_step(
-            theta, mom, avg, lr=cfg.outer_lr, mu=cfg.outer_momentum or 0.0, nesterov=cfg.nesterov
+            theta,
+            mom,
+            avg,
+            lr=cfg.outer_lr or 0.0,
+            mu=cfg.outer_momentum or 0.0,
+            nesterov=cfg.nesterov,
         )
 
     def _co2(self, theta: torch.Tensor, mom: torch.Tensor, avg: torch.Tensor) -> None:
@@ -95,7 +100,7 @@ class OuterState:
             theta,
             mom,
             avg,
-            lr=cfg.outer_lr,
+            lr=cfg.outer_lr or 0.0,
             beta=cfg.outer_momentum or 0.0,
             gap_penalty=cfg.co2_gap_penalty,
             clip=cfg.co2_clip,
@@ -111,9 +116,38 @@ class OuterState:
             avg,
             count=self.dn_count,
             period=cfg.dn_period,
-            lr=cfg.outer_lr,
+            lr=cfg.outer_lr or 0.0,
             mu=cfg.outer_momentum or 0.0,
         )
+
+    def eager_step(self, diff: torch.Tensor) -> None:
+        """Moves the eager offset by the method's step on ``diff`` (fresh minus stale share).
+
+        The rules are linear in the pseudo-gradient, so applying one to the delayed average with
+        this peer's share swapped moves theta by the rule applied to the difference: async's
+        Nesterov step, CO2's heavy-ball step (its clip, a bound on the shared momentum, is left
+        to the shared update), delayed Nesterov's as one Nesterov step of lr / dn_period (exact
+        for dn_period 1). Local state only: the shared theta keeps the true averages.
+        """
+        cfg = self.config
+        assert self.offset is not None and self.offset_momentum is not None
+        lr, mu = cfg.outer_lr or 0.0, cfg.outer_momentum or 0.0
+        if cfg.method == "co2":
+            co2_step(
+                self.offset,
+                self.offset_momentum,
+                diff,
+                lr=lr,
+                beta=mu,
+                gap_penalty=cfg.co2_gap_penalty,
+                clip=None,
+            )
+        elif cfg.method == "delayed_nesterov":
+            nesterov_step(self.offset, self.offset_momentum, diff, lr=lr / cfg.dn_period, mu=mu)
+        else:
+            nesterov_step(
+                self.offset, self.offset_momentum, diff, lr=lr, mu=mu, nesterov=cfg.nesterov
+            )
 
     def local_params(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """A new flat fp32 copy of the local parameters in [lo, hi), on theta's device."""

@@ -7,7 +7,6 @@ import torch
 
 from lowcomm.diloco._collectives import TAG_DELTA, Flight, PseudogradientReducer, SpeedControl
 from lowcomm.diloco._outer_state import OuterState
-from lowcomm.diloco._rules import nesterov_step
 
 __all__ = ["PipelinedLoop"]
 
@@ -69,19 +68,12 @@ class PipelinedLoop:
             state.admit()
             self.speed.start(own_speed)
             return
-        if cfg.eager and state.offset is not None and state.offset_momentum is not None:
+        if cfg.eager and state.offset is not None:
             # Eager: this peer's fresh contribution replaces its stale share of the delayed
             # average; tracked as a local offset from the (bit-identical) shared theta.
             world = max(1, int(state.comm.world_size))
             diff = delta - stale if stale is not None else delta.clone()
-            nesterov_step(
-                state.offset,
-                state.offset_momentum,
-                diff.div_(world),
-                lr=cfg.outer_lr,
-                mu=cfg.outer_momentum or 0.0,
-                nesterov=cfg.nesterov,
-            )
+            state.eager_step(diff.div_(world))
             state.layout.scatter(state.theta + state.offset)
         else:
             state.layout.scatter(state.theta)

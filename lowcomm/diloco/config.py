@@ -4,14 +4,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["METHODS", "QUANTIZATIONS", "OuterConfig"]
+__all__ = [
+    "DEFAULT_OUTER",
+    "METHODS",
+    "QUANTIZATIONS",
+    "SLOW_INNER_BETA2",
+    "SLOW_INNER_MAX_MOMENTUM",
+    "OuterConfig",
+]
 
 Method = Literal["diloco", "async", "streaming", "co2", "delayed_nesterov"]
 METHODS: tuple[str, ...] = ("diloco", "async", "streaming", "co2", "delayed_nesterov")
 QUANTIZATIONS: tuple[str, ...] = ("none", "fp16", "bf16", "uint8", "int8", "fp8", "fp4", "topk")
 OnFailure = Literal["retry", "drop"]
+# Outer momentum above this, with an inner Adam whose beta2 is above SLOW_INNER_BETA2, is unsafe:
+# measured with torch's default AdamW (docs/outer_loop_defaults.md), momentum 0.5 closed 51% of
+# the one-worker/data-parallel gap and 0.9 ended worse than one worker.
+SLOW_INNER_MAX_MOMENTUM = 0.5
+SLOW_INNER_BETA2 = 0.99
+# Each method's default (outer lr, outer momentum), measured at the calibration setting (docs/
+# outer_loop_defaults.md: 4 replicas, H=50, 1200 steps; one worker 1.6917). Synchronous DiLoCo and
+# Streaming keep the paper's Nesterov lr 0.7 momentum 0.9 (Streaming 1.5295). For the one-round-
+# stale methods every setting tried ends worse than one worker with a full round of delay:
+# eager async lr 0.7 without momentum 1.7842 (the best; CO2's defaults are the same step), with
+# momentum 0.5 1.8163, lr 1.4 2.1589; delayed Nesterov at lr 0.7 momentum 0.9 diverged (10.06), at
+# lr 0.07 2.1786. Applying async's average 5 inner steps into the next round with momentum 0.9
+# (``apply_after_steps=5``) reached 1.6872, level with one worker (see the docs).
+DEFAULT_OUTER: dict[str, tuple[float, float]] = {
+    "diloco": (0.7, 0.9),
+    "streaming": (0.7, 0.9),
+    "async": (0.7, 0.0),
+    "co2": (0.7, 0.0),
+    "delayed_nesterov": (0.7, 0.5),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +58,7 @@ class OuterConfig:
             steps to tau. Pick tau just above the all-reduce time over the inner-step time.
             Its outer momentum defaults to 0 (see ``outer_momentum``).
         ``"streaming"``: Streaming DiLoCo; the parameters are split into ``num_fragments``
-            fragments, one synced every ``sync_every / num_fragments`` inner steps, each all-reduce
+            fragments, one synced every ``sync_every // num_fragments`` inner steps, each all-reduce
             overlapping ``overlap_steps`` inner steps, then merged with factor ``merge_alpha``.
         ``"co2"``: CO2; one-round-stale heavy-ball outer step with the staleness gap penalty
             ``co2_gap_penalty`` (>= 1) and element-wise outer momentum clipping ``co2_clip``.
@@ -49,10 +76,8 @@ class OuterConfig:
 
     method: Method = "diloco"
     sync_every: int = 50
-    outer_lr: float = 0.7
-    # None: 0.9 (Nesterov) for diloco, streaming and delayed_nesterov; 0.0 for the one-step-stale
-    # async and co2 (PCCL's async example uses none; with 0.9 a one-round-stale Nesterov step
-    # diverged in our CPU runs: validation loss 5.90 against 2.64 without momentum).
+    # None: the method's entry of DEFAULT_OUTER (lr, momentum), chosen from measurements.
+    outer_lr: float | None = None
     outer_momentum: float | None = None
     nesterov: bool = True
     quantization: str = "uint8"
@@ -82,8 +107,10 @@ class OuterConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"OuterConfig.method must be one of {METHODS}, got {self.method!r}")
+        lr, momentum = DEFAULT_OUTER[self.method]
+        if self.outer_lr is None:
+            object.__setattr__(self, "outer_lr", lr)
         if self.outer_momentum is None:
-            momentum = 0.0 if self.method in ("async", "co2") else 0.9
             object.__setattr__(self, "outer_momentum", momentum)
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
@@ -105,7 +132,7 @@ class OuterConfig:
                 f"OuterConfig.topk_fraction must be in (0, 1], got {self.topk_fraction}"
             )
         if self.eager is None:
-            object.__setattr__(self, "eager", self.method == "async")
+            object.__setattr__(self, "eager", self.is_pipelined)
         if self.apply_after_steps is not None:
             if self.method != "async":
                 raise ValueError("OuterConfig.apply_after_steps applies to method='async' only")
@@ -114,15 +141,21 @@ class OuterConfig:
                     f"OuterConfig.apply_after_steps must be in [1, sync_every = {self.sync_every}),"
                     f" got {self.apply_after_steps}"
                 )
-        if self.eager and self.method != "async":
-            raise ValueError("OuterConfig.eager applies to method='async' only")
+        if self.eager and not self.is_pipelined:
+            raise ValueError(
+                "OuterConfig.eager applies to the one-step-delayed methods (async, co2, "
+                "delayed_nesterov) only"
+            )
         if self.num_fragments < 1:
             raise ValueError(f"OuterConfig.num_fragments must be >= 1, got {self.num_fragments}")
         if self.method == "streaming":
-            if self.sync_every % self.num_fragments:
+            # One fragment every sync_every // num_fragments inner steps, so each fragment syncs
+            # every num_fragments * (sync_every // num_fragments) <= sync_every inner steps (the
+            # defaults, 50 and 3, give 48: the defaults must be a valid config).
+            if self.sync_every < self.num_fragments:
                 raise ValueError(
-                    f"OuterConfig.sync_every ({self.sync_every}) must be a multiple of "
-                    f"num_fragments ({self.num_fragments}) for method='streaming'"
+                    f"OuterConfig.sync_every ({self.sync_every}) must be >= num_fragments "
+                    f"({self.num_fragments}) for method='streaming'"
                 )
             spacing = self.sync_every // self.num_fragments
             if not 0 <= self.overlap_steps < spacing:
@@ -150,6 +183,28 @@ class OuterConfig:
             )
         if self.max_retries < 0:
             raise ValueError(f"OuterConfig.max_retries must be >= 0, got {self.max_retries}")
+
+    def inner_optimizer_warning(self, optimizer: Any) -> str | None:
+        """Why this outer loop's momentum is unsafe with ``optimizer``, or None if it is not.
+
+        Outer momentum above ``SLOW_INNER_MAX_MOMENTUM`` needs an inner optimizer whose step
+        adapts quickly: with an Adam-family second-moment decay above ``SLOW_INNER_BETA2`` (torch's
+        AdamW default is 0.999) the pseudo-gradients stay large and aligned round after round and
+        the momentum overshoots (docs/outer_loop_defaults.md: outer momentum 0.9 ends worse than
+        one worker there). ``DiLoCo`` logs this once at construction.
+        """
+        momentum = self.outer_momentum or 0.0
+        if momentum <= SLOW_INNER_MAX_MOMENTUM:
+            return None
+        for group in getattr(optimizer, "param_groups", ()):
+            betas = group.get("betas")
+            if isinstance(betas, tuple | list) and len(betas) == 2 and betas[1] > SLOW_INNER_BETA2:
+                return (
+                    f"outer momentum {momentum} with an inner optimizer of beta2 {betas[1]} "
+                    f"(> {SLOW_INNER_BETA2}) overshoots: use betas (0.9, 0.95) (lowcomm.launch."
+                    f"experiments.LMAdamW) or outer_momentum <= {SLOW_INNER_MAX_MOMENTUM}"
+                )
+        return None
 
     @property
     def is_pipelined(self) -> bool:

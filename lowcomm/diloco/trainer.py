@@ -141,6 +141,8 @@ class DiLoCo:
         self.config = config
         self.stats = OuterStats()
         self._faults = faults
+        if (unsafe := config.inner_optimizer_warning(inner_optimizer)) is not None:
+            logger.warning("DiLoCo: %s", unsafe)
         loop_cls = _LOOPS[config.method]
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:

@@ -85,6 +85,7 @@ def _plot(path: str, phases: list[Phase]) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from lowcomm.comm import Master
+    from lowcomm.launch.experiments import LM_WARMUP_STEPS
     from lowcomm.launch.peer import PeerSpec, kill_at_inner_step, outer_steps_for
     from lowcomm.launch.tinygpt import GPT
 
@@ -122,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         bandwidth_bps=args.bandwidth_mbps * 1e6,
         latency_ms=args.latency_ms,
         seed=args.seed,
+        # The inner AdamW's warm-up: a tenth of the run, at most the default (LM_WARMUP_STEPS).
+        warmup_steps=min(LM_WARMUP_STEPS, args.steps // 10),
         report_every=max(1, args.sync_every // 4),
         timeout_s=30.0,
     )

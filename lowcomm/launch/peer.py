@@ -27,7 +27,7 @@ from lowcomm.comm.shaper import Shaper
 from lowcomm.comm.shared_state import tensor_hash
 from lowcomm.diloco import DiLoCo, OuterConfig
 from lowcomm.faults import FaultInjector
-from lowcomm.launch.experiments import Corpus, evaluate
+from lowcomm.launch.experiments import LM_WARMUP_STEPS, Corpus, LMAdamW, build_gpt, evaluate
 from lowcomm.launch.tasks import ByteBatches
 from lowcomm.launch.tinygpt import GPT, GPTConfig, sample_batch
 from lowcomm.launch.volunteer import open_trainer
@@ -93,7 +93,8 @@ class PeerSpec:
     outer: OuterConfig
     gpt: GPTConfig
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 2e-3  # the inner AdamW's (LMAdamW: betas (0.9, 0.95), weight decay 0.1)
+    warmup_steps: int = LM_WARMUP_STEPS
     outer_steps: int = 10  # stop once this many outer steps are applied (same point on every peer)
     # ... and, past that, go on (up to max_outer_steps, default 3x outer_steps) until this many
     # peers take part: the demo and the tests wait this way for a rejoining peer. World size and
@@ -181,9 +182,8 @@ def _run(spec: PeerSpec, events: Any) -> None:
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.manual_seed(spec.seed)
-    model = GPT(spec.gpt).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    model = build_gpt(spec.gpt, seed=spec.seed).to(device)  # torch's init, as the calibration
+    opt = LMAdamW(model.parameters(), lr=spec.lr, warmup_steps=spec.warmup_steps)
     # Peer 0's copy of the outer parameters for its snapshots: on CPU, where theta lives.
     probe = GPT(spec.gpt) if spec.snapshots and spec.mode != "ddp" else model
     comm = Communicator(spec.master, peer_group=0, token=spec.token, config=config)

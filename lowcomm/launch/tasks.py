@@ -4,6 +4,7 @@
 
     num_layers = 2      width = 128     num_heads = 4     context = 64
     batch_size = 16     lr = 2e-3       corpus_bytes = 0  (0: the whole embedded corpus)
+    warmup_steps = 100  (the inner AdamW's linear warm-up; betas (0.9, 0.95), weight decay 0.1)
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 
 import torch
 
-from lowcomm.launch.experiments import Corpus
+from lowcomm.launch.experiments import LM_WARMUP_STEPS, Corpus, LMAdamW, build_gpt
 from lowcomm.launch.task import Task, TaskConfig
-from lowcomm.launch.tinygpt import GPT, GPTConfig, sample_batch
+from lowcomm.launch.tinygpt import GPTConfig, sample_batch
 
 __all__ = ["ByteBatches", "TinyGPTSettings", "tinygpt"]
 
@@ -32,12 +33,17 @@ class TinyGPTSettings:
     batch_size: int = 16
     lr: float = 2e-3
     corpus_bytes: int = 0
+    warmup_steps: int = LM_WARMUP_STEPS
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"[settings].{f.name} must be a number, got {value!r}")
+        if self.warmup_steps < 0 or isinstance(self.warmup_steps, float):
+            raise ValueError(
+                f"[settings].warmup_steps must be an integer >= 0, got {self.warmup_steps}"
+            )
         for name in ("batch_size",):
             if getattr(self, name) < 1:
                 raise ValueError(f"[settings].{name} must be >= 1, got {getattr(self, name)}")
@@ -96,11 +102,11 @@ def tinygpt(config: TaskConfig) -> Task:
     settings = TinyGPTSettings(**config.settings)
     gpt = settings.gpt()
     corpus = Corpus.load(max_bytes=settings.corpus_bytes or None)
-    torch.manual_seed(0)  # the same initial weights on every peer (the outer state overrides them)
-    lr = settings.lr
+    lr, warmup = settings.lr, settings.warmup_steps
     return Task(
-        model=GPT(gpt),
-        inner_optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
+        # The same initial weights on every peer (the outer state overrides them anyway).
+        model=build_gpt(gpt, seed=0),
+        inner_optimizer=lambda params: LMAdamW(params, lr=lr, warmup_steps=warmup),
         data=ByteBatches(
             corpus.train, batch_size=settings.batch_size, context=gpt.context, seed=config.seed
         ),

@@ -414,7 +414,7 @@ def test_load_state_dict_rejects_a_different_config() -> None:
         ({"outer_lr": 0.0}, "outer_lr"),
         ({"outer_momentum": 1.5}, "outer_momentum"),
         ({"quantization": "int3"}, "quantization"),
-        ({"method": "streaming", "sync_every": 10, "num_fragments": 3}, "multiple"),
+        ({"method": "streaming", "sync_every": 2, "num_fragments": 3}, "num_fragments"),
         (
             {"method": "streaming", "sync_every": 6, "num_fragments": 3, "overlap_steps": 2},
             "overlap",
