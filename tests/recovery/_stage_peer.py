@@ -90,6 +90,7 @@ def run_stage(spec: dict[str, Any], events: Any) -> None:
         token=TOKEN,
         config=CommConfig(timeout_s=config.timeout_s, poll_s=0.1),
     )
+    peer: StagePeer  # assigned below; the closures read it when they run
     label = "replacement" if spec.get("replacement") else "original"
 
     def on_event(kind: str, info: dict[str, Any]) -> None:

@@ -108,6 +108,19 @@ def test_a_killed_stage_with_a_surviving_replica_is_a_bit_for_bit_copy_of_its_ou
         assert _equal(dumps[0]["outer"]["params"], dumps[1]["outer"]["params"]), stage
         assert not _equal(dumps[0]["params"], dumps[1]["params"]), stage
     assert _equal(lost["outer"], survivor["outer"])
+    # The outer step at the start of step 2 equals plain torch's: the replicas' pseudo-gradients
+    # (outer minus inner after step 1) averaged, then one Nesterov SGD step on the outer params.
+    for stage in range(3):
+        start = [out.load(f"{stage}r{r}", "original_step1") for r in range(2)]
+        outer = {k: v.clone() for k, v in start[0]["outer"]["params"].items()}
+        assert start[0]["outer"]["synced_for"] == -1  # not synced yet
+        ref = torch.optim.SGD(list(outer.values()), lr=0.7, momentum=0.9, nesterov=True)
+        for name, o in outer.items():
+            o.grad = ((o - start[0]["params"][name]) + (o - start[1]["params"][name])) / 2
+        ref.step()
+        synced = out.load(f"{stage}r0", "original_step2")["outer"]
+        assert synced["synced_for"] == OUTER_EVERY
+        assert _equal(synced["params"], outer), stage
 
 
 def test_slots_are_kept_by_survivors_and_new_peers_take_the_free_replica_in_join_order() -> None:
