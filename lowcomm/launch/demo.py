@@ -6,6 +6,10 @@ Half-way, one peer is killed without warning; it restarts from its own checkpoin
 data position) and takes the run's current outer state from the others. Then data-parallel training (an fp32 gradient all-reduce every step)
 runs over the same link for the same wall-clock time. The demo ends with a summary and a PNG plot
 of loss against time (the kill and the resume marked) and against bytes sent, for both.
+
+``lowcomm demo --pipeline`` shows the other half of fault tolerance instead: a model split into
+pipeline stages, one process each, a middle stage killed mid micro-batch and rebuilt by CheckFree
+from its neighbours (``pipeline_demo``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cap on the data-parallel run's time (it gets DiLoCo's wall time, at most this)",
     )
     parser.add_argument("--plot", default="lowcomm-demo.png", help="where to write the plot")
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="instead: train a pipeline of stages, one per process; kill and rebuild a stage",
+    )
+    parser.add_argument(
+        "--pipeline-stages",
+        type=int,
+        default=3,
+        help="with --pipeline: transformer block stages besides stage 0 (3; >= 3 for the kill)",
+    )
 
 
 def _plot(path: str, phases: list[Phase]) -> str | None:
@@ -89,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
     from lowcomm.launch.peer import PeerSpec, kill_at_inner_step, outer_steps_for
     from lowcomm.launch.tinygpt import GPT
 
+    if args.pipeline:
+        from lowcomm.launch.pipeline_demo import run_pipeline_demo
+
+        return run_pipeline_demo(args)
     if args.peers < 1:
         raise SystemExit("--peers must be >= 1")
     if args.log_level is None:

@@ -1,12 +1,16 @@
-"""The stage-recovery configuration: which rules are on and how the rebuilt stage restarts."""
+"""The stage-recovery configuration: which rules are on and how the rebuilt stage restarts
+(``RecoveryConfig``), and what every stage of a multi-process pipeline agrees on
+(``PipelineConfig``)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["AVERAGES", "NORM_POINTS", "RecoveryConfig"]
+from lowcomm.recovery.stages import StageConfig
+
+__all__ = ["AVERAGES", "NORM_POINTS", "PipelineConfig", "RecoveryConfig"]
 
 Average = Literal["gradnorm", "uniform"]
 NormPoint = Literal["before_clip", "after_clip"]
@@ -70,3 +74,63 @@ class RecoveryConfig:
                 "RecoveryConfig.embedding_backup_every must be >= 1, got "
                 f"{self.embedding_backup_every}"
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """What every stage of one pipeline must agree on.
+
+    Attributes:
+        stages: the model's shape (``num_block_stages`` + 1 peers).
+        num_micro_batches: micro-batches per step (GPipe); at most 4, since a stage's
+            point-to-point pool has four threads and the ring layout's last send waits on stage 0.
+        micro_batch_size: sequences per micro-batch.
+        lr, max_grad_norm: Adam's rate (betas 0.9, 0.999, as the simulator) and the clip.
+        checkpoint_every: each stage saves its state to the ``StageStore`` every this many steps
+            (and at step 0); the fallback of the rules.
+        recovery: the rules (``RecoveryConfig``).
+        seed: the initialisation's seed (every stage draws the whole model and keeps its part,
+            so the pipeline starts as ``SimPipeline`` does).
+        timeout_s: the bound of every message and vote.
+        rejoin_timeout_s: how long the survivors wait for replacements before ``PipelineError``.
+        num_replicas: copies of the pipeline (``lowcomm.recovery.replicas``); each stage's
+            replicas are one peer group running DiLoCo among themselves, and a lost slot with a
+            surviving replica of its stage is rebuilt as a copy of it.
+        outer_every, outer_lr, outer_momentum: DiLoCo among a stage's replicas: every this many
+            steps an outer Nesterov SGD step (needed, and only allowed, with ``num_replicas > 1``).
+    """
+
+    stages: StageConfig
+    num_micro_batches: int = 2
+    micro_batch_size: int = 2
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 100
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    seed: int = 0
+    timeout_s: float = 30.0
+    rejoin_timeout_s: float = 60.0
+    num_replicas: int = 1
+    outer_every: int = 0
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_micro_batches <= 4:
+            raise ValueError(
+                f"PipelineConfig.num_micro_batches must be in 1..4, got {self.num_micro_batches}"
+            )
+        for name in ("micro_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PipelineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_replicas < 1:
+            raise ValueError(f"PipelineConfig.num_replicas must be >= 1, got {self.num_replicas}")
+        if (self.num_replicas > 1) != (self.outer_every >= 1):
+            raise ValueError(
+                "PipelineConfig.outer_every must be >= 1 with num_replicas > 1 (DiLoCo among a "
+                f"stage's replicas) and 0 without, got {self.outer_every} with "
+                f"{self.num_replicas} replicas"
+            )
+        for name in ("lr", "timeout_s", "rejoin_timeout_s", "outer_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PipelineConfig.{name} must be > 0, got {getattr(self, name)}")

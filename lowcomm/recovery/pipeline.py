@@ -37,12 +37,11 @@ attempt is ever used (``_links``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -51,9 +50,10 @@ from torch import nn
 from lowcomm.comm import CommError, Communicator, VoteResult
 from lowcomm.faults import FaultInjector
 from lowcomm.recovery._links import BWD, FWD, Links, ctrl_tag
-from lowcomm.recovery.config import RecoveryConfig
+from lowcomm.recovery.config import PipelineConfig
 from lowcomm.recovery.errors import PipelineError, StepAbortedError
 from lowcomm.recovery.ordering import block_order, swaps_enabled
+from lowcomm.recovery.replicas import OuterState, Slot, assign_slots, missing_slots
 from lowcomm.recovery.rules import (
     EMBEDDING_STAGE,
     GradNorm,
@@ -68,8 +68,9 @@ from lowcomm.recovery.rules import (
     lr_scale,
     plan_recovery,
     rebuild,
+    state_hash,
 )
-from lowcomm.recovery.stages import BlockStage, EmbeddingStage, StageConfig, build_stages
+from lowcomm.recovery.stages import BlockStage, EmbeddingStage, build_stages
 from lowcomm.recovery.store import StageStore
 
 __all__ = ["PipelineConfig", "StagePeer", "state_hash"]
@@ -81,58 +82,6 @@ OnEvent = Callable[[str, dict[str, Any]], None]
 _WATCH_S = 0.1
 _MAX_RECOVERY_ROUNDS = 4
 _MAX_RETRIES = 3  # attempts of one step voted down with no peer lost
-
-
-@dataclass(frozen=True, kw_only=True)
-class PipelineConfig:
-    """What every stage of one pipeline must agree on.
-
-    Attributes:
-        stages: the model's shape (``num_block_stages`` + 1 peers).
-        num_micro_batches: micro-batches per step (GPipe); at most 4, since a stage's
-            point-to-point pool has four threads and the ring layout's last send waits on stage 0.
-        micro_batch_size: sequences per micro-batch.
-        lr, max_grad_norm: Adam's rate (betas 0.9, 0.999, as the simulator) and the clip.
-        checkpoint_every: each stage saves its state to the ``StageStore`` every this many steps
-            (and at step 0); the fallback of the rules.
-        recovery: the rules (``RecoveryConfig``).
-        seed: the initialisation's seed (every stage draws the whole model and keeps its part,
-            so the pipeline starts as ``SimPipeline`` does).
-        timeout_s: the bound of every message and vote.
-        rejoin_timeout_s: how long the survivors wait for replacements before ``PipelineError``.
-    """
-
-    stages: StageConfig
-    num_micro_batches: int = 2
-    micro_batch_size: int = 2
-    lr: float = 1e-3
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 100
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
-    seed: int = 0
-    timeout_s: float = 30.0
-    rejoin_timeout_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_micro_batches <= 4:
-            raise ValueError(
-                f"PipelineConfig.num_micro_batches must be in 1..4, got {self.num_micro_batches}"
-            )
-        for name in ("micro_batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PipelineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "timeout_s", "rejoin_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PipelineConfig.{name} must be > 0, got {getattr(self, name)}")
-
-
-def state_hash(state: dict[str, torch.Tensor]) -> str:
-    """A short sha256 of a state dict's tensors, in key order (to compare stages across peers)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class StagePeer:
@@ -187,6 +136,9 @@ class StagePeer:
                 for p in self.module.parameters():
                     p.fill_(float("nan"))
         self.optimizer = self._new_optimizer()
+        self.replica = 0  # this peer's pipeline replica, known once ``run`` joined
+        self.slots: dict[str, Slot] = {}  # peer id -> (stage, replica), see ``replicas``
+        self.outer = self._new_outer() if config.num_replicas > 1 else None
         self.grad_norm: GradNorm | None = None
         self.rebuilt_at: int | None = None
         self.backup: dict[str, torch.Tensor] | None = None  # CheckFree+: the (de)embedding copy
@@ -269,24 +221,35 @@ class StagePeer:
 
     # ------------------------------------------------------------------ forming the pipeline
     def _peer_of(self) -> dict[int, str]:
-        """Stage -> peer id in this peer's current view of the world (one peer per stage)."""
-        out: dict[int, str] = {}
-        for pid, group in self.comm.peer_groups.items():
-            out.setdefault(group, pid)
-        return out
+        """Stage -> peer id of this peer's replica (as of the last ``_assign``)."""
+        return {s: pid for pid, (s, r) in self.slots.items() if r == self.replica}
 
-    def _missing(self) -> set[int]:
-        present = self._peer_of()
-        return {s for s in range(self.num_blocks + 1) if s not in present}
+    def _slot_peer(self, slot: Slot) -> str:
+        return next(pid for pid, held in self.slots.items() if held == slot)
+
+    def _missing(self) -> set[Slot]:
+        """The slots whose peer left the world (before the replacements are assigned)."""
+        live = {pid: slot for pid, slot in self.slots.items() if pid in self.comm.peer_groups}
+        return missing_slots(live, self.num_blocks + 1, self.config.num_replicas)
+
+    def _assign(self) -> None:
+        live = {pid: slot for pid, slot in self.slots.items() if pid in self.comm.peer_groups}
+        self.slots = assign_slots(self.comm.peer_groups.items(), live, self.config.num_replicas)
+        if self.comm.peer_id in self.slots:
+            self.replica = self.slots[self.comm.peer_id][1]
+
+    def _short(self) -> list[int]:
+        g, want = list(self.comm.peer_groups.values()), self.config.num_replicas
+        return [s for s in range(self.num_blocks + 1) if g.count(s) < want]
 
     def _gather(self) -> None:
-        """Admits joiners until every stage has a peer (every peer calls it, in lockstep)."""
+        """Admits joiners until every slot has a peer (every peer calls it, in lockstep)."""
         self._arm(None)
         deadline = time.monotonic() + self.config.rejoin_timeout_s
-        while self._missing():
+        while self._short():
             if time.monotonic() > deadline:
                 raise PipelineError(
-                    f"stages {sorted(self._missing())} have no peer after "
+                    f"stages {self._short()} lack peers after "
                     f"{self.config.rejoin_timeout_s} s: start a replacement peer for each"
                 )
             try:
@@ -296,6 +259,7 @@ class StagePeer:
                     time.sleep(0.05)
             except CommError as exc:
                 raise PipelineError(f"stage {self.stage}: admitting peers failed: {exc}") from exc
+        self._assign()
 
     def _start(self) -> None:
         """Step 0 of a fresh pipeline: the first checkpoint, the first (de)embedding copies."""
@@ -317,6 +281,10 @@ class StagePeer:
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.module.parameters(), lr=self.config.lr, betas=(0.9, 0.999))
 
+    def _new_outer(self) -> OuterState:
+        c = self.config
+        return OuterState(self.module, lr=c.outer_lr, momentum=c.outer_momentum)
+
     def _fault(self, step: int, mb: int, phase: str) -> None:
         if self.faults is not None:
             self.faults.hit("pipeline.micro_batch", stage=self.stage, step=step, mb=mb, phase=phase)
@@ -335,6 +303,15 @@ class StagePeer:
             group["lr"] = self.config.lr * scale
         self.optimizer.zero_grad(set_to_none=True)
         try:
+            every = self.config.outer_every
+            if (
+                self.outer is not None
+                and step
+                and step % every == 0
+                and self.outer.synced_for < step
+            ):
+                # DiLoCo among this stage's replicas; all-or-nothing, never applied twice.
+                self.outer.sync(self.module, self.comm, step=step, timeout_s=self.config.timeout_s)
             if self.stage == EMBEDDING_STAGE:
                 self.last_loss = self._run_embedding(step)
             else:
@@ -349,6 +326,7 @@ class StagePeer:
                 "aborted",
                 {
                     "stage": self.stage,
+                    "replica": self.replica,
                     "step": step,
                     "error": type(exc).__name__,
                     "reason": str(err),
@@ -435,6 +413,7 @@ class StagePeer:
             self._save_checkpoint(done)
         info = {
             "stage": self.stage,
+            "replica": self.replica,
             "step": done - 1,
             "hash": state_hash(self.module.state_dict()),
             "time": time.time(),
@@ -466,6 +445,7 @@ class StagePeer:
     def _save_checkpoint(self, done: int) -> None:
         self.store.save(
             self.stage,
+            replica=self.replica,
             step=done,
             params=clone_state(self.module.state_dict()),
             optimizer=clone_state(self.optimizer.state_dict()),
@@ -518,55 +498,69 @@ class StagePeer:
                 return
             # Still lost: stages without a peer, and rebuilds that failed (their peer voted fail).
             # A replacement that failed before it learnt the lost stages knows itself.
-            stage_of = {pid: s for s, pid in self._peer_of().items()}
-            failed = {stage_of[p] for p in res.failed if p in stage_of}
+            failed = {self.slots[p] for p in res.failed if p in self.slots}
             lost = self._missing() | (failed & set(lost or ()))
             if self.needs_rebuild:
-                lost.add(self.stage)
+                lost.add((self.stage, self.replica))
         raise PipelineError(
             f"stage {self.stage}: {_MAX_RECOVERY_ROUNDS} recoveries in a row failed at step "
             f"{self.step}; see the log for each"
         )
 
-    def _transfer(self, lost: set[int] | None) -> set[int]:
-        """One recovery's transfers; returns the lost stages (a replacement learns them here)."""
-        peer = self._peer_of()
+    def _transfer(self, lost: set[Slot] | None) -> set[Slot]:
+        """One recovery's transfers; returns the lost slots (a replacement learns them here)."""
         coordinator = self.comm.peers[0]  # the oldest peer: always a survivor
         logger.debug(
-            "stage %d: recovery transfer at revision %d, lost %s, coordinator %s",
-            self.stage,
-            self.comm.revision,
-            lost,
-            coordinator,
+            "stage %d: recovery at revision %d, lost %s", self.stage, self.comm.revision, lost
         )
-        me = self.comm.peer_id
-        if me == coordinator:
+        if self.comm.peer_id == coordinator:
             assert lost is not None
-            header = {"step": self.step, "epoch": self.epoch, "lost": sorted(lost)}
-            for s in sorted(lost):
-                self.links.send_obj(header, to=peer[s], tag=self._ctrl())
+            header = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "lost": [list(slot) for slot in sorted(lost)],
+                "slots": {pid: list(slot) for pid, slot in self.slots.items()},
+            }
+            for slot in sorted(lost):
+                self.links.send_obj(header, to=self._slot_peer(slot), tag=self._ctrl())
         if self.needs_rebuild:
             header, _ = self.links.recv_obj(from_=coordinator, tag=self._ctrl())
-            lost = set(header["lost"])
+            lost = {(int(s), int(r)) for s, r in header["lost"]}
+            self.slots = {pid: (int(s), int(r)) for pid, (s, r) in header["slots"].items()}
+            self.replica = self.slots[self.comm.peer_id][1]
             self.step, self.epoch = int(header["step"]), int(header["epoch"])
         if lost is None:  # a survivor always knows them; a replacement learnt them above
             raise PipelineError(f"stage {self.stage} does not know which stages were lost")
         rc = self.config.recovery
-        holders = frozenset(h for h in self._holders() if h not in lost)
-        membership = Membership(
-            num_block_stages=self.num_blocks,
-            lost=frozenset(lost),
-            embedding_backups=holders if rc.checkfree_plus else frozenset(),
-        )
-        for plan in plan_recovery(membership, rc):
-            if plan.stage == self.stage:
-                self._rebuild(plan, peer)
-            else:
+        num_replicas = self.config.num_replicas
+        for r in range(num_replicas):  # each replica's pipeline plans its own losses
+            lost_r = {s for s, q in lost if q == r}
+            if not lost_r:
+                continue
+            survivors = {
+                s: tuple(q for q in range(num_replicas) if (s, q) not in lost) for s in lost_r
+            }
+            membership = Membership(
+                num_block_stages=self.num_blocks,
+                lost=frozenset(lost_r),
+                replicas={s: qs for s, qs in survivors.items() if qs},
+                embedding_backups=frozenset(h for h in self._holders() if h not in lost_r),
+            )
+            for plan in plan_recovery(membership, rc):
+                target = (plan.stage, r)
+                if target == (self.stage, self.replica):
+                    self._rebuild(plan)
+                    continue
                 for source in plan.sources:
-                    if source.kind in ("neighbour", "backup") and source.index == self.stage:
-                        self._serve(source, to=peer[plan.stage], target=plan.stage)
+                    mine = (
+                        (plan.stage, source.index)
+                        if source.kind == "replica"
+                        else (source.index, r)
+                    )
+                    if source.kind != "checkpoint" and mine == (self.stage, self.replica):
+                        self._serve(source, to=self._slot_peer(target), target=plan.stage)
         # A replacement holder gets the current (de)embedding as part of joining.
-        self._send_backups({h for h in self._holders() if h in lost})
+        self._send_backups({h for h in self._holders() if (h, self.replica) in lost})
         return lost
 
     def _serve(self, source: Source, *, to: str, target: int) -> None:
@@ -582,34 +576,54 @@ class StagePeer:
             if self.grad_norm is None
             else (self.grad_norm.before_clip, self.grad_norm.after_clip)
         )
-        self.links.send_obj(
-            {"params": clone_state(self.module.state_dict()), "grad_norm": norm},
-            to=to,
-            tag=self._ctrl(),
-        )
+        obj: dict[str, Any] = {"params": clone_state(self.module.state_dict()), "grad_norm": norm}
+        if source.kind == "replica":
+            # A copy of this replica: under DiLoCo its outer parameters (never the mid-round
+            # inner ones), the outer momentum, and the inner optimizer's state.
+            assert self.outer is not None
+            outer = self.outer.state()
+            obj["params"].update(clone_state(outer["params"]))
+            obj["optimizer"] = clone_state(self.optimizer.state_dict())
+            obj["outer"] = outer
+        self.links.send_obj(obj, to=to, tag=self._ctrl())
 
-    def _rebuild(self, plan: Plan, peer: dict[int, str]) -> None:
+    def _rebuild(self, plan: Plan) -> None:
         start = time.perf_counter()
         snapshots: dict[Source, StageSnapshot] = {}
+        outer = None
         received = 0
         for source in plan.sources:
             if source.kind == "checkpoint":
-                ckpt = self.store.load(self.stage)
+                ckpt = self.store.load(self.stage, replica=self.replica)
                 if ckpt is None:
                     raise PipelineError(f"stage {self.stage} was lost and has no checkpoint")
                 snapshots[source] = StageSnapshot(ckpt["params"], ckpt["optimizer"])
                 continue
-            obj, size = self.links.recv_obj(from_=peer[source.index], tag=self._ctrl())
+            slot = (
+                (self.stage, source.index)
+                if source.kind == "replica"
+                else (source.index, self.replica)
+            )
+            obj, size = self.links.recv_obj(from_=self._slot_peer(slot), tag=self._ctrl())
             received += size
             norm = obj["grad_norm"]
+            outer = obj.get("outer", outer)
             snapshots[source] = StageSnapshot(
-                obj["params"], grad_norm=None if norm is None else GradNorm(*norm)
+                obj["params"],
+                obj.get("optimizer"),
+                grad_norm=None if norm is None else GradNorm(*norm),
             )
         rebuilt = rebuild(plan, snapshots, self.config.recovery)
         self.module.load_state_dict(rebuilt.params)
         self.optimizer = self._new_optimizer()
         if rebuilt.optimizer is not None:
             self.optimizer.load_state_dict(rebuilt.optimizer)
+        if self.config.num_replicas > 1:
+            # A replica copy takes the survivor's outer state; any other rule restarts DiLoCo's
+            # outer state from the rebuilt parameters.
+            self.outer = self._new_outer()
+            if outer is not None:
+                self.outer.load(outer)
         self.grad_norm = None
         self.rebuilt_at = self.step if rebuilt.lr_boost else None
         if plan.rule is Rule.CHECKPOINT:
@@ -628,6 +642,7 @@ class StagePeer:
             "recovered",
             {
                 **asdict(report),
+                "replica": self.replica,
                 "step": self.step,
                 "received_bytes": received,
                 "hash": state_hash(self.module.state_dict()),

@@ -25,6 +25,7 @@ membership picks the same rule and the same sources without talking to the other
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ __all__ = [
     "plan_recovery",
     "rebuild",
     "state_bytes",
+    "state_hash",
 ]
 
 EMBEDDING_STAGE = 0
@@ -357,3 +359,12 @@ def rebuild(
     )
     boost = plan.rule in (Rule.CHECKFREE, Rule.CHECKFREE_PLUS)
     return Rebuilt(params=params, optimizer=optimizer, lr_boost=boost, report=report)
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """A short sha256 of a state dict's tensors, in key order (to compare stages across peers)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -23,13 +23,14 @@ class StageStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
 
-    def _path(self, stage: int) -> Path:
-        return self.root / f"stage{stage}.pt"
+    def _path(self, stage: int, replica: int) -> Path:
+        return self.root / (f"stage{stage}.pt" if replica == 0 else f"stage{stage}r{replica}.pt")
 
-    def save(self, stage: int, *, step: int, params: Any, optimizer: Any) -> int:
-        """Replaces stage ``stage``'s checkpoint with the state after ``step`` steps; its bytes."""
+    def save(self, stage: int, *, step: int, params: Any, optimizer: Any, replica: int = 0) -> int:
+        """Replaces stage ``stage``'s checkpoint (of pipeline replica ``replica``) with the state
+        after ``step`` steps; its bytes."""
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self._path(stage)
+        path = self._path(stage, replica)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
             torch.save({"step": step, "params": params, "optimizer": optimizer}, f)
@@ -38,9 +39,9 @@ class StageStore:
         os.replace(tmp, path)
         return path.stat().st_size
 
-    def load(self, stage: int) -> dict[str, Any] | None:
+    def load(self, stage: int, *, replica: int = 0) -> dict[str, Any] | None:
         """Stage ``stage``'s newest checkpoint (``step``, ``params``, ``optimizer``), or None."""
-        path = self._path(stage)
+        path = self._path(stage, replica)
         if not path.exists():
             return None
         with open(path, "rb") as f:

@@ -29,12 +29,17 @@ class Outcome:
     exitcodes: dict[str, int | None] = field(default_factory=dict)
     stopped_seen: bool = False
 
-    def load(self, stage: int, what: str) -> dict[str, Any]:
+    def load(self, stage: int | str, what: str) -> dict[str, Any]:
         obj: dict[str, Any] = torch.load(dump_path(str(self.dump), stage, what), weights_only=True)
         return obj
 
-    def of(self, kind: str, stage: int) -> list[dict[str, Any]]:
-        return [info for s, info in self.events[kind] if s == stage]
+    def of(self, kind: str, stage: int, replica: int | None = None) -> list[dict[str, Any]]:
+        """Events of ``kind`` from ``stage`` (of pipeline replica ``replica``, if given)."""
+        return [
+            info
+            for s, info in self.events[kind]
+            if s == stage and (replica is None or info.get("replica") == replica)
+        ]
 
 
 def _state(pid: int) -> str:
@@ -53,9 +58,10 @@ def run_pipeline(
     heartbeat_timeout_s: float = 3.0,
     timeout_s: float = 100.0,
 ) -> Outcome:
-    """Starts one process per stage, a replacement for each stage whose process died (or stopped,
-    after which it is killed once the survivors report aborting), and waits for every stage's
-    ``done``."""
+    """Starts one process per stage (``config.num_replicas`` per stage: ``original<s>`` and
+    ``original<s>_<k>``; a fault applies to ``original<s>``), a replacement for each stage whose
+    process died (or stopped, after which it is killed once the survivors report aborting), and
+    waits for every process's ``done``."""
     master = Master(("127.0.0.1", 0), token=TOKEN, heartbeat_timeout_s=heartbeat_timeout_s).start()
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "tests.recovery._stage_peer"])
@@ -73,21 +79,23 @@ def run_pipeline(
     num_stages = config.stages.num_block_stages + 1
     procs: dict[str, Any] = {}
 
-    def start(stage: int, *, replacement: bool) -> None:
+    def start(stage: int, *, replacement: bool, copy: int = 0) -> None:
         spec = {**base, "stage": stage, "replacement": replacement}
-        if not replacement and stage in faults:
+        if not replacement and copy == 0 and stage in faults:
             spec["fault"] = faults[stage]
         name = f"{'replacement' if replacement else 'original'}{stage}"
+        name += f"_{copy}" if copy else ""
         procs[name] = ctx.Process(target=run_stage, args=(spec, events), daemon=True)
         procs[name].start()
 
     try:
-        for s in range(num_stages):
-            start(s, replacement=False)
+        for copy in range(config.num_replicas):
+            for s in range(num_stages):
+                start(s, replacement=False, copy=copy)
         replaced: set[int] = set()
-        done: set[int] = set()
+        done: list[int] = []
         deadline = time.monotonic() + timeout_s
-        while len(done) < num_stages:
+        while len(done) < num_stages * config.num_replicas:
             assert time.monotonic() < deadline, (
                 f"timed out; done {sorted(done)}, {dict(out.events)}"
             )
@@ -114,9 +122,9 @@ def run_pipeline(
                 raise AssertionError("\n".join(f"stage {s} failed:\n{i}" for s, i in errors))
             out.events[kind].append((stage, info))
             if kind == "done":
-                done.add(stage)
+                done.append(stage)
         for name, p in procs.items():
-            victim = name.startswith("original") and int(name[len("original") :]) in faults
+            victim = name.startswith("original") and name[len("original") :] in map(str, faults)
             if victim and p.is_alive() and _state(p.pid) == "T":  # evicted long ago: gone now
                 p.kill()  # (first: a survivor's send to it would wait out its timeout at exit)
         for name, p in procs.items():

@@ -21,6 +21,7 @@ import torch
 from lowcomm.comm import CommConfig, Communicator, PeerFailureError
 from lowcomm.faults import FaultInjector
 from lowcomm.recovery.pipeline import PipelineConfig, StagePeer
+from lowcomm.recovery.rules import clone_state
 from lowcomm.recovery.store import StageStore
 
 TOKEN = b"lowcomm-test-token-0123456789abcdef"
@@ -31,20 +32,22 @@ TOKEN = b"lowcomm-test-token-0123456789abcdef"
 torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
-def batches(config: PipelineConfig):  # type: ignore[no-untyped-def]
-    """The whole step's batch, from a generator seeded by the step (the same in the sim test)."""
+def batches(config: PipelineConfig, replica: Any = None):  # type: ignore[no-untyped-def]
+    """The whole step's batch, from a generator seeded by the step (the same in the sim test);
+    with pipeline replicas, by the replica too (``replica()``: each replica sees its own data)."""
     size = config.micro_batch_size * config.num_micro_batches
     context = config.stages.context
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(1000 + step)
+        extra = 0 if replica is None or config.num_replicas == 1 else 100_000 * replica()
+        gen = torch.Generator().manual_seed(1000 + step + extra)
         window = torch.randint(0, 256, (size, context + 1), generator=gen)
         return window[:, :-1], window[:, 1:]
 
     return batch
 
 
-def dump_path(root: str, stage: int, what: str) -> Path:
+def dump_path(root: str, stage: int | str, what: str) -> Path:
     return Path(root) / f"stage{stage}_{what}.pt"
 
 
@@ -87,19 +90,24 @@ def run_stage(spec: dict[str, Any], events: Any) -> None:
         token=TOKEN,
         config=CommConfig(timeout_s=config.timeout_s, poll_s=0.1),
     )
+    peer: StagePeer  # assigned below; the closures read it when they run
     label = "replacement" if spec.get("replacement") else "original"
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind in ("committed", "recovered"):
             what = f"{label}_step{info['step']}" if kind == "committed" else f"{label}_rebuilt"
             norm = peer.grad_norm
+            # With pipeline replicas a dump is named by its slot: "<stage>r<replica>".
+            key = stage if config.num_replicas == 1 else f"{stage}r{peer.replica}"
             torch.save(
                 {
                     "params": {k: v.clone() for k, v in peer.module.state_dict().items()},
                     "grad_norm": None if norm is None else (norm.before_clip, norm.after_clip),
                     "backup": peer.backup,
+                    "optimizer": clone_state(peer.optimizer.state_dict()),
+                    "outer": None if peer.outer is None else peer.outer.state(),
                 },
-                dump_path(spec["dump"], stage, what),
+                dump_path(spec["dump"], key, what),
             )
         events.put((kind, stage, info))
 
@@ -107,7 +115,7 @@ def run_stage(spec: dict[str, Any], events: Any) -> None:
         comm,
         config,
         store=StageStore(spec["store"]),
-        batches=batches(config) if stage == 0 else None,
+        batches=batches(config, lambda: peer.replica) if stage == 0 else None,
         replacement=bool(spec.get("replacement")),
         faults=faults,
         on_event=on_event,
