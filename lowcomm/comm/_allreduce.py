@@ -2,11 +2,13 @@
 (cached between operations), the commit vote. ``Communicator`` owns one and runs it on its worker
 thread.
 
-The caller's tensor is written by the ring directly, not copied into after the verdict: before the
-ring starts, a backup of what the ring will overwrite is taken (in place: the input, which the ring
-then reads from; ``out=``: its old contents), while the gate request is already on its way to the
-master. Any failure (the ring, the vote, an abort verdict) puts the backup back, so the caller's
-tensor is unchanged unless the operation committed on every participant. (CUDA and strided
+The caller's tensor is written by the ring directly, not copied into after the verdict, and not
+copied before the ring either: the ring saves each sub-chunk of what it overwrites into a reused
+backup buffer just before writing it (``ring.Undo``; in place, while the reduce-scatter reads
+the input anyway, so the save costs no extra pass over memory; quantized and half-precision ops
+save all of it before they start). Any failure (the ring, the vote, an abort verdict) puts the
+saved parts back, so the caller's tensor is unchanged unless the operation committed on every
+participant. (CUDA and strided
 tensors go through host buffers, copied back after the verdict.) ``quantization="auto"``:
 ``AutoQuantization``.
 """
@@ -32,7 +34,7 @@ from lowcomm.comm._protocol import GateKind, OpReport, OpState
 from lowcomm.comm._ring_setup import connect_ring
 from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError
 from lowcomm.comm.listener import PeerListener
-from lowcomm.comm.ring import Ring
+from lowcomm.comm.ring import Ring, Undo
 from lowcomm.compression import Codec
 
 if TYPE_CHECKING:
@@ -242,8 +244,11 @@ class VotedAllReduce:
 
         target = out if out is not None else tensor
         stage_error: BaseException | None = None
-        if tensor.numel() * tensor.element_size() < _STAGE_ASIDE_BYTES:
-            # Staging a small tensor costs less than handing the request to another thread.
+        if tensor.numel() * tensor.element_size() < _STAGE_ASIDE_BYTES or _writes_in_place(
+            tensor, target
+        ):
+            # Staging a small tensor, or one the ring writes directly (nothing to copy), costs
+            # less than handing the request to another thread.
             gate = open_gate()
             try:
                 plan = self._stage(tensor, target)
@@ -283,6 +288,8 @@ class VotedAllReduce:
         used = codec if not isinstance(codec, AutoQuantization) else None
         if len(participants) == 1:
             if plan.dest.data_ptr() != plan.src.data_ptr():
+                if plan.undo is not None:
+                    plan.undo.save_all(plan.dest)
                 plan.dest.copy_(plan.src)
         else:
             error, tx, rx, used = self._run_ring(gate, plan, op, codec, tag, deadline)
@@ -345,11 +352,11 @@ class VotedAllReduce:
             host.copy_(src.reshape(-1))
             # Pinned too: the copy back to the device after the verdict is then a fast DMA.
             result = self.buffer("result", src.numel(), src.dtype, pin=pin)
-            return _Plan(src=host, dest=result, backup=None, copy_back=True)
+            return _Plan(src=host, dest=result, undo=None, copy_back=True)
         flat = src.reshape(-1)
         if dst.device.type != "cpu" or not dst.is_contiguous():
             result = self.buffer("result", src.numel(), src.dtype, pin=False)
-            return _Plan(src=flat, dest=result, backup=None, copy_back=True)
+            return _Plan(src=flat, dest=result, undo=None, copy_back=True)
         dest = dst.reshape(-1)
         backup = self.buffer("backup", dest.numel(), dest.dtype, pin=False)
         in_place = dest.data_ptr() == flat.data_ptr()
@@ -358,15 +365,11 @@ class VotedAllReduce:
             # verdict (the general, slower case).
             backup.copy_(flat)
             result = self.buffer("result", src.numel(), src.dtype, pin=False)
-            return _Plan(src=backup, dest=result, backup=None, copy_back=True)
-        with torch.no_grad():
-            backup.copy_(dest)
-        if in_place:
-            # The ring reads the copy and writes the caller's tensor directly; the copy is also
-            # what a failure restores. Nothing is copied after the verdict.
-            return _Plan(src=backup, dest=dest, backup=backup, copy_back=False)
-        # out=: the ring writes ``out`` directly; its old contents are what a failure restores.
-        return _Plan(src=flat, dest=dest, backup=backup, copy_back=False)
+            return _Plan(src=backup, dest=result, undo=None, copy_back=True)
+        # The ring writes the caller's tensor (or out=) directly, saving each part into the
+        # backup buffer just before it overwrites it (``Undo``): what a failure puts back.
+        # Nothing is copied before the ring, nor after the verdict.
+        return _Plan(src=dest if in_place else flat, dest=dest, undo=Undo(backup), copy_back=False)
 
     def _run_ring(
         self,
@@ -414,6 +417,7 @@ class VotedAllReduce:
                 tag=tag,
                 timeout_s=max(0.01, deadline - time.monotonic()),
                 out=plan.dest,
+                undo=plan.undo,
             )
             if state is not None and state.quantize is None:
                 self._calibrate(
@@ -463,19 +467,20 @@ class _Plan:
     """Where one op's ring reads (``src``) and writes (``dest``), both flat host tensors.
 
     ``copy_back``: ``dest`` is a buffer, copied into the caller's tensor after the commit verdict
-    (CUDA or strided tensors). Otherwise ``dest`` is the caller's own tensor and ``backup`` holds
-    its contents from before the op: what any failure (ring, vote, abort verdict) puts back, so
-    the caller's tensor is untouched unless the op committed everywhere."""
+    (CUDA or strided tensors). Otherwise ``dest`` is the caller's own tensor (in place, ``src``
+    is the same tensor) and ``undo`` holds the contents from before the op of every part the ring
+    wrote: what any failure (ring, vote, abort verdict) puts back, so the caller's tensor is
+    untouched unless the op committed everywhere."""
 
     src: torch.Tensor
     dest: torch.Tensor
-    backup: torch.Tensor | None
+    undo: Undo | None
     copy_back: bool
 
     def restore(self) -> None:
-        if self.backup is not None and self.dest.data_ptr() != self.backup.data_ptr():
+        if self.undo is not None:
             with torch.no_grad():
-                self.dest.copy_(self.backup)
+                self.undo.restore(self.dest)
 
     def apply(self, target: torch.Tensor) -> None:
         if self.copy_back:
@@ -512,6 +517,14 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _writes_in_place(tensor: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether ``_stage`` has nothing to copy: the ring reads ``tensor`` and writes ``target``
+    directly (host, contiguous, the same tensor or no overlap)."""
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in (tensor, target)) and (
+        target.data_ptr() == tensor.data_ptr() or not _overlaps(target, tensor)
+    )
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

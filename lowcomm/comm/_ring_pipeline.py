@@ -38,7 +38,7 @@ from lowcomm.comm.errors import CommTimeoutError, ProtocolError
 from lowcomm.compression import Codec, Encoded
 from lowcomm.faults import FaultInjector, damaged
 
-__all__ = ["RingBuffers", "RingLinks", "RingPipeline", "split"]
+__all__ = ["RingBuffers", "RingLinks", "RingPipeline", "Undo", "split"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,30 @@ def _subchunks_per_chunk(max_chunk: int, subchunk_bytes: int, *, quantized: bool
         -(-max_chunk * 4 // subchunk_bytes),
         min(min_k, -(-max_chunk * 4 // _MIN_SUBCHUNK_BYTES)),
     )
+
+
+class Undo:
+    """What an all-reduce overwrote, to put back after a failure (``Ring.all_reduce(undo=)``):
+    the ring saves each sub-chunk into ``buffer`` (same offsets) just before it first writes it
+    and records it in ``saved``. ``restore`` (once the op has returned) copies back exactly the
+    saved regions: the rest was never written, and ``buffer`` there holds an earlier op's values."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer
+        self.saved: list[tuple[int, int]] = []
+
+    def save_all(self, dest: torch.Tensor) -> None:
+        """Saves all of ``dest`` at once (the ops that cannot save region by region)."""
+        with torch.no_grad():
+            self.buffer.copy_(dest.reshape(-1))
+        self.saved.append((0, dest.numel()))
+
+    def restore(self, dest: torch.Tensor) -> None:
+        """Puts the saved regions back into ``dest`` (flat, the tensor the op wrote)."""
+        d, b = dest.detach().reshape(-1), self.buffer
+        for lo, hi in self.saved:
+            d[lo:hi].copy_(b[lo:hi])
+        self.saved = []
 
 
 class RingBuffers:
@@ -181,6 +205,7 @@ class RingPipeline:
         codec: Codec | None,
         tag: int,
         deadline: float,
+        undo: Undo | None = None,
     ) -> None:
         n, c = links.world_size, len(links.send)
         self.links = links
@@ -219,6 +244,15 @@ class RingPipeline:
         self.res_bytes = byte_array(res) if codec is None else None
         self.stage_bytes = byte_array(stage) if codec is None else None
         self.src_bytes = byte_array(src) if codec is None and src.dtype == torch.float32 else None
+        # undo= (exact fp32): each region of ``res`` is saved just before it is first written
+        # (``save``). In place (``src`` is ``res``) a reduce-scatter sub-chunk lands in ``tmp``:
+        # partial sums are forwarded from there, the owned chunk is saved, then reduced in place.
+        self.undo = undo
+        self.in_place = undo is not None and src.data_ptr() == res.data_ptr()
+        self.tmp = links.buffers.scratch(self.numel) if self.in_place else None
+        self.tmp_bytes = byte_array(self.tmp) if self.tmp is not None else None
+        self.save_locks = [threading.Lock() for _ in range(n * self.k)] if undo is not None else []
+        self.saved = [False] * len(self.save_locks)
         self.error: BaseException | None = None
         self.error_lock = threading.Lock()
         # Set once the calling thread has queued the whole first step (or the op failed).
@@ -270,6 +304,21 @@ class RingPipeline:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def save(self, chunk: int, sub: int) -> None:
+        """Saves region ``sub`` of ``chunk`` of ``res`` unless saved; every writer of ``res``
+        calls it first. The first caller saves (under the region's lock), so what is saved is
+        what was there before the op, whatever order the threads (or a faulty peer) take."""
+        if (undo := self.undo) is None:
+            return
+        i = chunk * self.k + sub
+        with self.save_locks[i]:
+            if self.saved[i]:
+                return
+            a, b = self.bounds(chunk, sub)
+            np.copyto(undo.buffer[a:b].numpy(), self.res[a:b].numpy())
+            self.saved[i] = True
+            undo.saved.append((a, b))
+
     # --- running ---
 
     def run(self) -> None:
@@ -303,7 +352,9 @@ class RingPipeline:
             # what is left is CPU work (a slow decode or add on a starved host), which ends.
             for th in threads:
                 while th.is_alive():
-                    logger.warning("ring thread %s still running after the op failed: waiting", th.name)
+                    logger.warning(
+                        "ring thread %s still running after the op failed: waiting", th.name
+                    )
                     th.join(timeout=5.0)
             self.links.buffers.drop()
 
@@ -360,6 +411,10 @@ class RingPipeline:
                     return
                 if self.codec is None:
                     self.push(0, sub, None)
+                    if sub == self.k - 1 and self.in_place:
+                        # Overwritten only in the all-gather: saved while the first step moves.
+                        for j in range(self.k):
+                            self.save(self.rank, j)
                 else:
                     a, b = self.bounds(self.send_chunk(0), sub)
                     self.push(0, sub, self.encode(self.src[a:b]))
@@ -422,6 +477,8 @@ class RingPipeline:
                 assert self.stage_bytes is not None
                 e = self.stage_esz
                 return self.stage_bytes[e * a : e * b].data
+            if self.tmp_bytes is not None:
+                return self.tmp_bytes[4 * a : 4 * b].data
             assert self.res_bytes is not None
             return self.res_bytes[4 * a : 4 * b].data
         if blob is not None:
@@ -446,7 +503,9 @@ class RingPipeline:
             a, b = self.bounds(self.recv_chunk(step), sub)
             region = self.res[a:b]
             blob, fused = self._receive(conn, m, step, a, b, region)
-            if step <= last_rs:
+            if step <= last_rs and self.tmp is not None:
+                self._reduce_in_place(step, sub, a, b)
+            elif step <= last_rs:
                 blob = self._reduce_step(step, a, b, region, deferred, fused=fused)
             if step < 2 * self.n - 3:
                 self.push(step + 1, sub, blob)
@@ -463,9 +522,13 @@ class RingPipeline:
         if self.codec is None:
             # Header and payload in one system call, the payload straight into place.
             assert self.res_bytes is not None and self.stage_bytes is not None
-            if step <= self.n - 2:
+            if step <= self.n - 2 and self.tmp_bytes is not None:
+                into = self.tmp_bytes[4 * a : 4 * b].data
+            elif step <= self.n - 2:
+                self.save(self.recv_chunk(step), m % self.k)
                 into = self.res_bytes[4 * a : 4 * b].data
             else:
+                self.save(self.recv_chunk(step), m % self.k)
                 into = self.stage_bytes[self.stage_esz * a : self.stage_esz * b].data
             header = conn.recv_frame_into(into, timeout_s=max(self.left(), 1e-3), lowat=_RCVLOWAT)
             self.check_header(conn, header, m)
@@ -534,6 +597,22 @@ class RingPipeline:
         blob = self._wire_form(enc, b - a)
         deferred.append((enc, region))
         return blob
+
+    def _reduce_in_place(self, step: int, sub: int, a: int, b: int) -> None:
+        """``_reduce_step`` of an in-place op with undo (see ``__init__``): the received values
+        are in ``tmp[a:b]``, the local ones still in ``res[a:b]``."""
+        assert self.tmp is not None
+        tmp, local = self.tmp[a:b], self.res[a:b]
+        if step < self.n - 2:
+            # A partial sum, forwarded from tmp; the local values saved while in cache.
+            _reduce(tmp, local, self.op)
+            self.save(self.recv_chunk(step), sub)
+            return
+        # This peer owns the chunk: saved, then finished in place.
+        self.save(self.recv_chunk(step), sub)
+        _reduce(local, tmp, self.op)
+        if self.op == "avg":
+            local.div_(self.n)
 
     def fuse_add(self, step: int) -> bool:
         """Whether a quantized reduce-scatter sub-chunk of ``step`` is decoded and added to the

@@ -37,7 +37,9 @@ Failure: every socket operation runs against the operation's deadline. A dead ne
 ``ProtocolError`` - within ``timeout_s``. The first failure aborts all of the ring's sockets, so the
 neighbours see the connection end and fail too, around the ring. The input tensor is read only;
 the result is copied into it (or into ``out``) after every byte has arrived, so a failed operation
-leaves it untouched. A ring whose operation failed is closed; build a new one among the survivors.
+leaves it untouched. With ``undo=`` (the public call) the ring writes the destination directly
+instead, saving each sub-chunk of it just before overwriting it (``_ring_pipeline.Undo``); the
+caller puts the saved parts back after a failure. A ring whose operation failed is closed; build a new one among the survivors.
 """
 
 from __future__ import annotations
@@ -50,12 +52,12 @@ import torch
 
 from lowcomm.comm._frames import Connection
 from lowcomm.comm._ops import check_all_reduce_args
-from lowcomm.comm._ring_pipeline import RingBuffers, RingLinks, RingPipeline, split
+from lowcomm.comm._ring_pipeline import RingBuffers, RingLinks, RingPipeline, Undo, split
 from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError
 from lowcomm.compression import Codec
 from lowcomm.faults import FaultInjector
 
-__all__ = ["DEFAULT_SUBCHUNK_BYTES", "Ring", "RingStats"]
+__all__ = ["DEFAULT_SUBCHUNK_BYTES", "Ring", "RingStats", "Undo"]
 
 DEFAULT_SUBCHUNK_BYTES = 4 * 1024 * 1024
 
@@ -137,6 +139,7 @@ class Ring:
         tag: int = 0,
         timeout_s: float = 30.0,
         out: torch.Tensor | None = None,
+        undo: Undo | None = None,
     ) -> RingStats:
         """Reduces ``tensor`` across the ring; the result lands in ``out`` (or in ``tensor``).
 
@@ -150,6 +153,11 @@ class Ring:
             tag: told apart consecutive or concurrent operations; a mismatch is a ProtocolError.
             timeout_s: bound on the whole operation.
             out: optional destination (same shape and dtype; may be ``tensor``).
+            undo: write the result into ``out`` (or ``tensor``) directly, saving what it
+                overwrites into ``undo`` first (``Undo``: a flat buffer of the tensor's size);
+                after a failure ``undo.restore(dest)`` puts it back. An exact fp32 op saves each
+                sub-chunk as it goes (in place: while the reduce-scatter reads it anyway), any
+                other op all of the destination before it starts.
 
         Returns:
             RingStats of this peer.
@@ -159,7 +167,8 @@ class Ring:
             CommTimeoutError: a neighbour stopped responding within ``timeout_s``.
             ProtocolError: the peers are not running the same operation.
             After any of these ``tensor`` is unchanged and the ring is closed (``out``, if a
-            separate tensor, may hold partial values).
+            separate tensor, may hold partial values), except with ``undo``: then ``tensor``
+            (in place) or ``out`` holds partial values until ``undo.restore``.
         """
         _check_args(tensor, op, out, timeout_s)
         dest = tensor if out is None else out
@@ -176,16 +185,28 @@ class Ring:
             start = time.monotonic()
             if self.world_size == 1:
                 if dest is not tensor:
+                    if undo is not None:
+                        undo.save_all(dest)
                     dest.copy_(tensor)
                 return RingStats(0, 0, time.monotonic() - start)
             flat = tensor.view(-1)
             dest_flat = dest.view(-1)
-            # Reduce straight into `out` when it is a separate fp32 tensor; otherwise into a
-            # scratch buffer that is copied out at the end (the input must survive a failure).
-            if (
-                dest is not tensor
-                and dest.dtype == torch.float32
-                and not _overlaps(dest_flat, flat)
+            separate = dest is not tensor
+            if undo is not None and not (
+                codec is None
+                and flat.dtype == torch.float32
+                and (not separate or not _overlaps(dest_flat, flat))
+            ):
+                # Saved at once; an in-place op then reads its input from the saved copy.
+                undo.save_all(dest_flat)
+                if not separate:
+                    flat, separate = undo.buffer.view(-1), True
+                undo = None
+            # Reduce straight into `out` when it is a separate fp32 tensor (or, with undo, into
+            # the tensor itself); otherwise into a scratch buffer that is copied out at the end
+            # (the input must survive a failure).
+            if undo is not None or (
+                separate and dest.dtype == torch.float32 and not _overlaps(dest_flat, flat)
             ):
                 res = dest_flat
             else:
@@ -195,7 +216,7 @@ class Ring:
                 # Only the chunk this peer sends first is read from `res` before it is written.
                 lo, hi = split(flat.numel(), self.world_size, self.rank)
                 res[lo:hi].copy_(flat[lo:hi])
-                if dest is not tensor and not _overlaps(dest_flat, flat):
+                if separate and not _overlaps(dest_flat, flat):
                     stage = dest_flat
                 else:
                     stage = self._buffers.stage(flat.numel(), flat.dtype)
@@ -209,6 +230,7 @@ class Ring:
                 codec=codec,
                 tag=tag,
                 deadline=start + timeout_s,
+                undo=undo,
             )
             pipeline.run()
             if pipeline.error is not None:

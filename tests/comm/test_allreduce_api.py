@@ -209,3 +209,93 @@ def test_auto_quantization_keeps_non_finite_values_of_an_op_that_travels_in_fp32
             assert x.tolist() == [2.0, float("inf")]
     finally:
         _close(comms)
+
+
+def _group(master, n: int, faults: FaultInjector | None = None) -> list[Communicator]:  # type: ignore[no-untyped-def]
+    if n == 2:
+        return _pair(master, faults)
+    config = FAST if faults is None else dataclasses.replace(FAST, faults=faults)
+    first = communicator(addr(master), config=config)
+    first.connect(timeout_s=20)
+    rest = [communicator(addr(master)) for _ in range(n - 1)]
+
+    def admit() -> None:
+        while first.world_size < n:
+            first.update_topology(timeout_s=20)
+
+    def join(c: Communicator) -> None:
+        c.connect(timeout_s=20)
+        while c.world_size < n:  # every accepted peer takes part in every update_topology()
+            c.update_topology(timeout_s=20)
+
+    assert run_threads([*(lambda c=c: join(c) for c in rest), admit]) == [None] * n
+    return [first, *rest]
+
+
+@pytest.mark.timeout(90)
+def test_a_failure_before_the_ring_wrote_a_part_leaves_that_part_as_it_was(master) -> None:  # type: ignore[no-untyped-def]
+    # The ring saves each part of the caller's tensor just before it overwrites it, into a buffer
+    # kept between ops; a failure must put back only the saved parts, never the buffer's stale
+    # rest (an earlier op's values). Peer 0 fails before its first sub-chunk leaves, so peer 1
+    # receives nothing and never writes the chunk it would have reduced.
+    faults = FaultInjector()
+    comms = _pair(master, faults)
+    numel = 1 << 20
+    gen = torch.Generator().manual_seed(3)
+    first = [torch.randn(numel, generator=gen) for _ in range(2)]
+    results = run_threads(
+        [
+            lambda c=c, x=x: c.all_reduce(x, "sum", timeout_s=30)
+            for c, x in zip(comms, first, strict=True)
+        ]
+    )
+    assert all(isinstance(r, AllReduceInfo) for r in results), results
+    faults.inject("ring.send", error=PeerFailureError("injected"), where={"step": 0}, after=0)
+    xs = [torch.randn(numel, generator=gen) for _ in range(2)]
+    before = [x.clone() for x in xs]
+    results = run_threads(
+        [
+            lambda c=c, x=x: c.all_reduce(x, "sum", timeout_s=30)
+            for c, x in zip(comms, xs, strict=True)
+        ]
+    )
+    assert faults.fired("ring.send") == 1
+    assert all(isinstance(r, CommError) for r in results), results
+    for x, b in zip(xs, before, strict=True):
+        assert torch.equal(x, b), "a part the ring never wrote was changed"
+    _close(comms)
+
+
+@pytest.mark.timeout(120)
+def test_three_peers_in_place_are_exact_and_a_late_failure_restores_every_part(master) -> None:  # type: ignore[no-untyped-def]
+    # 3 peers: partial sums are forwarded from the ring's own buffer while the caller's tensor
+    # still holds the local values; every peer ends bit-identical, and a failure in the last
+    # all-gather step (3) puts every overwritten part back.
+    faults = FaultInjector()
+    comms = _group(master, 3, faults)
+    numel = 3 * (1 << 18) + 5  # ragged chunks, several sub-chunks each
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(numel, generator=gen) for _ in range(3)]
+    want = xs[0] + xs[1] + xs[2]
+    results = run_threads(
+        [
+            lambda c=c, x=x: c.all_reduce(x, "sum", timeout_s=30)
+            for c, x in zip(comms, xs, strict=True)
+        ]
+    )
+    assert all(isinstance(r, AllReduceInfo) for r in results), results
+    assert torch.equal(xs[0], xs[1]) and torch.equal(xs[1], xs[2])
+    assert torch.allclose(xs[0], want, atol=1e-5)
+    faults.inject("ring.send", error=PeerFailureError("injected"), where={"step": 3}, after=1)
+    before = [x.clone() for x in xs]
+    results = run_threads(
+        [
+            lambda c=c, x=x: c.all_reduce(x, "avg", timeout_s=30)
+            for c, x in zip(comms, xs, strict=True)
+        ]
+    )
+    assert faults.fired("ring.send") == 1
+    assert all(isinstance(r, CommError) for r in results), results
+    for x, b in zip(xs, before, strict=True):
+        assert torch.equal(x, b), "the tensor was not restored"
+    _close(comms)
