@@ -14,7 +14,9 @@ A. One process trains an MLP + AdamW through ``lowcomm.Trainer`` (SoloCommunicat
    are reported too (robust to other load on the machine).
    Claim ``ckpt_overhead_vs_dcp_async``: (lowcomm block - none block) / (DCP block - none block).
 B. ``resume_to_training_s``: a new process (this script, ``--child resume``) from its start to its
-   first inner step: import, build the model, restore the Trainer's checkpoint, one step.
+   first inner step: import, build the model, restore the Trainer's checkpoint, one step. Printed
+   with its breakdown in wall and CPU seconds (CPU seconds are what survives a loaded machine),
+   and a second step, not counted, to show how much of the first step is the model's own compute.
 C. ``reshard_restore_vs_dcp``: a 2-rank FSDP2 state saved by both (lowcomm and ``dcp.save``),
    restored on 1 rank into an unsharded model and fresh optimizer by each; time ratio.
 D. GPU claims (``ckpt_every_step_overhead_gpu``, ``ckpt_copy_vs_d2h_limit``): with CUDA only.
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 T_START = time.time()
+T_WALL0, T_CPU0 = time.perf_counter(), time.process_time()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -281,8 +284,35 @@ def part_a(args: argparse.Namespace, base: str) -> dict[str, Any]:
     return out
 
 
+def _timed(phases: dict[str, list[float]], name: str, owner: Any, attr: str) -> None:
+    """Wraps ``owner.attr`` to add its wall and CPU seconds to ``phases[name]`` (part B's
+    breakdown; the child process only)."""
+    inner = getattr(owner, attr)
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            return inner(*a, **k)
+        finally:
+            acc = phases.setdefault(name, [0.0, 0.0])
+            acc[0] += time.perf_counter() - w
+            acc[1] += time.process_time() - c
+
+    setattr(owner, attr, wrapper)
+
+
 def child_resume(args: argparse.Namespace) -> None:
+    from lowcomm.checkpoint import Checkpointer as _Ckpt
+    from lowcomm.diloco import DiLoCo
+
+    imported_wall, imported_cpu = time.perf_counter(), time.process_time()
+    phases: dict[str, list[float]] = {}
+    _timed(phases, "restore: read + verify", _Ckpt, "restore")
+    _timed(phases, "restore: load_state_dict", DiLoCo, "load_state_dict")
+    _timed(phases, "restore: total", Trainer, "_restore")
+    _timed(phases, "sync with the run", DiLoCo, "sync_with_run")
     model, opt = build(args.params, args.width, "cpu", seed=1)
+    built_wall, built_cpu = time.perf_counter(), time.process_time()
     trainer = Trainer(
         model,
         opt,
@@ -291,12 +321,29 @@ def child_resume(args: argparse.Namespace) -> None:
         checkpoint=CheckpointConfig(levels=(args.root,)),
     )
     assert trainer.resumed_from == 1
+    made_wall, made_cpu = time.perf_counter(), time.process_time()
     model(torch.randn(args.batch, args.width)).square().mean().backward()
     trainer.step()
-    print(json.dumps({"first_step_at": time.time(), "started": T_START}), flush=True)
+    now = time.time()
+    done_wall, done_cpu = time.perf_counter(), time.process_time()
+    phases["import (after interpreter start)"] = [imported_wall - T_WALL0, imported_cpu - T_CPU0]
+    phases["model build"] = [built_wall - imported_wall, built_cpu - imported_cpu]
+    phases["Trainer() total"] = [made_wall - built_wall, made_cpu - built_cpu]
+    phases["first step (fwd, bwd, step)"] = [done_wall - made_wall, done_cpu - made_cpu]
+    # Not in the total: a second step, the model's own compute, so the first step's extra shows.
+    model(torch.randn(args.batch, args.width)).square().mean().backward()
+    trainer.step()
+    phases["second step (not counted)"] = [
+        time.perf_counter() - done_wall,
+        time.process_time() - done_cpu,
+    ]
+    print(
+        json.dumps({"first_step_at": now, "started": T_START, "phases": phases}),
+        flush=True,
+    )
 
 
-def part_b(args: argparse.Namespace, base: str) -> float:
+def part_b(args: argparse.Namespace, base: str) -> dict[str, Any]:
     root = os.path.join(base, "resume")
     model, opt = build(args.params, args.width, "cpu")
     trainer = Trainer(
@@ -306,6 +353,7 @@ def part_b(args: argparse.Namespace, base: str) -> float:
     trainer.step()
     trainer.save()
     trainer.finish()
+    del model, opt, trainer
     launched = time.time()
     cmd = [sys.executable, __file__, "--child", "resume", "--root", root]
     # The first step on a small batch: its forward/backward is the model's compute, not the
@@ -315,7 +363,9 @@ def part_b(args: argparse.Namespace, base: str) -> float:
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     child = json.loads(out.stdout.strip().splitlines()[-1])
-    return float(child["first_step_at"] - launched)
+    phases = child["phases"]
+    phases["interpreter start"] = [child["started"] - launched, float("nan")]
+    return {"total_s": float(child["first_step_at"] - launched), "phases": phases}
 
 
 def child_save_sharded(args: argparse.Namespace) -> None:
@@ -495,7 +545,7 @@ def main() -> None:
     base = tempfile.mkdtemp(prefix="lowcomm-bench-trainer-", dir=os.environ.get("BENCH_DIR"))
     parts = set(args.parts.upper())
     a: dict[str, Any] | None = None
-    resume_s: float | None = None
+    b: dict[str, Any] | None = None
     c: dict[str, float] | None = None
     d: dict[str, Any] | None = None
     try:
@@ -504,9 +554,9 @@ def main() -> None:
                 t = time.perf_counter()
                 result = fn(args, base)
                 print(f"part {name} {time.perf_counter() - t:.1f} s", file=sys.stderr)
-                a, resume_s, c, d = (
+                a, b, c, d = (
                     result if name == "A" else a,
-                    result if name == "B" else resume_s,
+                    result if name == "B" else b,
                     result if name == "C" else c,
                     result if name == "D" else d,
                 )
@@ -534,11 +584,29 @@ def main() -> None:
         if a["dcp_failed"]:
             note += f"; DCP fell back to {a['dcp_kind']}"
         claim("ckpt_overhead_vs_dcp_async", ratio, "<= 0.5", ratio <= 0.5, note)
-    if resume_s is not None:
+    if b is not None:
+        resume_s = b["total_s"]
         print(
-            f"B. restarted replica, start to first inner step: {resume_s:.2f} s "
+            f"\nB. restarted replica, start to first inner step: {resume_s:.2f} s "
             f"({args.params / 1e6:.0f}M parameters; SoloCommunicator: no peer to sync with)"
         )
+        print(f"{'phase':40} {'wall s':>8} {'CPU s':>8}")
+        order = [
+            "interpreter start",
+            "import (after interpreter start)",
+            "model build",
+            "Trainer() total",
+            "restore: total",
+            "restore: read + verify",
+            "restore: load_state_dict",
+            "sync with the run",
+            "first step (fwd, bwd, step)",
+            "second step (not counted)",
+        ]
+        for name in order:
+            wall, cpu = b["phases"].get(name, [float("nan"), float("nan")])
+            indent = "  " if name.startswith(("restore:", "sync")) else ""
+            print(f"{indent + name:40} {wall:8.2f} {cpu:8.2f}")
         small = args.params < 100e6
         claim(
             "resume_to_training_s",

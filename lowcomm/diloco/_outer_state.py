@@ -50,9 +50,9 @@ class OuterState:
         self.stats = stats
         self.share_inner_steps = share_inner_steps
         dev = torch.device(config.outer_device)
-        self.theta = torch.zeros(layout.numel, dtype=torch.float32, device=dev)
+        # empty, not zeros: the gather writes every element (a zero pass of 400 MB at 100M params).
+        self.theta = layout.gather(torch.empty(layout.numel, dtype=torch.float32, device=dev))
         self.momentum = torch.zeros_like(self.theta)
-        layout.gather(self.theta)
         # delayed Nesterov's buffer; eager updates' local offset and its momentum (local state).
         self.dn_buffer = (
             torch.zeros_like(self.theta) if config.method == "delayed_nesterov" else None
@@ -200,27 +200,38 @@ class OuterState:
         if self.share_inner_steps:
             self.stats.inner_steps = inner_steps
 
-    def sync(self, strategy: str) -> None:
+    def sync(self, strategy: str, *, keep_round: bool = False) -> bool:
         """Makes the shared state bit-identical on every peer, then loads theta into the model.
 
         Every peer calls it at the same point (``strategy="receive_only"`` for a joiner); blocks up
-        to ``config.timeout_s``; a failure propagates. The local round restarts from theta.
+        to ``config.timeout_s``; a failure propagates. The local round restarts from theta, except
+        with ``keep_round`` when nothing changed (the model, eager offset and round position are
+        then left as they are: a whole run restarted from one checkpoint resumes exactly).
+
+        Returns:
+            True if the shared values changed (another peer's state was taken): judged from what
+            the communicator says it fetched, never by hashing the state again.
         """
         tensors = self.shared_tensors()
+        before = tensors["counters"][:3].tolist()  # outer step, dn count, inner steps
         state = SharedState(tensors=tensors, revision=self.stats.outer_steps)
         t0 = time.perf_counter()
         info = self.comm.sync_shared_state(state, strategy, timeout_s=self.config.timeout_s)
         self.stats.comm_wait_s += time.perf_counter() - t0
         self.stats.rx_bytes += int(getattr(info, "rx_bytes", 0))
         self.stats.tx_bytes += int(getattr(info, "tx_bytes", 0))
+        changed = _changed(info, before, tensors["counters"][:3].tolist())
         self.load_shared(tensors)  # counters travel as a tensor; read them back
         self.synced_outer_step = self.stats.outer_steps
         self.revision += 1  # on every peer alike, so the stamps still agree
+        if keep_round and not changed:
+            return False
         self.layout.scatter(self.theta)
         if self.offset is not None and self.offset_momentum is not None:
             self.offset.zero_()
             self.offset_momentum.zero_()
         self.round_steps = 0
+        return changed
 
     def admit(self) -> None:
         """Admits pending peers at this outer step: topology update, then shared-state sync."""
@@ -229,3 +240,17 @@ class OuterState:
         self.stats.comm_wait_s += time.perf_counter() - t0
         self.stats.joins += 1
         self.sync("enforce_popular")
+
+
+def _changed(info: object, before: list[int], after: list[int]) -> bool:
+    """Whether a sync changed the shared values (the revision aside). No bytes received: nothing
+    changed. Bytes received: changed unless the communicator names what it fetched and that was
+    only the counters, with the same outer step, dn count and inner steps (only the revision
+    differed). A communicator that names nothing (PCCL) counts as changed: taking the run's state
+    is always safe, keeping a stale round is not."""
+    if after != before:
+        return True
+    if int(getattr(info, "rx_bytes", 0) or 0) == 0:
+        return False
+    names = list(getattr(info, "received", None) or [])
+    return not names or any(n != "counters" for n in names)

@@ -49,6 +49,7 @@ class _SyncInfo:
         self.tx_bytes = 0
         self.rx_bytes = 0
         self.revision = revision
+        self.received: list[str] = []  # names copied from another peer (as SyncInfo's)
 
 
 class SoloCommunicator:
@@ -175,7 +176,7 @@ class LocalGroup:
             if rnd.collected == 0:
                 del self._rounds[seq]
 
-    def _sync_state(self, rank: int, state: Any, timeout_s: float) -> int:
+    def _sync_state(self, rank: int, state: Any, timeout_s: float) -> tuple[int, list[str]]:
         # Peer 0's state wins (as the most popular hash would among identical replicas).
         with self._cond:
             seq = self._shared_seq[rank]
@@ -190,19 +191,21 @@ class LocalGroup:
                 )
             source = self._shared[0]
         rx = 0
+        received: list[str] = []
         if rank != 0:
             for name, t in state.tensors.items():
                 src = source.tensors[name]
                 if not torch.equal(t, src):
                     t.copy_(src)
                     rx += t.numel() * t.element_size()
+                    received.append(name)
             state.revision = source.revision
         with self._cond:
             self._shared_done[seq] += 1
             self._cond.notify_all()
             # Everyone has copied before anyone mutates its state again.
             self._cond.wait_for(lambda: self._shared_done[seq] >= 2 * self.n, timeout=timeout_s)
-        return rx
+        return rx, received
 
 
 class _Handle:
@@ -250,9 +253,10 @@ class _LocalPeer:
     def sync_shared_state(
         self, state: Any, strategy: str = "enforce_popular", *, timeout_s: float = 60.0
     ) -> Any:
-        rx = self._group._sync_state(self.rank, state, timeout_s)
+        rx, received = self._group._sync_state(self.rank, state, timeout_s)
         info = _SyncInfo(int(state.revision))
         info.rx_bytes = rx
+        info.received = received
         return info
 
     def are_peers_pending(self, *, timeout_s: float = 10.0) -> bool:
