@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
+import queue
 from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
@@ -88,9 +88,10 @@ def _round_into(y: torch.Tensor, codes: torch.Tensor) -> None:
 # bit the same. Blocks of at most _NP_PIECE values have their min and max taken a piece (512 KiB) at a
 # time, then are quantized while still in cache: one read of the input from memory instead of three.
 _NP_PIECE = 1 << 17
-# Each thread's quantizing scratch (one piece of fp32), kept: a fresh one per encode is an mmap and
-# page faults on every piece's first touch.
-_SCRATCH = threading.local()
+# Quantizing scratch buffers (one piece of fp32 each), reused across encodes and threads (the ring
+# starts new threads per operation): a fresh one per encode is an mmap and page faults on every
+# first touch. One per concurrent encode at most.
+_SCRATCH: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
 
 
 def _np_magic_works() -> bool:
@@ -146,9 +147,25 @@ def _np_encode(
     global _NP_MAGIC_OK
     if _NP_MAGIC_OK is None:
         _NP_MAGIC_OK = _np_magic_works()
-    tmp = getattr(_SCRATCH, "tmp", None)
-    if tmp is None:
-        tmp = _SCRATCH.tmp = np.empty(_NP_PIECE, dtype=np.float32)
+    try:
+        tmp = _SCRATCH.get_nowait()
+    except queue.Empty:
+        tmp = np.empty(_NP_PIECE, dtype=np.float32)
+    try:
+        _np_encode_with(x, block, scales, mins, codes, name, tmp)
+    finally:
+        _SCRATCH.put(tmp)
+
+
+def _np_encode_with(
+    x: np.ndarray,
+    block: int,
+    scales: np.ndarray,
+    mins: np.ndarray,
+    codes: np.ndarray,
+    name: str,
+    tmp: np.ndarray,
+) -> None:
     for first, v, q in _np_rows(x, codes, block):
         rows, width = v.shape
         if width <= _NP_PIECE:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -86,3 +88,15 @@ def test_decode_add_refuses_what_it_cannot_fuse() -> None:
         codec.decode_add(enc, torch.empty(100), torch.randn(100).half())
     with pytest.raises(ValueError, match="addend has 99 elements"):
         codec.decode_add(enc, torch.empty(100), torch.randn(99))
+
+
+def test_uint8_encodes_in_threads_side_by_side_like_one_at_a_time() -> None:
+    """The scratch buffers are shared between threads: concurrent encodes must not mix them."""
+    codec = get_codec("uint8")
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3 * (1 << 17) + 999, generator=gen) * (i + 1) for i in range(8)]
+    serial = [codec.encode(x).parts["codes"].clone() for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda x: codec.encode(x).parts["codes"], xs))
+            assert all(torch.equal(a, b) for a, b in zip(got, serial, strict=True))
