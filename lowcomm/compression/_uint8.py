@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import queue
 from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from lowcomm.compression._codec import (
@@ -79,6 +81,155 @@ def _round_into(y: torch.Tensor, codes: torch.Tensor) -> None:
         codes.copy_(y)
 
 
+# The CPU kernels run in numpy: each ufunc is one single-threaded, vectorised loop that releases the
+# GIL (the ring's threads encode and decode side by side) at ~1 us per call (a torch op costs ~5-10
+# us and may wake its intra-op pool). Every pass is the same IEEE fp32 operation as the torch one
+# (sub, mul, add; min and max; the int32 -> uint8 wrap), so the codes and decoded values are bit for
+# bit the same. Blocks of at most _NP_PIECE values have their min and max taken a piece (512 KiB) at a
+# time, then are quantized while still in cache: one read of the input from memory instead of three.
+_NP_PIECE = 1 << 17
+# Quantizing scratch buffers (one piece of fp32 each), reused across encodes and threads (the ring
+# starts new threads per operation): a fresh one per encode is an mmap and page faults on every
+# first touch. One per concurrent encode at most.
+_SCRATCH: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+
+
+def _np_magic_works() -> bool:
+    """Whether numpy's int32 -> uint8 cast keeps the low byte (see ``_magic_rounding_works``)."""
+    y = np.arange(4099, dtype=np.float32) % np.float32(256) + np.float32(0.5)
+    expected = (np.rint(y).astype(np.int64) % 256).astype(np.uint8)
+    y += np.float32(_MAGIC)
+    got = np.empty(y.size, dtype=np.uint8)
+    np.copyto(got, y.view(np.int32), casting="unsafe")
+    return bool((got == expected).all())
+
+
+_NP_MAGIC_OK: bool | None = None
+# Off: the CPU runs the torch kernels below too (the tests compare the two).
+_NUMPY = True
+
+
+def _np_stats(
+    lo: np.ndarray, hi: np.ndarray, scales: np.ndarray, mins: np.ndarray, name: str
+) -> np.ndarray:
+    """Writes the rows' scales and mins; returns their ``inv`` (0 where the range is below TINY)."""
+    rng = hi - lo
+    if not np.isfinite(rng).all():
+        check_finite(torch.from_numpy(rng), name)  # raises
+    ok = rng > np.float32(TINY)
+    inv = np.zeros_like(rng)
+    np.divide(np.float32(255.0), rng, out=inv, where=ok)
+    scales[:] = 0.0
+    np.divide(rng, np.float32(255.0), out=scales, where=ok)
+    mins[:] = lo
+    return inv
+
+
+def _np_quantize(
+    v: np.ndarray, lo: np.ndarray, inv: np.ndarray, codes: np.ndarray, tmp: np.ndarray
+) -> None:
+    """``codes = round_half_even((v - lo) * inv)`` for a (rows, cols) piece, ``lo``/``inv`` of
+    shape (rows, 1), through ``tmp`` (at least the piece's size)."""
+    y = tmp[: v.size].reshape(v.shape)
+    np.subtract(v, lo, out=y)
+    np.multiply(y, inv, out=y)
+    if _NP_MAGIC_OK:
+        np.add(y, np.float32(_MAGIC), out=y)
+        np.copyto(codes, y.view(np.int32), casting="unsafe")
+    else:
+        np.rint(y, out=y)
+        np.copyto(codes, y, casting="unsafe")
+
+
+def _np_encode(
+    x: np.ndarray, block: int, scales: np.ndarray, mins: np.ndarray, codes: np.ndarray, name: str
+) -> None:
+    global _NP_MAGIC_OK
+    if _NP_MAGIC_OK is None:
+        _NP_MAGIC_OK = _np_magic_works()
+    try:
+        tmp = _SCRATCH.get_nowait()
+    except queue.Empty:
+        tmp = np.empty(_NP_PIECE, dtype=np.float32)
+    try:
+        _np_encode_with(x, block, scales, mins, codes, name, tmp)
+    finally:
+        _SCRATCH.put(tmp)
+
+
+def _np_encode_with(
+    x: np.ndarray,
+    block: int,
+    scales: np.ndarray,
+    mins: np.ndarray,
+    codes: np.ndarray,
+    name: str,
+    tmp: np.ndarray,
+) -> None:
+    for first, v, q in _np_rows(x, codes, block):
+        rows, width = v.shape
+        if width <= _NP_PIECE:
+            step = max(1, _NP_PIECE // width)
+            for r in range(0, rows, step):
+                p = v[r : r + step]
+                lo = np.minimum.reduce(p, axis=1)
+                hi = np.maximum.reduce(p, axis=1)
+                b = first + r
+                inv = _np_stats(lo, hi, scales[b : b + p.shape[0]], mins[b : b + p.shape[0]], name)
+                _np_quantize(p, lo[:, None], inv[:, None], q[r : r + step], tmp)
+        else:  # one row longer than a piece: its min and max first, then its pieces
+            lo = np.minimum.reduce(v, axis=1)
+            hi = np.maximum.reduce(v, axis=1)
+            inv = _np_stats(lo, hi, scales[first : first + rows], mins[first : first + rows], name)
+            for c in range(0, width, _NP_PIECE):
+                _np_quantize(
+                    v[:, c : c + _NP_PIECE], lo[:, None], inv[:, None], q[:, c : c + _NP_PIECE], tmp
+                )
+
+
+def _np_decode(
+    codes: np.ndarray,
+    scales: np.ndarray,
+    mins: np.ndarray,
+    out: np.ndarray,
+    block: int,
+    addend: np.ndarray | None,
+) -> None:
+    """``out = codes * scale + min (+ addend)``, piece by piece: the multiply reads the codes and
+    converts them on the fly (the same fp32 products as converting first)."""
+    rows_of = _np_rows(out, codes, block)
+    adds = _np_rows(addend, codes, block) if addend is not None else None
+    for first, o, q in rows_of:
+        a = next(adds)[1] if adds is not None else None
+        rows, width = o.shape
+        sc = scales[first : first + rows, None]
+        lo = mins[first : first + rows, None]
+        if width <= _NP_PIECE:
+            step = max(1, _NP_PIECE // width)
+            cuts = [(slice(r, r + step), slice(0, width)) for r in range(0, rows, step)]
+        else:
+            cuts = [(slice(0, rows), slice(c, c + _NP_PIECE)) for c in range(0, width, _NP_PIECE)]
+        for r, c in cuts:
+            oo = o[r, c]
+            np.multiply(q[r, c], sc[r], out=oo, dtype=np.float32)
+            np.add(oo, lo[r], out=oo)
+            if a is not None:
+                np.add(oo, a[r, c], out=oo)
+
+
+def _np_rows(
+    x: np.ndarray, codes: np.ndarray, block: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first block index, (rows, block) view of ``x``, the same view of ``codes``): the full
+    blocks, then the tail (see ``block_views``)."""
+    n = x.size
+    full = n // block
+    if full:
+        yield 0, x[: full * block].reshape(full, block), codes[: full * block].reshape(full, block)
+    if n % block:
+        yield full, x[full * block :].reshape(1, -1), codes[full * block :].reshape(1, -1)
+
+
 @register_codec
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Uint8Codec(BaseCodec):
@@ -129,6 +280,9 @@ class Uint8Codec(BaseCodec):
         scales = torch.empty(nb, dtype=torch.float32, device=x.device)
         mins = torch.empty(nb, dtype=torch.float32, device=x.device)
         codes = torch.empty(numel, dtype=torch.uint8, device=x.device)
+        if x.device.type == "cpu" and numel and _NUMPY:
+            _np_encode(x.numpy(), block, scales.numpy(), mins.numpy(), codes.numpy(), self.name)
+            return {"scales": scales, "mins": mins, "codes": codes}
         for first, v in block_views(x, block):
             rows = v.shape[0]
             # amin + amax, not aminmax: aminmax along a dim is ~6x slower on CPU (torch 2.13).
@@ -149,6 +303,9 @@ class Uint8Codec(BaseCodec):
         numel = out.numel()
         block = self._block(numel)
         codes, scales, mins = parts["codes"], parts["scales"], parts["mins"]
+        if out.device.type == "cpu" and numel and _NUMPY:
+            _np_decode(*_np_parts(codes, scales, mins), out.numpy(), block, addend.numpy())
+            return
         for (first, o), (_, a) in zip(
             block_views(out, block), block_views(addend, block), strict=True
         ):
@@ -171,6 +328,9 @@ class Uint8Codec(BaseCodec):
         numel = out.numel()
         block = self._block(numel)
         codes, scales, mins = parts["codes"], parts["scales"], parts["mins"]
+        if out.device.type == "cpu" and numel and _NUMPY:
+            _np_decode(*_np_parts(codes, scales, mins), out.numpy(), block, None)
+            return
         for first, o in block_views(out, block):
             rows = o.shape[0]
             q = codes[first * block : first * block + o.numel()].view(o.shape)
@@ -199,3 +359,10 @@ def _pieces(v: torch.Tensor) -> Iterator[tuple[slice, slice]]:
         for r in range(rows):
             for c in range(0, block, _PIECE):
                 yield slice(r, r + 1), slice(c, c + _PIECE)
+
+
+def _np_parts(
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy views of received parts (read only: a frombuffer view of bytes is not writable)."""
+    return codes.detach().numpy(), scales.detach().numpy(), mins.detach().numpy()
