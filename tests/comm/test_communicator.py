@@ -432,7 +432,11 @@ def test_live_revision_answers_within_its_timeout_when_the_master_is_frozen() ->
         "import time; from tests.comm._control_harness import start_master; "
         "m = start_master(heartbeat_timeout_s=30.0); print(m.address[1], flush=True); time.sleep(60)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=root, env=env
+    )
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
