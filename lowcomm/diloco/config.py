@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "DEFAULT_APPLY_DIVISOR",
     "DEFAULT_OUTER",
     "METHODS",
     "QUANTIZATIONS",
@@ -39,6 +40,11 @@ DEFAULT_OUTER: dict[str, tuple[float, float]] = {
     "co2": (0.7, 0.0),
     "delayed_nesterov": (0.7, 0.5),
 }
+# The one-round-stale methods apply each round's average 1/DEFAULT_APPLY_DIVISOR of a round into
+# the next (``apply_after_steps`` left None: max(1, sync_every // 10) inner steps, 5 at H=50), not at its
+# end: staleness, not the update rule, is what made them lose to one worker (docs/
+# outer_loop_defaults.md). ``apply_after_steps=sync_every`` keeps the full-round delay.
+DEFAULT_APPLY_DIVISOR = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +61,11 @@ class OuterConfig:
             k's average after tau inner steps of round k+1 instead of at its end (waiting there if
             the all-reduce is still running) and shifts the local parameters by the change of the
             round's starting point, so no inner progress is lost: staleness drops from H inner
-            steps to tau. Pick tau just above the all-reduce time over the inner-step time.
-            Its outer momentum defaults to 0 (see ``outer_momentum``).
+            steps to tau. Left None it is ``sync_every // DEFAULT_APPLY_DIVISOR`` (at least 1) (5 inner steps
+            at H=50; measured: a full round of delay ends worse than one worker); pick tau just
+            above the all-reduce time over the inner-step time on a slow link, and
+            ``sync_every`` for the full-round delay (the whole round hides the all-reduce).
+            The same schedule holds for co2 and delayed_nesterov.
         ``"streaming"``: Streaming DiLoCo; the parameters are split into ``num_fragments``
             fragments, one synced every ``sync_every // num_fragments`` inner steps, each all-reduce
             overlapping ``overlap_steps`` inner steps, then merged with factor ``merge_alpha``.
@@ -134,13 +143,19 @@ class OuterConfig:
         if self.eager is None:
             object.__setattr__(self, "eager", self.is_pipelined)
         if self.apply_after_steps is not None:
-            if self.method != "async":
-                raise ValueError("OuterConfig.apply_after_steps applies to method='async' only")
-            if not 1 <= self.apply_after_steps < self.sync_every:
+            if not self.is_pipelined:
                 raise ValueError(
-                    f"OuterConfig.apply_after_steps must be in [1, sync_every = {self.sync_every}),"
+                    "OuterConfig.apply_after_steps applies to the one-step-delayed methods "
+                    "(async, co2, delayed_nesterov) only"
+                )
+            if not 1 <= self.apply_after_steps <= self.sync_every:
+                raise ValueError(
+                    f"OuterConfig.apply_after_steps must be in [1, sync_every = {self.sync_every}],"
                     f" got {self.apply_after_steps}"
                 )
+        elif self.is_pipelined:
+            tau = max(1, self.sync_every // DEFAULT_APPLY_DIVISOR)
+            object.__setattr__(self, "apply_after_steps", tau)
         if self.eager and not self.is_pipelined:
             raise ValueError(
                 "OuterConfig.eager applies to the one-step-delayed methods (async, co2, "

@@ -188,3 +188,24 @@ def test_delayed_nesterov_with_period_1_is_async_with_the_same_outer_step() -> N
     dn = _two_peer_run(OuterConfig(method="delayed_nesterov", **kw))
     asy = _two_peer_run(OuterConfig(method="async", **kw))
     assert torch.equal(dn[0], asy[0])
+
+
+@pytest.mark.parametrize("method", ["async", "co2", "delayed_nesterov"])
+def test_the_one_step_delayed_methods_apply_a_tenth_of_a_round_late_by_default(method: str) -> None:
+    # docs/outer_loop_defaults.md: a full round of delay lost to one worker; 5 steps at H=50 won.
+    assert OuterConfig(method=method).apply_after_steps == 5  # type: ignore[arg-type]
+    assert OuterConfig(method=method, sync_every=20).apply_after_steps == 2  # type: ignore[arg-type]
+    assert OuterConfig(method=method, sync_every=3).apply_after_steps == 1  # type: ignore[arg-type]
+    full = OuterConfig(method=method, apply_after_steps=50)  # type: ignore[arg-type]
+    assert full.apply_after_steps == full.sync_every
+    for other in ("diloco", "streaming"):
+        assert OuterConfig(method=other).apply_after_steps is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["co2", "delayed_nesterov"])
+def test_the_early_apply_changes_co2_and_delayed_nesterov_runs(method: str) -> None:
+    early = _two_peer_run(OuterConfig(method=method, sync_every=3, quantization="none"))  # type: ignore[arg-type]
+    full = _two_peer_run(
+        OuterConfig(method=method, sync_every=3, apply_after_steps=3, quantization="none")  # type: ignore[arg-type]
+    )
+    assert not torch.equal(early[0], full[0])
