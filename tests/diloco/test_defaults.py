@@ -173,11 +173,14 @@ def _two_peer_run(config: OuterConfig) -> list[torch.Tensor]:
     return out[0]
 
 
-def test_co2_at_its_defaults_is_async_at_its_defaults_while_the_clip_does_not_bind() -> None:
+def test_co2_at_its_defaults_is_async_without_momentum_while_the_clip_does_not_bind() -> None:
     # CO2's defaults (momentum 0, gap penalty 1, clip 1.0 on values far below 1) make its rule
-    # async's (Nesterov with momentum 0); both eager. docs/outer_loop_defaults.md measures async.
+    # async's without momentum (Nesterov with momentum 0); both eager, both applied early.
+    # docs/outer_loop_defaults.md measures that async.
     co2 = _two_peer_run(OuterConfig(method="co2", sync_every=3, quantization="none"))
-    asy = _two_peer_run(OuterConfig(method="async", sync_every=3, quantization="none"))
+    asy = _two_peer_run(
+        OuterConfig(method="async", sync_every=3, quantization="none", outer_momentum=0.0)
+    )
     naive = _two_peer_run(OuterConfig(method="co2", sync_every=3, quantization="none", eager=False))
     assert torch.equal(co2[0], asy[0])
     assert not torch.equal(co2[0], naive[0])
@@ -209,3 +212,10 @@ def test_the_early_apply_changes_co2_and_delayed_nesterov_runs(method: str) -> N
         OuterConfig(method=method, sync_every=3, apply_after_steps=3, quantization="none")  # type: ignore[arg-type]
     )
     assert not torch.equal(early[0], full[0])
+
+
+def test_delayed_nesterov_at_its_defaults_is_async_at_its_defaults() -> None:
+    # docs/outer_loop_defaults.md measures async's defaults (lr 0.7, momentum 0.9, applied early).
+    dn = _two_peer_run(OuterConfig(method="delayed_nesterov", sync_every=3, quantization="none"))
+    asy = _two_peer_run(OuterConfig(method="async", sync_every=3, quantization="none"))
+    assert torch.equal(dn[0], asy[0])

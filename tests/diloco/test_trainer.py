@@ -126,7 +126,13 @@ def test_async_diloco_applies_each_round_one_round_late() -> None:
 def test_async_early_application_shifts_local_params_and_loses_no_progress() -> None:
     # H=3, tau=1, outer lr 0.5, no momentum; each inner step moves the parameter by -2.
     config = OuterConfig(
-        method="async", eager=False, apply_after_steps=1, sync_every=3, outer_lr=0.5, **FP32
+        method="async",
+        eager=False,
+        apply_after_steps=1,
+        sync_every=3,
+        outer_lr=0.5,
+        outer_momentum=0.0,
+        **FP32,
     )
     model, trainer = toy_trainer(SoloCommunicator(), config)
     for _ in range(3):
@@ -152,6 +158,7 @@ def test_async_early_application_that_fails_carries_the_round_to_the_next() -> N
         apply_after_steps=1,
         sync_every=3,
         outer_lr=0.5,
+        outer_momentum=0.0,
         on_failure="drop",
         **FP32,
     )
