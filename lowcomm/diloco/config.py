@@ -32,10 +32,10 @@ SLOW_INNER_BETA2 = 0.99
 # methods lost to one worker with a full round of delay whatever the outer step (eager async lr
 # 0.7 without momentum 1.030x, momentum 0.5 1.049x, lr 1.4 1.247x; delayed Nesterov lr 0.7
 # momentum 0.9 diverged); applied a tenth of a round late (DEFAULT_APPLY_DIVISOR) the paper's
-# Nesterov lr 0.7 momentum 0.9 wins: 0.974x and 0.983x one worker (seeds 0, 1). Delayed Nesterov
-# with dn_period 1 is that step bit for bit; CO2 keeps momentum 0 (its heavy-ball momentum is
-# not Nesterov's, and unmeasured with the early apply): then it is async without momentum,
-# 0.993x and 0.995x (seeds 0, 1).
+# Nesterov lr 0.7 momentum 0.9 wins: 0.974x, 0.983x, 0.977x one worker (seeds 0-2). Delayed
+# Nesterov with dn_period 1 is that step bit for bit; CO2 keeps momentum 0 (its heavy-ball
+# momentum is not Nesterov's, and unmeasured with the early apply): then it is async without
+# momentum, 0.993x and 0.995x (seeds 0, 1).
 DEFAULT_OUTER: dict[str, tuple[float, float]] = {
     "diloco": (0.7, 0.9),
     "streaming": (0.7, 0.9),
