@@ -370,10 +370,11 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
     plan: list[tuple[str, OuterConfig, int]] = [
         (f"DiLoCo H={h} uint8", OuterConfig(sync_every=h), race),
         # A round long enough to hide the all-reduce behind a GPU's inner steps, and enough
-        # rounds for a steady state: the utilisation claim's row.
+        # rounds for a steady state: the utilisation claim's row. It keeps the full-round delay
+        # (apply_after_steps=H; the default applies a tenth of a round late, for quality).
         (
             f"async H={h_long} uint8",
-            OuterConfig(method="async", sync_every=h_long),
+            OuterConfig(method="async", sync_every=h_long, apply_after_steps=h_long),
             max(race, 6 * h_long),
         ),
         (

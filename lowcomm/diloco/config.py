@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "DEFAULT_APPLY_DIVISOR",
     "DEFAULT_OUTER",
     "METHODS",
     "QUANTIZATIONS",
@@ -25,20 +26,28 @@ OnFailure = Literal["retry", "drop"]
 SLOW_INNER_MAX_MOMENTUM = 0.5
 SLOW_INNER_BETA2 = 0.99
 # Each method's default (outer lr, outer momentum), measured at the calibration setting (docs/
-# outer_loop_defaults.md: 4 replicas, H=50, 1200 steps; one worker 1.6917). Synchronous DiLoCo and
-# Streaming keep the paper's Nesterov lr 0.7 momentum 0.9 (Streaming 1.5295). For the one-round-
-# stale methods every setting tried ends worse than one worker with a full round of delay:
-# eager async lr 0.7 without momentum 1.7842 (the best; CO2's defaults are the same step), with
-# momentum 0.5 1.8163, lr 1.4 2.1589; delayed Nesterov at lr 0.7 momentum 0.9 diverged (10.06), at
-# lr 0.07 2.1786. Applying async's average 5 inner steps into the next round with momentum 0.9
-# (``apply_after_steps=5``) reached 1.6872, level with one worker (see the docs).
+# outer_loop_defaults.md: 4 replicas, H=50, uint8, 1200 steps, inner LMAdamW with its 100-step
+# warm-up, against one worker with the same warm-up and seed). Synchronous DiLoCo and Streaming
+# keep the paper's Nesterov lr 0.7 momentum 0.9 (Streaming 0.883x one worker). The one-round-stale
+# methods lost to one worker with a full round of delay whatever the outer step (eager async lr
+# 0.7 without momentum 1.030x, momentum 0.5 1.049x, lr 1.4 1.247x; delayed Nesterov lr 0.7
+# momentum 0.9 diverged); applied a tenth of a round late (DEFAULT_APPLY_DIVISOR) the paper's
+# Nesterov lr 0.7 momentum 0.9 wins: 0.974x, 0.983x, 0.977x one worker (seeds 0-2). Delayed
+# Nesterov with dn_period 1 is that step bit for bit; CO2 keeps momentum 0 (its heavy-ball
+# momentum is not Nesterov's, and unmeasured with the early apply): then it is async without
+# momentum, 0.993x and 0.995x (seeds 0, 1).
 DEFAULT_OUTER: dict[str, tuple[float, float]] = {
     "diloco": (0.7, 0.9),
     "streaming": (0.7, 0.9),
-    "async": (0.7, 0.0),
+    "async": (0.7, 0.9),
     "co2": (0.7, 0.0),
-    "delayed_nesterov": (0.7, 0.5),
+    "delayed_nesterov": (0.7, 0.9),
 }
+# The one-round-stale methods apply each round's average 1/DEFAULT_APPLY_DIVISOR of a round into
+# the next (``apply_after_steps`` left None: max(1, sync_every // 10) inner steps, 5 at H=50), not
+# at its end: staleness, not the update rule, is what made them lose to one worker (docs/
+# outer_loop_defaults.md). ``apply_after_steps=sync_every`` keeps the full-round delay.
+DEFAULT_APPLY_DIVISOR = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +64,11 @@ class OuterConfig:
             k's average after tau inner steps of round k+1 instead of at its end (waiting there if
             the all-reduce is still running) and shifts the local parameters by the change of the
             round's starting point, so no inner progress is lost: staleness drops from H inner
-            steps to tau. Pick tau just above the all-reduce time over the inner-step time.
-            Its outer momentum defaults to 0 (see ``outer_momentum``).
+            steps to tau. Left None it is ``sync_every // DEFAULT_APPLY_DIVISOR`` (at least 1) (5 inner steps
+            at H=50; measured: a full round of delay ends worse than one worker); pick tau just
+            above the all-reduce time over the inner-step time on a slow link, and
+            ``sync_every`` for the full-round delay (the whole round hides the all-reduce).
+            The same schedule holds for co2 and delayed_nesterov.
         ``"streaming"``: Streaming DiLoCo; the parameters are split into ``num_fragments``
             fragments, one synced every ``sync_every // num_fragments`` inner steps, each all-reduce
             overlapping ``overlap_steps`` inner steps, then merged with factor ``merge_alpha``.
@@ -134,13 +146,19 @@ class OuterConfig:
         if self.eager is None:
             object.__setattr__(self, "eager", self.is_pipelined)
         if self.apply_after_steps is not None:
-            if self.method != "async":
-                raise ValueError("OuterConfig.apply_after_steps applies to method='async' only")
-            if not 1 <= self.apply_after_steps < self.sync_every:
+            if not self.is_pipelined:
                 raise ValueError(
-                    f"OuterConfig.apply_after_steps must be in [1, sync_every = {self.sync_every}),"
+                    "OuterConfig.apply_after_steps applies to the one-step-delayed methods "
+                    "(async, co2, delayed_nesterov) only"
+                )
+            if not 1 <= self.apply_after_steps <= self.sync_every:
+                raise ValueError(
+                    f"OuterConfig.apply_after_steps must be in [1, sync_every = {self.sync_every}],"
                     f" got {self.apply_after_steps}"
                 )
+        elif self.is_pipelined:
+            tau = max(1, self.sync_every // DEFAULT_APPLY_DIVISOR)
+            object.__setattr__(self, "apply_after_steps", tau)
         if self.eager and not self.is_pipelined:
             raise ValueError(
                 "OuterConfig.eager applies to the one-step-delayed methods (async, co2, "

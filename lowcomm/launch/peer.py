@@ -136,12 +136,17 @@ class PeerSpec:
 def outer_steps_for(outer: OuterConfig, inner_steps: int) -> int:
     """How many outer steps ``inner_steps`` inner steps make for this method (at least 1).
 
-    Streaming counts one outer step per fragment sync; the one-step-delayed methods apply their
-    first average one round late.
+    Streaming counts one outer step per fragment sync; the one-step-delayed methods apply round
+    k's average ``apply_after_steps`` inner steps into round k+1 (the end of it by default before;
+    a tenth of it now), so the count is the fewest that covers ``inner_steps`` (the same as before
+    for the full-round delay and a multiple of ``sync_every``).
     """
     if outer.method == "streaming":
         return max(1, inner_steps // (outer.sync_every // outer.num_fragments))
-    return max(1, inner_steps // outer.sync_every - (1 if outer.is_pipelined else 0))
+    if outer.is_pipelined:
+        tau = outer.apply_after_steps or outer.sync_every
+        return max(1, -(-(inner_steps - tau) // outer.sync_every))
+    return max(1, inner_steps // outer.sync_every)
 
 
 def wait_for_world(comm: Any, num_peers: int, *, timeout_s: float) -> None:

@@ -85,6 +85,7 @@ class RunArchive:
 
     def __init__(self, remote: str, *, staging_dir: str | Path) -> None:
         self.remote = remote
+        self._started: int | None = None  # the outer step this archive last began to save
         self._ckpt = Checkpointer(
             CheckpointConfig(
                 levels=(str(staging_dir), remote), keep_last_local=1, keep_last_remote=2
@@ -103,9 +104,12 @@ class RunArchive:
         """Starts saving ``outer`` (from ``Trainer.outer_state``); returns at once."""
         self._ckpt.wait_until_safe_to_mutate()
         step = int(outer["outer_step"][0])
-        if any(info.step == step for info in self._ckpt.checkpoints()):
-            return  # this outer step is saved already (by this peer or another)
+        if step == self._started or any(info.step == step for info in self._ckpt.checkpoints()):
+            # This outer step is saved already (by this peer or another) or being saved: the
+            # final save of a peer whose last average was applied early, before it left.
+            return
         self._ckpt.save(step, outer)
+        self._started = step
 
     def close(self, *, timeout_s: float = 60.0) -> None:
         """Waits for the uploads in progress."""

@@ -173,11 +173,14 @@ def _two_peer_run(config: OuterConfig) -> list[torch.Tensor]:
     return out[0]
 
 
-def test_co2_at_its_defaults_is_async_at_its_defaults_while_the_clip_does_not_bind() -> None:
+def test_co2_at_its_defaults_is_async_without_momentum_while_the_clip_does_not_bind() -> None:
     # CO2's defaults (momentum 0, gap penalty 1, clip 1.0 on values far below 1) make its rule
-    # async's (Nesterov with momentum 0); both eager. docs/outer_loop_defaults.md measures async.
+    # async's without momentum (Nesterov with momentum 0); both eager, both applied early.
+    # docs/outer_loop_defaults.md measures that async.
     co2 = _two_peer_run(OuterConfig(method="co2", sync_every=3, quantization="none"))
-    asy = _two_peer_run(OuterConfig(method="async", sync_every=3, quantization="none"))
+    asy = _two_peer_run(
+        OuterConfig(method="async", sync_every=3, quantization="none", outer_momentum=0.0)
+    )
     naive = _two_peer_run(OuterConfig(method="co2", sync_every=3, quantization="none", eager=False))
     assert torch.equal(co2[0], asy[0])
     assert not torch.equal(co2[0], naive[0])
@@ -187,4 +190,32 @@ def test_delayed_nesterov_with_period_1_is_async_with_the_same_outer_step() -> N
     kw: dict[str, Any] = dict(sync_every=3, quantization="none", outer_lr=0.7, outer_momentum=0.5)
     dn = _two_peer_run(OuterConfig(method="delayed_nesterov", **kw))
     asy = _two_peer_run(OuterConfig(method="async", **kw))
+    assert torch.equal(dn[0], asy[0])
+
+
+@pytest.mark.parametrize("method", ["async", "co2", "delayed_nesterov"])
+def test_the_one_step_delayed_methods_apply_a_tenth_of_a_round_late_by_default(method: str) -> None:
+    # docs/outer_loop_defaults.md: a full round of delay lost to one worker; 5 steps at H=50 won.
+    assert OuterConfig(method=method).apply_after_steps == 5  # type: ignore[arg-type]
+    assert OuterConfig(method=method, sync_every=20).apply_after_steps == 2  # type: ignore[arg-type]
+    assert OuterConfig(method=method, sync_every=3).apply_after_steps == 1  # type: ignore[arg-type]
+    full = OuterConfig(method=method, apply_after_steps=50)  # type: ignore[arg-type]
+    assert full.apply_after_steps == full.sync_every
+    for other in ("diloco", "streaming"):
+        assert OuterConfig(method=other).apply_after_steps is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["co2", "delayed_nesterov"])
+def test_the_early_apply_changes_co2_and_delayed_nesterov_runs(method: str) -> None:
+    early = _two_peer_run(OuterConfig(method=method, sync_every=3, quantization="none"))  # type: ignore[arg-type]
+    full = _two_peer_run(
+        OuterConfig(method=method, sync_every=3, apply_after_steps=3, quantization="none")  # type: ignore[arg-type]
+    )
+    assert not torch.equal(early[0], full[0])
+
+
+def test_delayed_nesterov_at_its_defaults_is_async_at_its_defaults() -> None:
+    # docs/outer_loop_defaults.md measures async's defaults (lr 0.7, momentum 0.9, applied early).
+    dn = _two_peer_run(OuterConfig(method="delayed_nesterov", sync_every=3, quantization="none"))
+    asy = _two_peer_run(OuterConfig(method="async", sync_every=3, quantization="none"))
     assert torch.equal(dn[0], asy[0])

@@ -16,6 +16,10 @@ from lowcomm.testing.groups import LocalGroup, SoloCommunicator
 from ._toy import FailingComm, run_threads, toy_step, toy_trainer
 
 FP32 = {"quantization": "none"}
+# The one-step-delayed methods apply each average a tenth of a round late by default; these pin
+# the full-round delay (H=2: apply_after_steps=2 is the end of the round) that the hand-computed
+# trajectories follow.
+FULL_ROUND = {"quantization": "none", "apply_after_steps": 2}
 
 
 def _mlp(seed: int) -> torch.nn.Module:
@@ -104,7 +108,7 @@ def test_diloco_toy_trajectory_matches_hand_computed_values() -> None:
 
 def test_async_diloco_applies_each_round_one_round_late() -> None:
     config = OuterConfig(
-        method="async", eager=False, sync_every=2, outer_lr=0.5, outer_momentum=0.5, **FP32
+        method="async", eager=False, sync_every=2, outer_lr=0.5, outer_momentum=0.5, **FULL_ROUND
     )
     model, trainer = toy_trainer(SoloCommunicator(), config)
     thetas, locals_ = [], []
@@ -122,7 +126,13 @@ def test_async_diloco_applies_each_round_one_round_late() -> None:
 def test_async_early_application_shifts_local_params_and_loses_no_progress() -> None:
     # H=3, tau=1, outer lr 0.5, no momentum; each inner step moves the parameter by -2.
     config = OuterConfig(
-        method="async", eager=False, apply_after_steps=1, sync_every=3, outer_lr=0.5, **FP32
+        method="async",
+        eager=False,
+        apply_after_steps=1,
+        sync_every=3,
+        outer_lr=0.5,
+        outer_momentum=0.0,
+        **FP32,
     )
     model, trainer = toy_trainer(SoloCommunicator(), config)
     for _ in range(3):
@@ -148,6 +158,7 @@ def test_async_early_application_that_fails_carries_the_round_to_the_next() -> N
         apply_after_steps=1,
         sync_every=3,
         outer_lr=0.5,
+        outer_momentum=0.0,
         on_failure="drop",
         **FP32,
     )
@@ -196,7 +207,7 @@ def test_async_early_application_keeps_peers_outer_params_bit_identical() -> Non
 def test_eager_updates_with_one_peer_track_synchronous_diloco() -> None:
     sync = OuterConfig(sync_every=2, outer_lr=0.5, outer_momentum=0.5, **FP32)
     eager = OuterConfig(
-        method="async", eager=True, sync_every=2, outer_lr=0.5, outer_momentum=0.5, **FP32
+        method="async", eager=True, sync_every=2, outer_lr=0.5, outer_momentum=0.5, **FULL_ROUND
     )
     model, trainer = toy_trainer(SoloCommunicator(), eager)
     starts = []
@@ -263,7 +274,7 @@ def test_co2_toy_trajectory_matches_hand_computed_values() -> None:
         outer_momentum=0.5,
         co2_gap_penalty=2.0,
         co2_clip=1.5,
-        **FP32,
+        **FULL_ROUND,
     )
     assert _toy_thetas(clipped, rounds=4) == [0.0, -1.5, -3.0, -4.5]
     free = OuterConfig(
@@ -273,7 +284,7 @@ def test_co2_toy_trajectory_matches_hand_computed_values() -> None:
         outer_momentum=0.5,
         co2_gap_penalty=2.0,
         co2_clip=None,
-        **FP32,
+        **FULL_ROUND,
     )
     assert _toy_thetas(free, rounds=4) == [0.0, -2.0, -5.0, -8.5]
 
@@ -285,7 +296,7 @@ def test_delayed_nesterov_toy_trajectory_matches_hand_computed_values() -> None:
         outer_lr=0.5,
         outer_momentum=0.5,
         dn_period=2,
-        **FP32,
+        **FULL_ROUND,
     )
     assert _toy_thetas(config, rounds=5) == [0.0, -1.0, -3.0, -4.0, -6.5]
 
@@ -294,7 +305,12 @@ def test_dynamic_local_steps_give_a_slow_peer_fewer_inner_steps() -> None:
     import time
 
     config = OuterConfig(
-        method="delayed_nesterov", dynamic_local_steps=True, sync_every=8, min_local_steps=2, **FP32
+        method="delayed_nesterov",
+        dynamic_local_steps=True,
+        sync_every=8,
+        min_local_steps=2,
+        apply_after_steps=8,
+        **FP32,
     )
     group = LocalGroup(2)
     steps: list[list[int]] = [[], []]
@@ -351,7 +367,12 @@ def test_dropped_round_keeps_local_progress_for_the_next_round() -> None:
 
 def test_async_dropped_round_rides_with_the_next_pseudogradient() -> None:
     config = OuterConfig(
-        method="async", sync_every=2, outer_lr=1.0, outer_momentum=0.0, on_failure="drop", **FP32
+        method="async",
+        sync_every=2,
+        outer_lr=1.0,
+        outer_momentum=0.0,
+        on_failure="drop",
+        **FULL_ROUND,
     )
     comm = FailingComm(SoloCommunicator(), fail={0})
     model, trainer = toy_trainer(comm, config)
@@ -421,7 +442,8 @@ def test_load_state_dict_rejects_a_different_config() -> None:
         ),
         ({"eager": True}, "eager"),
         ({"apply_after_steps": 1}, "apply_after_steps"),
-        ({"method": "async", "sync_every": 4, "apply_after_steps": 4}, "apply_after_steps"),
+        ({"method": "async", "sync_every": 4, "apply_after_steps": 5}, "apply_after_steps"),
+        ({"method": "co2", "sync_every": 4, "apply_after_steps": 0}, "apply_after_steps"),
         ({"co2_gap_penalty": 0.5}, "co2_gap_penalty"),
         ({"co2_clip": -1.0}, "co2_clip"),
         ({"dynamic_local_steps": True}, "dynamic_local_steps"),
