@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -444,7 +445,8 @@ def test_live_revision_answers_within_its_timeout_when_the_master_is_frozen() ->
         c.connect(timeout_s=20)
         assert isinstance(c.live_revision(timeout_s=5.0), int)
         os.kill(proc.pid, signal.SIGSTOP)
-        while open(f"/proc/{proc.pid}/stat").read().split(") ")[1][0] != "T":
+        stat = Path(f"/proc/{proc.pid}/stat")
+        while stat.read_text().split(") ")[1][0] != "T":
             time.sleep(0.01)  # stopped (the signal is delivered asynchronously)
         start = time.monotonic()
         with pytest.raises(PeerFailureError):
