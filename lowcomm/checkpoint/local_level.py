@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from lowcomm.checkpoint import _format as fmt
@@ -219,15 +219,7 @@ class LocalLevel:
         futures = [
             self._pool.submit(one, off) for off in range(0, snap.total_bytes, self._chunk_bytes)
         ]
-        chunks = []
-        error: BaseException | None = None
-        for f in futures:  # wait for all, even after a failure, so no write touches a closed fd
-            try:
-                chunks.append(f.result())
-            except BaseException as e:
-                error = error or e
-        if error is not None:
-            raise error
+        chunks = _results(futures)
         data_bytes = snap.total_bytes if self._compression == "none" else next_file_offset[0]
         return chunks, data_bytes
 
@@ -253,15 +245,7 @@ class LocalLevel:
             return fmt.ChunkEntry(offset, length, offset, length, "none", crc)
 
         futures = [self._pool.submit(one, i) for i in range(direct.num_chunks())]
-        chunks = []
-        error: BaseException | None = None
-        for f in futures:  # wait for all, even after a failure, so no write touches a closed fd
-            try:
-                chunks.append(f.result())
-            except BaseException as e:
-                error = error or e
-        if error is not None:
-            raise error
+        chunks = _results(futures)
         return chunks
 
     def _gather_parts(self, step: int) -> list[dict[str, Any]]:
@@ -414,3 +398,18 @@ class LocalLevel:
             if step is not None and not os.path.exists(self.manifest_path(step)):
                 out.append(step)
         return out
+
+
+def _results(futures: list[Future[fmt.ChunkEntry]]) -> list[fmt.ChunkEntry]:
+    """Every chunk write's entry, in order; waits for all, even after a failure, so no write
+    touches a closed fd, then raises the first failure."""
+    chunks = []
+    error: BaseException | None = None
+    for f in futures:
+        try:
+            chunks.append(f.result())
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
+    return chunks
