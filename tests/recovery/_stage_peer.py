@@ -69,6 +69,11 @@ def run_stage(spec: dict[str, Any], events: Any) -> None:
                 f.write(repr(time.time()))
                 f.flush()
                 os.fsync(f.fileno())
+            if fault["action"] in ("kill", "stop"):
+                # A multiprocessing queue's put returns before its feeder thread has written the
+                # item: flush every event sent so far, or the kill can lose the last commit's.
+                events.close()
+                events.join_thread()
 
         point = fault.get("point", "pipeline.micro_batch")
         where = (
