@@ -49,6 +49,16 @@ def _state(pid: int) -> str:
         return "?"
 
 
+def _states(procs: dict[str, Any]) -> dict[str, str]:
+    """Each process's exit code, or its /proc state while it runs. With the dumps (written before
+    each event), a hang report tells a stage stuck in the pipeline from one that finished but
+    whose events never arrived."""
+    return {
+        name: f"exit {p.exitcode}" if p.exitcode is not None else f"running ({_state(p.pid)})"
+        for name, p in procs.items()
+    }
+
+
 def run_pipeline(
     tmp: Path,
     config: PipelineConfig,
@@ -97,7 +107,8 @@ def run_pipeline(
         deadline = time.monotonic() + timeout_s
         while len(done) < num_stages * config.num_replicas:
             assert time.monotonic() < deadline, (
-                f"timed out; done {sorted(done)}, {dict(out.events)}"
+                f"timed out; done {sorted(done)}; processes {_states(procs)}; dumps "
+                f"{sorted(f.stem for f in dump.iterdir())}; {dict(out.events)}"
             )
             for s in faults:
                 victim = procs[f"original{s}"]

@@ -51,6 +51,44 @@ def dump_path(root: str, stage: int | str, what: str) -> Path:
     return Path(root) / f"stage{stage}_{what}.pt"
 
 
+def arm_fault(spec: dict[str, Any], events: Any) -> FaultInjector | None:
+    """The injector for ``spec["fault"]`` (None without one). Its rule first marks the moment
+    (``fault<stage>.txt`` in the dump directory, fsync'ed) and, before a kill or a stop, flushes
+    ``events``: a multiprocessing queue's ``put`` returns before its feeder thread has written the
+    item, and a process that dies with the feeder mid-write loses the item *and* leaves the
+    queue's shared write lock held, so no other process's event ever arrives again."""
+    fault = spec.get("fault")
+    if not fault:
+        return None
+    stage = spec["stage"]
+    faults = FaultInjector()
+
+    def mark(context: Any) -> None:  # the moment of the fault, before the process dies
+        with open(Path(spec["dump"]) / f"fault{stage}.txt", "w") as f:
+            f.write(repr(time.time()))
+            f.flush()
+            os.fsync(f.fileno())
+        if fault["action"] in ("kill", "stop"):
+            events.close()
+            events.join_thread()  # every event put so far is in the pipe, the lock released
+
+    point = fault.get("point", "pipeline.micro_batch")
+    where = (
+        {"step": fault["step"], "mb": fault["mb"], "phase": fault["phase"]}
+        if point == "pipeline.micro_batch"
+        else {"step": fault["step"]}
+    )
+    faults.inject(
+        point,
+        kill=fault["action"] == "kill",
+        stop=fault["action"] == "stop",
+        error=PeerFailureError("injected") if fault["action"] == "error" else None,
+        call=mark,
+        where=where,
+    )
+    return faults
+
+
 def run_stage(spec: dict[str, Any], events: Any) -> None:
     torch.set_num_threads(1)
     if os.environ.get("LOWCOMM_TEST_DEBUG"):
@@ -59,36 +97,7 @@ def run_stage(spec: dict[str, Any], events: Any) -> None:
         )
     stage = spec["stage"]
     config: PipelineConfig = spec["config"]
-    faults = None
-    fault = spec.get("fault")
-    if fault:
-        faults = FaultInjector()
-
-        def mark(context: Any) -> None:  # the moment of the fault, before the process dies
-            with open(Path(spec["dump"]) / f"fault{stage}.txt", "w") as f:
-                f.write(repr(time.time()))
-                f.flush()
-                os.fsync(f.fileno())
-            if fault["action"] in ("kill", "stop"):
-                # A multiprocessing queue's put returns before its feeder thread has written the
-                # item: flush every event sent so far, or the kill can lose the last commit's.
-                events.close()
-                events.join_thread()
-
-        point = fault.get("point", "pipeline.micro_batch")
-        where = (
-            {"step": fault["step"], "mb": fault["mb"], "phase": fault["phase"]}
-            if point == "pipeline.micro_batch"
-            else {"step": fault["step"]}
-        )
-        faults.inject(
-            point,
-            kill=fault["action"] == "kill",
-            stop=fault["action"] == "stop",
-            error=PeerFailureError("injected") if fault["action"] == "error" else None,
-            call=mark,
-            where=where,
-        )
+    faults = arm_fault(spec, events)
     comm = Communicator(
         spec["master"],
         peer_group=stage,

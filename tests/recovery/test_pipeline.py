@@ -129,9 +129,6 @@ def test_the_simulator_and_the_runtime_agree_bit_for_bit_on_a_run_with_one_failu
     assert report.weights == out.of("recovered", 2)[0]["weights"]
 
 
-# Known flake (1 run in ~6 on 2 loaded cores): the recovery of two stages killed at different
-# micro-batches can hang until the harness's 100 s bound. Run with LOWCOMM_SLOW=1 until fixed.
-@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_adjacent_stages_killed_together_fall_back_to_their_checkpoints(tmp_path: Path) -> None:
     faults = {**_kill(1, mb=1), **_kill(2, mb=0)}
