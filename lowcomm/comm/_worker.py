@@ -122,7 +122,8 @@ class TaskQueue:
         finally:
             with self._cond:
                 self._running = False
-                self._cond.notify_all()
+                if self._tasks:  # only then has the worker thread anything to wake up for
+                    self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
