@@ -11,6 +11,10 @@ saved parts back, so the caller's tensor is unchanged unless the operation commi
 participant. (CUDA and strided
 tensors go through host buffers, copied back after the verdict.) ``quantization="auto"``:
 ``AutoQuantization``.
+
+An op that runs longer than a moment is watched for the master's abort (a participant evicted)
+from a thread kept for it (``_Watcher``), which looks at the running op periodically rather than
+being handed every op: a 4 KiB op pays no thread hand-off for a watch it does not need.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ from views of it and forwarded from it, without copies. The calling thread encod
 sub-chunks in order while the ring threads already send, so the wire starts after one encode.
 The pipeline itself is ``_ring_pipeline.RingPipeline``; the wire layout ``_ring_wire``.
 
+A small op (one sub-chunk per chunk, frames of at most 16 KiB: a 4 KiB all-reduce) starts no
+threads: the calling thread sends each step's frame and then receives the step's frame from the
+left, in turn; the kernel takes such a frame whole without the neighbour reading it, so this
+cannot deadlock, and the op pays no thread start or hand-off.
+
 Receiving threads wake on a low-water mark (``_sockets.recv_exact``), not per TCP segment: on
 loopback the wake-ups were a good part of the sending side's CPU. On a sealed ring a frame's 1 MiB
 records are sealed and opened on a helper thread per connection direction while the ring's
