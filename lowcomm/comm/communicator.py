@@ -464,9 +464,12 @@ class Communicator:
 
         def run(deadline: float) -> AllReduceInfo:
             assert self._all_reduce is not None  # check_usable: connect() ran
-            return self._all_reduce.run(
-                tensor, op, out, codec, tag, deadline, stamp=stamp, check_finite=check_finite
-            )
+            # It may run on the caller's thread (``all_reduce``): the buffers it makes and keeps
+            # must be normal tensors even if the caller is in inference mode.
+            with torch.inference_mode(False):
+                return self._all_reduce.run(
+                    tensor, op, out, codec, tag, deadline, stamp=stamp, check_finite=check_finite
+                )
 
         return run
 
