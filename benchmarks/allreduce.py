@@ -15,6 +15,7 @@ a hung PCCL is reported as such, never waited for.
 
     .venv/bin/python benchmarks/allreduce.py            # 100 MB fp32, 2 and 4 peers
     .venv/bin/python benchmarks/allreduce.py --quick    # smaller and fewer reps, same code paths
+    .venv/bin/python benchmarks/allreduce.py --latency  # only the 4 KiB latency rows
 
 Last line: one JSON object with the claims (issues 4, 12 and 14). ``*_16core`` claims are made
 only on a host with at least 16 CPUs.
@@ -184,7 +185,9 @@ def _run_worker(rank: int, n: int, cfg: dict[str, Any], conn: Any) -> None:
         return times
 
     results["times"] = timed(cfg["numel"], variants, cfg["reps"], cfg["warmup"])
-    small = [v for v in ("gloo", "api") if v in variants] if cfg.get("small_reps") else []
+    small: list[str] = (
+        [v for v in ("gloo", "api") if v in variants] if cfg.get("small_reps") else []
+    )
     if small:
         results["small"] = timed(SMALL_NUMEL, small, cfg["small_reps"], 5, key="small_")
     if cfg.get("rmse"):
@@ -356,6 +359,12 @@ def main() -> None:
         default=0,
         help="override CommConfig.num_connections of the public call (default: its default)",
     )
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="only the 4 KiB latency rows (public call and Gloo, 2 and 4 peers, interleaved)",
+    )
+    parser.add_argument("--small-reps", type=int, default=0, help="4 KiB reps (0: the default)")
     parser.add_argument("--no-pccl", action="store_true", help="skip PCCL even where it loads")
     parser.add_argument("--pccl-bound-s", type=float, default=240.0, help="bound per PCCL group")
     args = parser.parse_args()
@@ -387,12 +396,19 @@ def main() -> None:
         f"CommConfig defaults; internal ring: {args.num_connections} connection(s) per "
         f"neighbour, {args.subchunk_mib:g} MiB sub-chunks"
     )
+    small_reps = args.small_reps or (20 if quick else 200)
+    if args.latency:
+        for n in (2, 4):
+            cfg = dict(base, variants=["gloo", "api"], reps=0, warmup=0, small_reps=small_reps)
+            _latency_rows(n, run_group(n, cfg), rows, claim)
+        _print(rows, claims)
+        return
     api_vs_gloo: dict[int, float] = {}
     for n in (2, 4):
         variants = ["gloo", "api", "api_out", "api_uint8", "api_auto", "ring", "ring_uint8"]
         if n == 2:
             variants += ["api_plain", "ring_plain"]
-        cfg = dict(base, variants=variants, small_reps=20 if quick else 200)
+        cfg = dict(base, variants=variants, small_reps=small_reps)
         results = run_group(n, cfg)
         bw = {v: busbw(n, nbytes, results, v) for v in variants}
         for v in variants:
@@ -425,25 +441,7 @@ def main() -> None:
             rows.append(
                 (f"{n} peers  ring protected vs plain", f"{bw['ring'] / bw['ring_plain']:.2f}x")
             )
-        trips = results[0].get("small_round_trips", {})
-        g_small, a_small = median(results, "gloo", "small"), median(results, "api", "small")
-        rt = trips.get("api")
-        rt_txt = f", {max(rt)} master round trips per op" if rt else ""
-        rows.append(
-            (
-                f"{n} peers  4 KiB latency (median)",
-                f"public {a_small * 1e3:.2f} ms, Gloo {g_small * 1e3:.2f} ms "
-                f"({a_small / g_small:.2f}x{rt_txt})",
-            )
-        )
-        if n == 2:
-            claim(
-                "small_allreduce_latency_vs_gloo",
-                a_small / g_small,
-                2.0,
-                lower_is_better=True,
-                master_round_trips=max(rt) if rt else None,
-            )
+        _latency_rows(n, results, rows, claim)
     if cpus >= 16:
         claim("api_busbw_vs_gloo_4peers_16core", api_vs_gloo[4], 1.3)
 
@@ -520,6 +518,40 @@ def main() -> None:
     claim("protected_vs_plain_shaped_1gbit", bw["api"] / bw["api_plain"], 0.97)
     claim("api_uint8_vs_fp32_shaped", bw["api_uint8"] / bw["api"], 3.5)
 
+    _print(rows, claims)
+
+
+def _latency_rows(
+    n: int, results: list[dict[str, Any]], rows: list[tuple[str, str]], claim: Any
+) -> None:
+    """The 4 KiB rows: median latency of the public call and of Gloo (interleaved), the master
+    round trips per op, CPU-ms per op of one peer; the claim at 2 peers."""
+    trips = results[0].get("small_round_trips", {})
+    g_small, a_small = median(results, "gloo", "small"), median(results, "api", "small")
+    rt = trips.get("api")
+    rt_txt = f", {max(rt)} master round trips per op" if rt else ""
+    cpu = {
+        v: 1e3 * statistics.mean(statistics.median(r["small_cpu"][v]) for r in results)
+        for v in ("gloo", "api")
+    }
+    rows.append(
+        (
+            f"{n} peers  4 KiB latency (median)",
+            f"public {a_small * 1e3:.2f} ms, Gloo {g_small * 1e3:.2f} ms "
+            f"({a_small / g_small:.2f}x{rt_txt}; CPU-ms/op {cpu['api']:.2f} vs {cpu['gloo']:.2f})",
+        )
+    )
+    if n == 2:
+        claim(
+            "small_allreduce_latency_vs_gloo",
+            a_small / g_small,
+            2.0,
+            lower_is_better=True,
+            master_round_trips=max(rt) if rt else None,
+        )
+
+
+def _print(rows: list[tuple[str, str]], claims: list[dict[str, Any]]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

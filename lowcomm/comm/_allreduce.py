@@ -11,6 +11,10 @@ saved parts back, so the caller's tensor is unchanged unless the operation commi
 participant. (CUDA and strided
 tensors go through host buffers, copied back after the verdict.) ``quantization="auto"``:
 ``AutoQuantization``.
+
+An op that runs longer than a moment is watched for the master's abort (a participant evicted)
+from a thread kept for it (``_Watcher``), which looks at the running op periodically rather than
+being handed every op: a 4 KiB op pays no thread hand-off for a watch it does not need.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -63,6 +67,9 @@ class AllReduceInfo:
 # From this size on, the gate request is sent from a helper thread while the worker stages the
 # tensor (the backup copy); below it the copy is cheaper than the hand-off.
 _STAGE_ASIDE_BYTES = 256 * 1024
+
+# An op running this long is watched for the master's abort (``_Watcher``).
+_WATCH_AFTER_S = 0.25
 
 # "auto" quantizes only tensors at least this large: below it an op is latency-bound and the
 # codec's passes cannot pay for themselves.
@@ -122,7 +129,7 @@ class VotedAllReduce:
         # running ring on its own thread (both kept between operations).
         self._auto: dict[str, _AutoState] = {}  # ring id -> what "auto" measured on that ring
         self._helper = _Helper(f"lowcomm-gate-{peer_id}")
-        self._watcher = _Helper(f"lowcomm-watch-{peer_id}")
+        self._watcher = _Watcher(f"lowcomm-watch-{peer_id}", control)
 
     def buffer(self, name: str, numel: int, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
         """A 1-D CPU buffer of at least ``numel`` elements, kept for the next op. Worker thread
@@ -392,13 +399,9 @@ class VotedAllReduce:
             if ring is not None and self._ring_id == gate["ring_id"]:
                 ring.close()
 
-        # Watch for the master's abort from the moment the gate opened: a participant that
+        # Watched for the master's abort from the moment the gate opened: a participant that
         # dies before its ring connections are made must not hold the others in the build.
-        self._watcher.call(
-            lambda: self._control.watch_verdict(
-                op_id, on_abort=on_abort, done=done, deadline=deadline
-            )
-        )
+        self._watcher.watch(op_id, on_abort=on_abort, done=done, deadline=deadline)
         used = codec if not isinstance(codec, AutoQuantization) else None
         try:
             ring = self.ring_for(gate, deadline, aborted)
@@ -530,6 +533,55 @@ def _writes_in_place(tensor: torch.Tensor, target: torch.Tensor) -> bool:
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+class _Watch(NamedTuple):
+    op_id: str
+    on_abort: Callable[[], None]
+    done: threading.Event
+    deadline: float
+    started: float
+
+
+class _Watcher:
+    """Asks the master whether the running op was aborted (``ControlClient.watch_verdict``) once
+    it has run ``_WATCH_AFTER_S``. Its thread looks at the op every ``_WATCH_AFTER_S`` instead of
+    being handed each op: a wake-up per op (and another when it ended) cost a 4 KiB op a thread
+    hand-off on a loaded host, for a watch that only ops running longer than that need. A watch
+    so starts 1 to 2 periods into the op."""
+
+    def __init__(self, name: str, control: ControlClient) -> None:
+        self._name = name
+        self._control = control
+        self._current: _Watch | None = None
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(
+        self, op_id: str, *, on_abort: Callable[[], None], done: threading.Event, deadline: float
+    ) -> None:
+        """Watches op ``op_id`` until ``done`` is set (worker thread; one op at a time)."""
+        self._current = _Watch(op_id, on_abort, done, deadline, time.monotonic())
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _loop(self) -> None:
+        while not self._closed.wait(_WATCH_AFTER_S):
+            w = self._current
+            if w is None or w.done.is_set() or time.monotonic() - w.started < _WATCH_AFTER_S:
+                continue
+            try:
+                self._control.watch_verdict(
+                    w.op_id, on_abort=w.on_abort, done=w.done, deadline=w.deadline, grace_s=0.0
+                )
+            except Exception:  # the op still ends by its own deadline; the watcher lives on
+                logger.exception("watching all-reduce %s for the master's abort failed", w.op_id)
+            if self._current is w:
+                self._current = None
 
 
 class _Helper:

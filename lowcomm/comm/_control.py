@@ -471,15 +471,22 @@ class ControlClient:
                 )
 
     def watch_verdict(
-        self, op_id: str, *, on_abort: Callable[[], None], done: threading.Event, deadline: float
+        self,
+        op_id: str,
+        *,
+        on_abort: Callable[[], None],
+        done: threading.Event,
+        deadline: float,
+        grace_s: float = 0.25,
     ) -> None:
         """While an all-reduce runs longer than a moment, asks the master whether it was already
         aborted (a participant evicted: dead, or silent past the heartbeat timeout) and then calls
         ``on_abort`` (which closes the ring), so a stalled peer costs the heartbeat timeout, not
-        ``timeout_s``. Returns when ``done`` is set, on abort, or at ``deadline``."""
+        ``timeout_s``. Returns when ``done`` is set, on abort, or at ``deadline``. The first
+        request leaves ``grace_s`` after the call (0: a caller that waited already)."""
         # A short grace spares the fast (loopback) operations the request; after it, an abort
         # reaches this peer within one master round trip of the eviction.
-        if done.wait(0.25):
+        if done.wait(grace_s):
             return
         while not done.is_set() and time.monotonic() < deadline:
             try:

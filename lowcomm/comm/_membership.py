@@ -383,7 +383,7 @@ class Membership(Roster):
         peer.gate = None
 
     def _abandon_votes(self, peer_id: str, why: str) -> None:
-        for op in self._rounds:
+        for op in self._rounds.undecided():
             if op.verdict is None and peer_id in op.participants:
                 self._settle(op, op.abandon(peer_id, why))
 
@@ -411,7 +411,7 @@ class Membership(Roster):
             logger.info("master: peer %s left the run", peer_id)
         else:
             logger.warning("master: evicted peer %s: %s", peer_id, reason)
-        for op in self._rounds:
+        for op in self._rounds.undecided():
             if op.verdict is None and peer_id in op.participants and not op.adopted:
                 self._settle(op, op.lose(peer_id, reason))
         if peer.num_replica_ranks and whole_replica:
@@ -425,7 +425,7 @@ class Membership(Roster):
 
     def _resolve_adopted(self) -> None:
         """Decides every undecided adopted round it can (caller holds the lock; ``_rounds``)."""
-        for op in self._rounds:
+        for op in self._rounds.undecided():
             if op.adopted and op.verdict is None:
                 states = {p: op.state_of(p, self._peers.get(p)) for p in op.participants}
                 self._settle(op, op.resolve(states))

@@ -431,26 +431,25 @@ class RingPipeline:
         # Items may be queued out of order (the first step is produced while relayed sub-chunks
         # already arrive); each connection must carry its frames in message order.
         held: dict[int, _Item] = {}
-        faults = self.faults
         for m in range(index, self.num_messages, self.num_threads):
             item = self._take(q, held, m)
             if item is None:
                 return
-            step, sub, blob = item
-            conn = self.send_conns[m % self.num_connections]
-            corrupt = False
-            if faults is not None:
-                corrupt = faults.hit("ring.send", step=step, sub=sub)
-            payload = self._payload(step, sub, blob)
-            if corrupt:
-                payload = damaged(payload)
-            conn.send_frame(
-                KIND_RING_DATA,
-                payload,
-                tag=self.tag,
-                seq=self.desc | m,
-                timeout_s=max(self.left(), 1e-3),
-            )
+            self.send_message(m, item)
+
+    def send_message(self, m: int, item: _Item) -> None:
+        """Sends message ``m`` (``item``: what ``push`` queued for it)."""
+        step, sub, blob = item
+        conn = self.send_conns[m % self.num_connections]
+        corrupt = self.faults is not None and self.faults.hit("ring.send", step=step, sub=sub)
+        payload = self._payload(step, sub, blob)
+        conn.send_frame(
+            KIND_RING_DATA,
+            damaged(payload) if corrupt else payload,
+            tag=self.tag,
+            seq=self.desc | m,
+            timeout_s=max(self.left(), 1e-3),
+        )
 
     def _take(
         self, q: queue.SimpleQueue[_Item | None], held: dict[int, _Item], m: int
@@ -488,29 +487,31 @@ class RingPipeline:
     # --- receiving threads ---
 
     def run_receiver(self, index: int) -> None:
-        last_rs = self.n - 2
         # The owner's decode of its own encoding (see _reduce_step) is needed by nobody before the
         # op ends, so it waits for the all-gather: there it runs while the next frame is arriving,
         # instead of in the reduce-scatter, whose encodes and decodes keep the CPU busiest.
         deferred: list[tuple[Encoded, torch.Tensor]] = []
         for m in range(index, self.num_messages, self.num_threads):
-            conn = self.recv_conns[m % self.num_connections]
             if self.error is not None:
                 return
-            step, sub = divmod(m, self.k)
-            if step > last_rs and deferred:
-                self.decode_into(*deferred.pop())
-            a, b = self.bounds(self.recv_chunk(step), sub)
-            region = self.res[a:b]
-            blob, fused = self._receive(conn, m, step, a, b, region)
-            if step <= last_rs and self.tmp is not None:
-                self._reduce_in_place(step, sub, a, b)
-            elif step <= last_rs:
-                blob = self._reduce_step(step, a, b, region, deferred, fused=fused)
-            if step < 2 * self.n - 3:
-                self.push(step + 1, sub, blob)
+            self.receive_message(m, deferred)
         while deferred and self.error is None:
             self.decode_into(*deferred.pop())
+
+    def receive_message(self, m: int, deferred: list[tuple[Encoded, torch.Tensor]]) -> None:
+        """Receives message ``m`` into place, reduces it, queues what the next step sends."""
+        (step, sub), last_rs = divmod(m, self.k), self.n - 2
+        if step > last_rs and deferred:
+            self.decode_into(*deferred.pop())
+        a, b = self.bounds(self.recv_chunk(step), sub)
+        conn, region = self.recv_conns[m % self.num_connections], self.res[a:b]
+        blob, fused = self._receive(conn, m, step, a, b, region)
+        if step <= last_rs and self.tmp is not None:
+            self._reduce_in_place(step, sub, a, b)
+        elif step <= last_rs:
+            blob = self._reduce_step(step, a, b, region, deferred, fused=fused)
+        if step < 2 * self.n - 3:
+            self.push(step + 1, sub, blob)
 
     def _receive(
         self, conn: Connection, m: int, step: int, a: int, b: int, region: torch.Tensor

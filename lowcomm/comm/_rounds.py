@@ -26,7 +26,7 @@ So the outcome is all-or-nothing among the survivors whatever message the master
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lowcomm.comm._peers import PeerRecord
@@ -151,12 +151,17 @@ class Round:
 
 
 class RoundTable:
-    """The rounds of one master process, by op id (``"<epoch>-<n>"``), with bounded retention."""
+    """The rounds of one master process, by op id (``"<epoch>-<n>"``), with bounded retention.
+
+    ``undecided`` lists only the rounds without a verdict: the master walks them on every gate
+    arrival, vote and eviction, and walking every kept round instead (up to ``_MAX_ROUNDS``)
+    made each request's cost grow with the run's history."""
 
     def __init__(self, epoch: str) -> None:
         self._epoch = epoch
         self._seq = itertools.count()
         self._rounds: dict[str, Round] = {}
+        self._undecided: dict[str, Round] = {}
 
     def new(self, kind: GateKind, group: int, participants: list[str]) -> Round:
         r = Round(
@@ -165,9 +170,9 @@ class RoundTable:
             group=group,
             participants=participants,
         )
-        self._rounds[r.op_id] = r
+        self._rounds[r.op_id] = self._undecided[r.op_id] = r
         if len(self._rounds) > _MAX_ROUNDS:
-            for old in list(self._rounds)[: len(self._rounds) - _MAX_ROUNDS]:
+            for old in list(itertools.islice(self._rounds, len(self._rounds) - _MAX_ROUNDS)):
                 if self._rounds[old].verdict is not None:
                     del self._rounds[old]
         return r
@@ -181,11 +186,14 @@ class RoundTable:
             participants=list(participants),
             adopted=True,
         )
-        self._rounds[op_id] = r
+        self._rounds[op_id] = self._undecided[op_id] = r
         return r
 
     def get(self, op_id: str) -> Round | None:
         return self._rounds.get(op_id)
 
-    def __iter__(self) -> Iterator[Round]:
-        return iter(list(self._rounds.values()))
+    def undecided(self) -> list[Round]:
+        """The rounds without a verdict yet, oldest first (a copy: callers decide rounds)."""
+        for op_id in [k for k, r in self._undecided.items() if r.verdict is not None]:
+            del self._undecided[op_id]
+        return list(self._undecided.values())

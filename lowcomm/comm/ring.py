@@ -26,6 +26,11 @@ from views of it and forwarded from it, without copies. The calling thread encod
 sub-chunks in order while the ring threads already send, so the wire starts after one encode.
 The pipeline itself is ``_ring_pipeline.RingPipeline``; the wire layout ``_ring_wire``.
 
+A small op (one sub-chunk per chunk, frames of at most 16 KiB: a 4 KiB all-reduce) starts no
+threads: the calling thread sends each step's frame and then receives the step's frame from the
+left, in turn; the kernel takes such a frame whole without the neighbour reading it, so this
+cannot deadlock, and the op pays no thread start or hand-off.
+
 Receiving threads wake on a low-water mark (``_sockets.recv_exact``), not per TCP segment: on
 loopback the wake-ups were a good part of the sending side's CPU. On a sealed ring a frame's 1 MiB
 records are sealed and opened on a helper thread per connection direction while the ring's
@@ -54,12 +59,16 @@ from lowcomm.comm._frames import Connection
 from lowcomm.comm._ops import check_all_reduce_args
 from lowcomm.comm._ring_pipeline import RingBuffers, RingLinks, RingPipeline, Undo, split
 from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError
-from lowcomm.compression import Codec
+from lowcomm.compression import Codec, Encoded
 from lowcomm.faults import FaultInjector
 
 __all__ = ["DEFAULT_SUBCHUNK_BYTES", "Ring", "RingStats", "Undo"]
 
 DEFAULT_SUBCHUNK_BYTES = 4 * 1024 * 1024
+
+# A frame at most this large is taken whole by the kernel without the neighbour reading it (the
+# smallest default TCP buffers hold more), so an op of such frames runs on the calling thread.
+_INLINE_FRAME_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +241,10 @@ class Ring:
                 deadline=start + timeout_s,
                 undo=undo,
             )
-            pipeline.run()
+            if _runs_inline(pipeline):
+                _run_inline(pipeline)
+            else:
+                pipeline.run()
             if pipeline.error is not None:
                 raise _with_context(pipeline.error, self, tag)
             if stage.data_ptr() != dest_flat.data_ptr():
@@ -259,6 +271,30 @@ class Ring:
     def _bytes(self) -> tuple[int, int]:
         conns = self._send + self._recv
         return sum(c.tx_bytes for c in conns), sum(c.rx_bytes for c in conns)
+
+
+def _runs_inline(pipeline: RingPipeline) -> bool:
+    """A small op: one sub-chunk per chunk, each frame at most ``_INLINE_FRAME_BYTES``."""
+    return pipeline.k == 1 and -(-pipeline.numel // pipeline.n) * 4 <= _INLINE_FRAME_BYTES
+
+
+def _run_inline(pipeline: RingPipeline) -> None:
+    """A small op on the calling thread alone: each step's frame is sent, then the step's frame
+    from the left received and reduced, in turn. No send waits for the neighbour (every frame fits
+    the socket buffers), so the ring cannot deadlock; the two thread starts and a queue hand-off
+    per step of ``RingPipeline.run`` were most of a 4 KiB op's ring time on a loaded host."""
+    deferred: list[tuple[Encoded, torch.Tensor]] = []
+    try:
+        pipeline.produce_first_step()
+        for m in range(pipeline.num_messages):
+            item = pipeline.queues[m % pipeline.num_connections % pipeline.num_threads].get_nowait()
+            assert item is not None
+            pipeline.send_message(m, item)
+            pipeline.receive_message(m, deferred)
+        while deferred:
+            pipeline.decode_into(*deferred.pop())
+    except BaseException as exc:
+        pipeline.fail(exc)
 
 
 def _check_args(tensor: torch.Tensor, op: str, out: torch.Tensor | None, timeout_s: float) -> None:

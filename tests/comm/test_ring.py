@@ -14,12 +14,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
-from lowcomm.comm import PeerListener, Ring, _frames, _handshake, _ring_wire, connect_ring
+from lowcomm.comm import (
+    PeerListener,
+    Ring,
+    _frames,
+    _handshake,
+    _ring_pipeline,
+    _ring_wire,
+    connect_ring,
+)
+from lowcomm.comm import ring as ring_module
 from lowcomm.comm.errors import (
     AuthenticationError,
     CommError,
@@ -165,6 +175,41 @@ def test_every_op_matches_a_reference_and_is_bit_identical_on_every_peer(
         fp32_bytes = 2 * 2 / 3 * numel * 4
         bound = 1.05 if dtype == torch.float32 else 0.8
         assert results[0].tx_bytes < fp32_bytes * bound
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_small_op_runs_on_the_calling_thread_bit_identical_to_the_threaded_pipeline(
+    cluster3: Cluster, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[str] = []
+
+    class CountingThread(threading.Thread):
+        def start(self) -> None:
+            started.append(self.name)
+            super().start()
+
+    fake = SimpleNamespace(Thread=CountingThread, Lock=threading.Lock, Event=threading.Event)
+    monkeypatch.setattr(_ring_pipeline, "threading", fake)
+    numel = 1024  # 4 KiB of fp32: frames of a third of it
+    inline_bytes = ring_module._INLINE_FRAME_BYTES
+    for seed, op in enumerate(("sum", "avg", "min", "max")):
+        inputs = _inputs(3, numel, dtype, seed=seed)
+        results: dict[str, list[torch.Tensor]] = {}
+        for path, frame_bytes in (("inline", inline_bytes), ("threads", 0)):
+            monkeypatch.setattr(ring_module, "_INLINE_FRAME_BYTES", frame_bytes)
+            for place in ("out", "in_place"):
+                tensors = [t.clone() for t in inputs]
+                outs = [torch.empty_like(t) for t in inputs] if place == "out" else None
+                before = len(started)
+                done = cluster3.all_reduce(tensors, op, outs=outs, tag=seed)
+                assert all(not isinstance(r, BaseException) for r in done), done
+                assert (len(started) == before) == (path == "inline"), (path, started[before:])
+                results[f"{path}-{place}"] = outs if outs is not None else tensors
+        ref = results["threads-out"]
+        for key, got in results.items():
+            for r in range(3):
+                assert torch.equal(got[r], ref[0]), f"{op} {dtype} {key} rank {r} differs"
 
 
 @pytest.mark.timeout(60)
