@@ -2,8 +2,9 @@
 
 Both backends (``Communicator``, ``PcclCommunicator``) run every collective on one such thread, so
 several ``all_reduce_async`` may be in flight while the caller computes and every peer still
-executes its phases in the same order. A blocking call (``TaskQueue.call``) runs on the caller's
-thread instead when nothing is queued or running, which spares a small op two thread switches.
+executes its phases in the same order. A blocking call runs there too, not on the caller's thread:
+a Ctrl-C or the caller's thread-local torch state (default device, inference mode) must never land
+in the middle of an op's commit protocol.
 ``all_reduce_with_retry`` is the bounded retry both backends' methods of that name share.
 """
 
@@ -84,7 +85,6 @@ class TaskQueue:
         self._tasks: list[_Task] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._running = False  # a task runs (on the worker thread, or inline: ``call``)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -103,29 +103,6 @@ class TaskQueue:
             self._cond.notify_all()
         return Handle(task.future, what)
 
-    def call(self, fn: Callable[[float], T], deadline: float, what: str) -> T:
-        """Runs ``fn(deadline)`` in submission order and returns its result or raises its
-        error: on the calling thread when no task is queued or running (tasks submitted
-        meanwhile wait for it), else on the worker thread after the queued ones. A blocking call
-        so pays no hand-off to the worker thread and back (two thread switches: a good part of a
-        4 KiB all-reduce on a loaded host)."""
-        self._check()
-        with self._cond:
-            if self._closed:
-                raise TopologyError("the communicator was closed")
-            inline = not self._tasks and not self._running
-            self._running = self._running or inline
-        if not inline:
-            result: T = self.submit(fn, deadline, what).wait()
-            return result
-        try:
-            return fn(deadline)
-        finally:
-            with self._cond:
-                self._running = False
-                if self._tasks:  # only then has the worker thread anything to wake up for
-                    self._cond.notify_all()
-
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -142,23 +119,18 @@ class TaskQueue:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while (not self._tasks or self._running) and not self._closed:
+                while not self._tasks and not self._closed:
                     self._cond.wait(0.5)
                 if self._closed:
                     return
                 task = self._tasks.pop(0)
-                self._running = True
+            if not task.future.set_running_or_notify_cancel():
+                continue
             try:
-                if not task.future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    self._check()
-                    task.future.set_result(task.fn())
-                except BaseException as e:
-                    task.future.set_exception(e)
-            finally:
-                with self._cond:
-                    self._running = False
+                self._check()
+                task.future.set_result(task.fn())
+            except BaseException as e:
+                task.future.set_exception(e)
 
 
 def all_reduce_with_retry(attempt: Callable[[], T], *, max_attempts: int) -> T:

@@ -420,9 +420,17 @@ class Communicator:
         the input before the ring); every peer then raises ``NonFiniteError`` naming the peer.
         Always on with a quantizing codec (it could not encode it).
         """
-        run = self._all_reduce_task(tensor, op, out, quantization, tag, stamp, check_finite)
-        self._control.check_usable()
-        return self._worker.call(run, self._deadline(timeout_s), f"all_reduce(tag={tag})")
+        result: AllReduceInfo = self.all_reduce_async(
+            tensor,
+            op,
+            out=out,
+            quantization=quantization,
+            tag=tag,
+            timeout_s=timeout_s,
+            stamp=stamp,
+            check_finite=check_finite,
+        ).wait()
+        return result
 
     def all_reduce_async(
         self,
@@ -440,38 +448,22 @@ class Communicator:
         run one after the other in submission order on the worker thread, so every peer must
         submit them in the same order (tags tell them apart; mismatched tags raise). Do not
         touch ``tensor``/``out`` until ``handle.wait()`` returned."""
-        run = self._all_reduce_task(tensor, op, out, quantization, tag, stamp, check_finite)
-        return self._submit(run, timeout_s, f"all_reduce(tag={tag})")
-
-    def _all_reduce_task(
-        self,
-        tensor: torch.Tensor,
-        op: str,
-        out: torch.Tensor | None,
-        quantization: str | Codec | None,
-        tag: int,
-        stamp: dict[str, int] | None,
-        check_finite: bool,
-    ) -> Callable[[float], AllReduceInfo]:
-        """The checked all-reduce, as the task that runs it by a deadline."""
         check_all_reduce_args(tensor, op, out=out, tag=tag)
         codec: Codec | AutoQuantization | None = (
             AutoQuantization(get_codec("uint8"))
             if quantization == "auto"
             else resolve_codec(quantization)
         )
+
         stamp = None if stamp is None else {str(k): int(v) for k, v in stamp.items()}
 
         def run(deadline: float) -> AllReduceInfo:
-            assert self._all_reduce is not None  # check_usable: connect() ran
-            # It may run on the caller's thread (``all_reduce``): the buffers it makes and keeps
-            # must be normal tensors even if the caller is in inference mode.
-            with torch.inference_mode(False):
-                return self._all_reduce.run(
-                    tensor, op, out, codec, tag, deadline, stamp=stamp, check_finite=check_finite
-                )
+            assert self._all_reduce is not None  # _submit checked that connect() ran
+            return self._all_reduce.run(
+                tensor, op, out, codec, tag, deadline, stamp=stamp, check_finite=check_finite
+            )
 
-        return run
+        return self._submit(run, timeout_s, f"all_reduce(tag={tag})")
 
     def all_reduce_with_retry(
         self,

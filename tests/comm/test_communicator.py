@@ -61,21 +61,6 @@ def test_all_reduce_matches_a_reference_for_every_op(master, dtype: torch.dtype)
 
 
 @pytest.mark.timeout(90)
-def test_a_blocking_all_reduce_in_inference_mode_leaves_no_inference_buffer_behind(master) -> None:  # type: ignore[no-untyped-def]
-    # A blocking all_reduce runs on the caller's thread: the buffers it keeps for later ops (here
-    # the saved copy of out=) must not be inference tensors, or the next op outside inference
-    # mode could not write them.
-    (comm,) = connect_all(addr(master), 1)
-    x, out = torch.full((64,), 2.0), torch.empty(64)
-    with torch.inference_mode():
-        comm.all_reduce(x, "sum", out=out, timeout_s=30)
-    out.zero_()
-    comm.all_reduce(x, "sum", out=out, timeout_s=30)
-    assert torch.equal(out, x)
-    _close([comm])
-
-
-@pytest.mark.timeout(90)
 def test_quantized_all_reduce_is_bit_identical_on_every_peer(master) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("lowcomm.compression").get_codec  # noqa: B018
     comms = connect_all(addr(master), 3)
