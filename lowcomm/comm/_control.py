@@ -369,6 +369,12 @@ class ControlClient:
                         conn.close()
                     last = e
                     resp = None
+                except BaseException:
+                    # Anything else (an interrupt, a bug) may leave this request's reply unread:
+                    # the next request on the connection would read it as its own answer.
+                    if conn is not None:
+                        conn.close()
+                    raise
             if resp is not None and resp.get("error") != ErrorCode.UNKNOWN_PEER:
                 return resp
             if not retry or time.monotonic() >= deadline:
