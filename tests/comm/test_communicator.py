@@ -456,3 +456,30 @@ def test_live_revision_answers_within_its_timeout_when_the_master_is_frozen() ->
         proc.kill()
         proc.wait()
     c.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_request_interrupted_before_its_reply_closes_its_master_connection(master) -> None:  # type: ignore[no-untyped-def]
+    # An exception that is no comm error (an interrupt, a bug) between sending a request and
+    # reading its reply must not leave the reply unread: the next request would take it for its
+    # own answer (here: are_peers_pending() reading the vote's reply).
+    c = communicator(addr(master))
+    c.connect(timeout_s=30)
+    try:
+        assert c.vote("warm", True).ok  # opens the main control connection
+        conn = c._control._ctls["main"]
+        assert conn is not None
+        real = conn.recv_json
+
+        def interrupted(*args: Any, **kwargs: Any) -> Any:
+            conn.recv_json = real  # type: ignore[method-assign]
+            raise RuntimeError("interrupted while waiting for the reply")
+
+        conn.recv_json = interrupted  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="interrupted while waiting"):
+            c.vote("a", True)
+        assert conn.closed
+        assert c.are_peers_pending() is False
+        assert c.vote("b", True).ok
+    finally:
+        c.close()
