@@ -10,15 +10,21 @@ too. The 96-bit nonce is the direction's record counter (a fresh key per connect
 so a nonce is never reused), which makes a replayed, reordered, dropped or truncated record fail
 authentication like a modified one.
 
-Why records: a connection seals record k+1 on a helper thread while its own thread writes record
-k to the socket, and opens record k while record k+1 arrives (``_cipher_thread``), so the cipher
+Why records: a connection seals the next records on a helper thread while its own thread writes
+record k to the socket, and opens record k while the next ones arrive (``_cipher_thread``; up to
+``RECORD_SLOTS`` records of a frame in flight, each in its own reused buffer), so the cipher
 overlaps the wire instead of adding to it, and the next hop of a ring starts one record after the
 last byte, not one frame. Measured here (2-peer ring, 64 MiB fp32, loopback, interleaved, busy
 host): a 4 MiB sub-chunk sealed whole then sent ran at 0.52-0.58x the unprotected ring, 1 MiB
 records overlapped at 0.73-0.75x; 256 KiB records cost more in thread hand-offs than they gained,
 and records without the helper thread were slower than whole frames. The hand-offs cost CPU
-(19-25% more per op than whole frames, on that busy host): a host with no core to spare may do
-better without them (``connect_ring(overlap_cipher=False)``).
+(19-25% more per op than whole frames, on that busy host), mostly in thread wake-ups and GIL
+hand-offs: with two buffer slots the two threads met once per record (a 2-peer run of the public
+call made 15 futex calls per record); with ``RECORD_SLOTS`` = 4 a 4 MiB sub-chunk's records are
+queued on the helper at once and run back to back (10 per record), which took the public call's
+CPU per op from 0.547x to 0.575x of the unprotected call's (2 cores, medians of 7 interleaved
+runs). Without the helper at all (``connect_ring(overlap_cipher=False)``) the CPU is lower still,
+but the wall clock on 2 cores was about twice as long: the cipher then stalls the socket.
 
 Why AES-GCM: it is the fastest AEAD ``cryptography`` offers here (x86 with VAES/AVX-512;
 ``cryptography`` 50 with OpenSSL 4.0: AES-GCM 7-12 GB/s, AES-OCB3 2.8, ChaCha20-Poly1305 1.6);
@@ -42,6 +48,7 @@ __all__ = [
     "FLAG_SEALED",
     "KEY_BYTES",
     "RECORD_BYTES",
+    "RECORD_SLOTS",
     "TAG_BYTES",
     "FrameCipher",
     "records",
@@ -55,6 +62,9 @@ _NONCE = struct.Struct("!IQ")  # 4 zero bytes, then the 64-bit record counter
 # Large enough that a hand-off to the helper thread (tens of microseconds) is small against its
 # AES-GCM (about 0.1 ms), small enough that a 4 MiB ring sub-chunk is a pipeline of four.
 RECORD_BYTES = 1024 * 1024
+# How many records of a frame a direction seals (or opens) ahead of the socket: one 4 MiB ring
+# sub-chunk, so the connection's thread and the helper meet about once per frame.
+RECORD_SLOTS = 4
 
 
 def records(length: int) -> list[tuple[int, int]]:
@@ -78,7 +88,7 @@ class FrameCipher:
             raise ValueError(f"an AEAD key must be {KEY_BYTES} bytes, got {len(key)}")
         self._aead = AESGCM(key)
         self._counter = 0
-        self._bufs = [bytearray(), bytearray()]
+        self._bufs = [bytearray() for _ in range(RECORD_SLOTS)]
 
     def _nonce(self) -> bytes:
         nonce = _NONCE.pack(0, self._counter)
@@ -86,8 +96,9 @@ class FrameCipher:
         return nonce
 
     def buffer(self, slot: int = 0) -> memoryview:
-        """Record buffer ``slot`` (0 or 1: one record is sealed or opened in one while the other
-        is on the socket) of the direction, room for one record's ciphertext and tag; reused."""
+        """Record buffer ``slot`` (0 to ``RECORD_SLOTS - 1``: records are sealed or opened in
+        some while others are on the socket) of the direction, room for one record's ciphertext
+        and tag; allocated on first use, then reused."""
         if len(self._bufs[slot]) < RECORD_BYTES + TAG_BYTES:
             self._bufs[slot] = bytearray(RECORD_BYTES + TAG_BYTES)
         return memoryview(self._bufs[slot])

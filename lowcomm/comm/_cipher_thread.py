@@ -6,7 +6,9 @@ Why: sealing and opening cost about as much CPU as the socket copies themselves 
 sender that seals then sends keeps the wire idle while it seals. AES-GCM (``cryptography``) and the
 socket calls both release the GIL, so with a core to spare the helper seals record k+1 while the
 sender writes record k (or opens record k while the receiver reads record k+1), and a protected
-frame costs the wall clock of the slower of the two, not their sum. Frames of one record (every
+frame costs the wall clock of the slower of the two, not their sum. A connection queues several
+records of a frame at once (``_aead.RECORD_SLOTS``), so the thread runs them back to back instead
+of sleeping and waking (and trading the GIL) once per record. Frames of one record (every
 control frame) never use it.
 
 Contract: ``run(job)`` queues ``job`` (a callable taking no arguments) on the thread and returns a

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from lowcomm.comm._aead import FLAG_SEALED, TAG_BYTES, FrameCipher, records
+from lowcomm.comm._aead import FLAG_SEALED, RECORD_SLOTS, TAG_BYTES, FrameCipher, records
 from lowcomm.comm._cipher_thread import CipherThread, Pending
 from lowcomm.comm._sockets import recv_exact, send_all, send_all_parts
 from lowcomm.comm.errors import (
@@ -271,37 +271,44 @@ class Connection:
             raise PeerFailureError(f"connection to {self.peer} is closed")
         # Record by record: each is sealed into a buffer still in cache and leaves at once, so
         # the wire starts after one record's encryption, not the whole frame's; with the helper
-        # thread, record k+1 is sealed while record k is being written.
+        # thread, the next records are sealed while record k is being written.
         deadline = time.monotonic() + timeout_s
         recs = records(length)
         helper = self._tx_thread if self.overlap_cipher and len(recs) > 1 else None
-        sealed: list[memoryview] = [memoryview(b""), memoryview(b"")]
-
-        def seal(index: int) -> None:
-            sealed[index % 2] = cipher.seal(header, views, *recs[index], slot=index % 2)
-
-        pending: Pending | None = None
-        if helper is not None:
-            pending = helper.run(functools.partial(seal, 0))
-        prefix = header
-        try:
-            for index in range(len(recs)):
-                if pending is None:
-                    seal(index)
-                else:
-                    pending.wait()
-                    pending = None
-                    if index + 1 < len(recs):
-                        assert helper is not None
-                        pending = helper.run(functools.partial(seal, index + 1))
-                out = sealed[index % 2]
+        if helper is None:
+            prefix = header
+            for start, end in recs:
+                out = cipher.seal(header, views, start, end)
                 self._send_parts(prefix, [out], timeout_s=max(deadline - time.monotonic(), 1e-3))
                 self.tx_bytes += len(prefix) + out.nbytes
                 prefix = b""
+            return
+        # The helper seals up to RECORD_SLOTS records ahead, each into its own buffer slot; a
+        # slot is queued again once its record has been written to the socket. With several
+        # records queued the helper runs them back to back instead of sleeping and waking (and
+        # trading the GIL with this thread) once per record: see _aead.
+        slots = min(len(recs), RECORD_SLOTS)
+        sealed: list[memoryview] = [memoryview(b"")] * slots
+
+        def seal(index: int) -> None:
+            sealed[index % slots] = cipher.seal(header, views, *recs[index], slot=index % slots)
+
+        pending: list[Pending] = [helper.run(functools.partial(seal, i)) for i in range(slots)]
+        prefix = header
+        try:
+            for index in range(len(recs)):
+                pending[index % slots].wait()
+                out = sealed[index % slots]
+                self._send_parts(prefix, [out], timeout_s=max(deadline - time.monotonic(), 1e-3))
+                self.tx_bytes += len(prefix) + out.nbytes
+                prefix = b""
+                if index + slots < len(recs):
+                    pending[index % slots] = helper.run(functools.partial(seal, index + slots))
         finally:
-            if pending is not None:  # the next record's seal reads the caller's payload: wait
+            # A queued seal reads the caller's payload (and takes a nonce): wait for all of them.
+            for p in pending:
                 with contextlib.suppress(BaseException):
-                    pending.wait()
+                    p.wait()
 
     def _send_parts(self, header: bytes, views: list[memoryview], *, timeout_s: float) -> None:
         """Sends ``header`` (may be empty) and ``views``: small ones copied into one buffer."""
@@ -379,32 +386,55 @@ class Connection:
     ) -> None:
         """Receives and opens a sealed payload into ``out``, record by record (the first one
         already received into the cipher's buffer slot 0 when ``first``); with the helper
-        thread, record k is opened while record k+1 is arriving."""
+        thread, record k is opened while the next ones arrive (up to ``RECORD_SLOTS`` records
+        in flight, each in its own buffer slot)."""
         recs = records(out.nbytes)
         helper = self._rx_thread if self.overlap_cipher and len(recs) > 1 else None
-        pending: Pending | None = None
-        try:
+        if helper is None:
             for index, (start, end) in enumerate(recs):
-                sealed = cipher.buffer(index % 2)[: end - start + TAG_BYTES]
+                sealed = cipher.buffer(0)[: end - start + TAG_BYTES]
                 if index or not first:
                     self._recv_exact(sealed, deadline, in_frame=True, lowat=lowat)
-                if helper is None:
-                    self._open(cipher, header, sealed, out[start:end])
-                    continue
-                if pending is not None:
-                    pending.wait()
-                pending = helper.run(
+                self._open(cipher, header, sealed, out[start:end])
+            return
+        # Records land in RECORD_SLOTS buffer slots in turn and are opened on the helper while
+        # the next ones arrive; this thread waits for an open only to reuse its slot, and for
+        # the last ones at the end (see send_frame). Opens run in the order queued, so the
+        # nonces stay in order.
+        slots = min(len(recs), RECORD_SLOTS)
+        pending: list[Pending | None] = [None] * slots
+        try:
+            for index, (start, end) in enumerate(recs):
+                slot = index % slots
+                if (earlier := pending[slot]) is not None:
+                    pending[slot] = None
+                    earlier.wait()
+                sealed = cipher.buffer(slot)[: end - start + TAG_BYTES]
+                if index or not first:
+                    self._recv_exact(sealed, deadline, in_frame=True, lowat=lowat)
+                pending[slot] = helper.run(
                     functools.partial(self._open, cipher, header, sealed, out[start:end])
                 )
-            if pending is not None:
-                done, pending = pending, None
-                done.wait()
+            for slot in range(slots):
+                if (done := pending[slot]) is not None:
+                    pending[slot] = None
+                    done.wait()
         except BaseException:
-            if pending is not None:
-                # It writes into the caller's buffer: let it finish first. A record it failed to
-                # open also closed the connection under this thread: that failure is the cause.
-                done, pending = pending, None
-                done.wait()
+            # A queued open writes into the caller's buffer: let them all finish first. A record
+            # that failed to open also closed the connection under this thread (which then saw
+            # the socket closed): that failure is the cause, and is what this call raises.
+            cause: ProtocolError | None = None
+            for slot in range(slots):
+                if (done := pending[slot]) is not None:
+                    pending[slot] = None
+                    try:
+                        done.wait()
+                    except ProtocolError as exc:
+                        cause = cause or exc
+                    except BaseException:  # the error raised below says it all
+                        pass
+            if cause is not None:
+                raise cause from None
             raise
 
     def _open(
