@@ -406,6 +406,45 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
     return out
 
 
+def test_a_frame_of_more_records_than_buffer_slots_round_trips_and_a_late_record_is_checked(
+    listener: socket.socket,
+) -> None:
+    """The records of a long frame reuse the direction's buffer slots (``RECORD_SLOTS``) while
+    the helper seals or opens the others: the payload still arrives whole and in order, and a
+    record modified after the slots were reused still fails authentication."""
+    from lowcomm.comm._aead import RECORD_BYTES, RECORD_SLOTS, TAG_BYTES
+
+    conn, server = _connected_pair(listener)
+    assert conn.overlap_cipher and server.overlap_cipher
+    count = RECORD_SLOTS + 2
+    payload = bytes(range(251)) * ((count - 1) * RECORD_BYTES // 251 + 1000)
+    assert -(-len(payload) // RECORD_BYTES) == count
+    out = bytearray(len(payload))
+    receiver = _in_thread(lambda: server.recv_frame_into(out, timeout_s=10, lowat=1 << 20))
+    conn.send_frame(70, payload, timeout_s=10)
+    assert receiver.done.wait(10) and receiver.error is None, receiver.error
+    assert out == payload
+    # The same frame again, read raw, its second-to-last record's ciphertext changed, replayed.
+    sizes = [_frames.HEADER.size] + [RECORD_BYTES + TAG_BYTES] * (count - 1)
+    sizes.append(len(payload) - (count - 1) * RECORD_BYTES + TAG_BYTES)
+    server._sock.settimeout(5)
+    reader = _in_thread(lambda: [_read_exact(server._sock, n) for n in sizes])
+    conn.send_frame(71, payload, timeout_s=10)
+    assert reader.done.wait(10) and reader.error is None, reader.error
+    head, *recs = reader.value
+    recs[count - 2] = bytes([recs[count - 2][0] ^ 1]) + recs[count - 2][1:]
+    server._sock.settimeout(None)
+    # Both counters are one frame on: rewind the receiver's, as if the first copy were lost.
+    server._rx_cipher._counter -= count  # type: ignore[union-attr]
+    replay = _in_thread(lambda: conn._sock.sendall(head + b"".join(recs)))
+    out = bytearray(len(payload))
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        server.recv_frame_into(out, timeout_s=10, lowat=1 << 20)
+    assert server.closed
+    conn.close()
+    assert replay.done.wait(10)
+
+
 @pytest.mark.parametrize("attack", ["swap-records", "drop-record", "flip-last-tag", "truncate"])
 def test_records_of_a_frame_reordered_dropped_or_modified_fail_authentication(
     listener: socket.socket, attack: str
