@@ -405,9 +405,8 @@ class Communicator:
         before any data moves, and if they differ refuses the all-reduce on every participant
         with ``StaleStateError`` (its ``stamps`` say who is behind): never a silent average.
 
-        Blocks until committed everywhere; runs on the calling thread unless an
-        ``all_reduce_async`` (or another collective) is queued or running, then after those on
-        the worker thread, in submission order. On failure raises ``PeerFailureError`` (a peer died)
+        Blocks until committed everywhere; runs on the communicator's worker thread after any
+        queued ``all_reduce_async``, in submission order. On failure raises ``PeerFailureError`` (a peer died)
         or ``CommTimeoutError`` (a peer stalled), with ``tensor``/``out`` untouched on every peer;
         call it again (or use ``all_reduce_with_retry``) to reduce among the survivors. Peers in
         different phases or with different arguments all get ``TopologyError`` at once.
