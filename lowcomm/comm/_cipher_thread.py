@@ -70,16 +70,20 @@ class CipherThread:
 
     def run(self, job: Callable[[], None]) -> Pending:
         """Queues ``job``; returns its ``Pending``. After ``close()`` the job runs on the
-        calling thread at once (so a waiter never hangs on a thread that is gone)."""
+        calling thread (so a waiter never hangs on a thread that is gone), once the thread has
+        run the jobs queued before it: two threads never use the cipher at once, out of order."""
         pending = Pending(job)
         with self._lock:
-            if self._closed:
-                pending.execute()
-                return pending
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
-            self._jobs.put(pending)
+            closed, thread = self._closed, self._thread
+            if not closed:
+                if thread is None:
+                    self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                    self._thread.start()
+                self._jobs.put(pending)
+        if closed:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()  # the queued jobs are one record's AES-GCM each: short
+            pending.execute()
         return pending
 
     def _loop(self) -> None:

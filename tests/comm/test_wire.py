@@ -478,3 +478,50 @@ def test_records_of_a_frame_reordered_dropped_or_modified_fail_authentication(
         server.recv_frame(timeout_s=5)
     assert server.closed
     conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_local_abort_mid_frame_is_a_peer_failure_and_the_cipher_is_never_shared(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With several records queued on the open helper, a job that runs on the caller's thread
+    # after the connection closed must wait for the queued ones: two threads opening with one
+    # cipher take nonces out of order, and a local abort then reads as tampering on the path.
+    import os
+    import random
+
+    from lowcomm.comm import _aead
+
+    busy: dict[int, set[str]] = {}
+    overlaps: list[str] = []
+    real_open = _aead.FrameCipher.open_into
+
+    def open_into(self: Any, *args: Any, **kwargs: Any) -> Any:
+        me = threading.current_thread().name
+        users = busy.setdefault(id(self), set())
+        if users - {me}:
+            overlaps.append(me)
+        users.add(me)
+        try:
+            return real_open(self, *args, **kwargs)
+        finally:
+            users.discard(me)
+
+    monkeypatch.setattr(_aead.FrameCipher, "open_into", open_into)
+    rnd = random.Random(1)
+    data = os.urandom(13 * _aead.RECORD_BYTES + 17)
+    tampering: list[str] = []
+    for _ in range(40):
+        conn, server = _connected_pair(listener)
+        out = bytearray(len(data))
+        rx = _in_thread(lambda s=server, o=out: s.recv_frame_into(o, timeout_s=10, lowat=1 << 20))
+        tx = _in_thread(lambda c=conn: c.send_frame(70, data, timeout_s=10))
+        time.sleep(rnd.uniform(0, 0.006))
+        server.abort()  # this side closes: nothing on the path was modified
+        assert rx.done.wait(10) and tx.done.wait(12)
+        if type(rx.error) is ProtocolError:
+            tampering.append(str(rx.error))
+        conn.close()
+        server.close()
+    assert not overlaps, f"{len(overlaps)} opens ran on one cipher at once"
+    assert not tampering, f"{len(tampering)}/40 local aborts reported as: {tampering[0]}"
