@@ -16,6 +16,7 @@ a hung PCCL is reported as such, never waited for.
     .venv/bin/python benchmarks/allreduce.py            # 100 MB fp32, 2 and 4 peers
     .venv/bin/python benchmarks/allreduce.py --quick    # smaller and fewer reps, same code paths
     .venv/bin/python benchmarks/allreduce.py --latency  # only the 4 KiB latency rows
+    .venv/bin/python benchmarks/allreduce.py --protected-only  # issue 12's 2-peer rows alone
 
 Last line: one JSON object with the claims (issues 4, 12 and 14). ``*_16core`` claims are made
 only on a host with at least 16 CPUs.
