@@ -525,3 +525,30 @@ def test_a_local_abort_mid_frame_is_a_peer_failure_and_the_cipher_is_never_share
         server.close()
     assert not overlaps, f"{len(overlaps)} opens ran on one cipher at once"
     assert not tampering, f"{len(tampering)}/40 local aborts reported as: {tampering[0]}"
+
+
+@pytest.mark.timeout(60)
+def test_frames_around_the_buffer_slot_count_round_trip_whole(listener: socket.socket) -> None:
+    # The records of a frame take the direction's RECORD_SLOTS buffer slots in turn: frames of
+    # one record less, exactly as many, and one more than the slots, each a byte short, exact and
+    # a byte over, arrive whole and in order, with and without a low-water mark, back to back.
+    from lowcomm.comm._aead import RECORD_BYTES, RECORD_SLOTS
+
+    conn, server = _connected_pair(listener)
+    sizes = [
+        records * RECORD_BYTES + extra
+        for records in (RECORD_SLOTS - 1, RECORD_SLOTS, RECORD_SLOTS + 1)
+        for extra in (-1, 0, 1)
+    ]
+    try:
+        for i, size in enumerate(sizes):
+            payload = bytes((i + j) % 251 for j in range(251)) * (size // 251) + b"x" * (size % 251)
+            out = bytearray(size)
+            lowat = (1 << 20) if i % 2 else 0
+            rx = _in_thread(lambda o=out, w=lowat: server.recv_frame_into(o, timeout_s=10, lowat=w))
+            conn.send_frame(70 + i, payload, timeout_s=10)
+            assert rx.done.wait(10) and rx.error is None, (size, rx.error)
+            assert rx.value.kind == 70 + i and out == payload, size
+    finally:
+        conn.close()
+        server.close()
