@@ -19,6 +19,7 @@ import torch
 from lowcomm.comm import Communicator, Master, PeerListener, _frames, _handshake
 from lowcomm.comm.errors import AuthenticationError, CommError, ProtocolError
 from lowcomm.launch import cli
+from tests._raw_socket import read_exact
 from tests._tokens import OTHER_TOKEN, TOKEN
 from tests.comm._control_harness import FAST, addr, communicator, run_threads
 
@@ -32,18 +33,9 @@ def _raw_frame(kind: int, payload: bytes) -> bytes:
 
 def _read_raw_frame(sock: socket.socket, *, tag_bytes: int = 0) -> bytes:
     """One whole frame as bytes (header, payload and, when sealed, its tag)."""
-    header = _recv_all(sock, _frames.HEADER.size)
+    header = read_exact(sock, _frames.HEADER.size)
     length = _frames.HEADER.unpack(header)[-1]
-    return header + _recv_all(sock, length + tag_bytes)
-
-
-def _recv_all(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, "connection closed"
-        out += chunk
-    return out
+    return header + read_exact(sock, length + tag_bytes)
 
 
 @contextlib.contextmanager

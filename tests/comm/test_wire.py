@@ -20,6 +20,7 @@ from lowcomm.comm.errors import (
     ProtocolError,
     TruncatedFrameError,
 )
+from tests._raw_socket import read_exact
 from tests._tokens import OTHER_TOKEN, TOKEN
 
 pytestmark = pytest.mark.timeout(30)
@@ -397,15 +398,6 @@ def test_a_frame_of_several_records_round_trips_on_every_receive_path(
     server.close()
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, "connection closed"
-        out += chunk
-    return out
-
-
 def test_a_frame_of_more_records_than_buffer_slots_round_trips_and_a_late_record_is_checked(
     listener: socket.socket,
 ) -> None:
@@ -428,7 +420,7 @@ def test_a_frame_of_more_records_than_buffer_slots_round_trips_and_a_late_record
     sizes = [_frames.HEADER.size] + [RECORD_BYTES + TAG_BYTES] * (count - 1)
     sizes.append(len(payload) - (count - 1) * RECORD_BYTES + TAG_BYTES)
     server._sock.settimeout(5)
-    reader = _in_thread(lambda: [_read_exact(server._sock, n) for n in sizes])
+    reader = _in_thread(lambda: [read_exact(server._sock, n) for n in sizes])
     conn.send_frame(71, payload, timeout_s=10)
     assert reader.done.wait(10) and reader.error is None, reader.error
     head, *recs = reader.value
@@ -458,7 +450,7 @@ def test_records_of_a_frame_reordered_dropped_or_modified_fail_authentication(
     full = RECORD_BYTES + TAG_BYTES
     sizes = [_frames.HEADER.size, full, full, len(whole) - 2 * RECORD_BYTES + TAG_BYTES]
     server._sock.settimeout(5)
-    reader = _in_thread(lambda: [_read_exact(server._sock, n) for n in sizes])
+    reader = _in_thread(lambda: [read_exact(server._sock, n) for n in sizes])
     conn.send_frame(70, parts, timeout_s=5)
     assert reader.done.wait(10) and reader.error is None, reader.error
     head, *recs = reader.value
