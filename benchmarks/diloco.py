@@ -31,7 +31,8 @@ says which), so that one bounded call always ends with its claims line.
     .venv/bin/python benchmarks/diloco.py --quick    # same code paths, tiny sizes (< 1 min)
     # part A here (CPU, seeded, about 25 min on 2 quiet cores), part B on a GPU host:
     .venv/bin/python benchmarks/diloco.py --jobs 2 --threads 1 --save-part-a a.json --skip-part-b
-    timeout 480 python benchmarks/diloco.py --load-part-a a.json --budget-s 400
+    timeout 560 python benchmarks/diloco.py --load-part-a a.json --methods "diloco,async h=100,async tau"
+    timeout 330 python benchmarks/diloco.py --load-part-a a.json --methods streaming
 
 Last line: one JSON object with the claims of issue 15 (and issue 6's utilisation claim).
 """
@@ -374,7 +375,10 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
         # (apply_after_steps=H; the default applies a tenth of a round late, for quality).
         (
             f"async H={h_long} uint8",
-            OuterConfig(method="async", sync_every=h_long, apply_after_steps=h_long),
+            # Momentum 0: with a full round of delay momentum diverged (OuterConfig warns).
+            OuterConfig(
+                method="async", sync_every=h_long, apply_after_steps=h_long, outer_momentum=0.0
+            ),
             max(race, 6 * h_long),
         ),
         (
@@ -417,6 +421,8 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
             (marks[-1] - marks[skip - 1]) / (len(marks) - skip) if skip else marks[-1] / len(marks)
         )
         for name, outer, n in plan:
+            if args.methods and not any(name.lower().startswith(m) for m in args.methods):
+                continue
             if args.budget_s is not None and time.monotonic() - t_start > args.budget_s:
                 skipped.append(name)
                 continue
@@ -512,6 +518,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--budget-s", type=float, default=None, help="part B: start no method after this long"
+    )
+    parser.add_argument(
+        "--methods",
+        type=lambda s: [m.strip().lower() for m in s.split(",") if m.strip()],
+        default=[],
+        help="part B: race only the rows whose names start with these (comma-separated, e.g. "
+        "'diloco,async h=100'); default: all",
     )
     args = parser.parse_args()
     import logging

@@ -224,6 +224,26 @@ class OuterConfig:
                 )
         return None
 
+    def staleness_warning(self) -> str | None:
+        """Why this one-round-stale schedule is unsafe, or None if it is not.
+
+        Applied more than half a round late, outer momentum above ``SLOW_INNER_MAX_MOMENTUM``
+        compounds the staleness: measured with a full round of delay (docs/outer_loop_defaults.md),
+        momentum 0.9 diverged and 0.5 lost to one worker by more than momentum 0 did. ``DiLoCo``
+        logs this once at construction.
+        """
+        momentum = self.outer_momentum or 0.0
+        tau = self.apply_after_steps
+        if not self.is_pipelined or tau is None or momentum <= SLOW_INNER_MAX_MOMENTUM:
+            return None
+        if 2 * tau <= self.sync_every:
+            return None
+        return (
+            f"outer momentum {momentum} on a pseudo-gradient applied {tau} of {self.sync_every} "
+            f"inner steps late diverged when measured: use outer_momentum=0 with that delay, or "
+            f"leave apply_after_steps at its default ({max(1, self.sync_every // DEFAULT_APPLY_DIVISOR)})"
+        )
+
     @property
     def is_pipelined(self) -> bool:
         """Whether round k's all-reduce overlaps round k+1's inner steps (one-step delay)."""

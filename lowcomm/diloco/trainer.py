@@ -143,6 +143,8 @@ class DiLoCo:
         self._faults = faults
         if (unsafe := config.inner_optimizer_warning(inner_optimizer)) is not None:
             logger.warning("DiLoCo: %s", unsafe)
+        if (stale := config.staleness_warning()) is not None:
+            logger.warning("DiLoCo: %s", stale)
         loop_cls = _LOOPS[config.method]
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:

@@ -67,6 +67,32 @@ def test_the_wrapper_logs_the_slow_inner_optimizer_warning(
     assert not any("overshoots" in r.getMessage() for r in caplog.records)
 
 
+def test_outer_momentum_on_a_late_applied_round_is_flagged() -> None:
+    late = OuterConfig(method="async", sync_every=100, apply_after_steps=100)
+    message = late.staleness_warning()
+    assert message is not None and "100 of 100" in message and "outer_momentum=0" in message
+    assert OuterConfig(method="async", sync_every=100, apply_after_steps=51).staleness_warning()
+    # Half a round or less, momentum 0.5 or less, or a synchronous method: not flagged.
+    assert (
+        OuterConfig(method="async", sync_every=100, apply_after_steps=50).staleness_warning()
+        is None
+    )
+    assert OuterConfig(method="async", sync_every=100).staleness_warning() is None
+    full_no_momentum = OuterConfig(
+        method="async", sync_every=100, apply_after_steps=100, outer_momentum=0.0
+    )
+    assert full_no_momentum.staleness_warning() is None
+    assert OuterConfig(method="diloco", sync_every=100).staleness_warning() is None
+
+
+def test_the_wrapper_logs_the_staleness_warning(caplog: pytest.LogCaptureFixture) -> None:
+    model = torch.nn.Linear(2, 2)
+    config = OuterConfig(method="async", sync_every=10, apply_after_steps=10)
+    with caplog.at_level(logging.WARNING, logger="lowcomm.diloco.trainer"):
+        DiLoCo(model, LMAdamW(model.parameters(), lr=1e-3), SoloCommunicator(), config=config)
+    assert any("applied 10 of 10" in r.getMessage() for r in caplog.records)
+
+
 def _step_sizes(opt: LMAdamW, p: torch.nn.Parameter, n: int) -> list[float]:
     """How far each of n steps on a constant gradient moves p (Adam's step is about lr there)."""
     sizes = []
