@@ -83,11 +83,19 @@ def test_outer_momentum_on_a_late_applied_round_is_flagged() -> None:
     )
     assert full_no_momentum.staleness_warning() is None
     assert OuterConfig(method="diloco", sync_every=100).staleness_warning() is None
+    # A short full-round delay (at most MEASURED_SAFE_DELAY steps) is not flagged, and no
+    # method's defaults are, at any H.
+    assert (
+        OuterConfig(method="async", sync_every=4, apply_after_steps=4).staleness_warning() is None
+    )
+    for method in ("async", "co2", "delayed_nesterov"):
+        for h in (1, 2, 3, 5, 11, 50, 1000):
+            assert OuterConfig(method=method, sync_every=h).staleness_warning() is None
 
 
 def test_the_wrapper_logs_the_staleness_warning(caplog: pytest.LogCaptureFixture) -> None:
     model = torch.nn.Linear(2, 2)
-    config = OuterConfig(method="async", sync_every=10, apply_after_steps=10)
+    config = OuterConfig(method="async", sync_every=10, apply_after_steps=10)  # 10 > 5 steps
     with caplog.at_level(logging.WARNING, logger="lowcomm.diloco.trainer"):
         DiLoCo(model, LMAdamW(model.parameters(), lr=1e-3), SoloCommunicator(), config=config)
     assert any("applied 10 of 10" in r.getMessage() for r in caplog.records)
