@@ -9,6 +9,7 @@ module docstring (``comm/ring.py``) describes the algorithm and the failure cont
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -24,6 +25,7 @@ import torch
 from lowcomm._tensors import byte_array
 from lowcomm.comm._frames import Connection, FrameHeader
 from lowcomm.comm._ring_buffers import RingBuffers, Undo
+from lowcomm.comm._ring_threads import OpThreads
 from lowcomm.comm._ring_wire import (
     KIND_RING_DATA,
     Layout,
@@ -249,42 +251,41 @@ class RingPipeline:
 
     def run(self) -> None:
         """Runs the operation: the ring threads, and the first step on the calling thread. Returns
-        once every thread has finished (or has been given up on past the deadline); the outcome
-        is ``error`` (None on success)."""
-        threads = [
-            threading.Thread(
-                target=self._guarded, args=(fn, i), name=f"lowcomm-ring-{name}{i}", daemon=True
-            )
-            for i in range(self.num_threads)
-            for fn, name in ((self.run_receiver, "recv"), (self.run_sender, "send"))
-        ]
-        for th in threads:
-            th.start()
+        once every thread has ended (past the deadline the op fails and waits on); the outcome is
+        ``error`` (None on success). An interrupt (KeyboardInterrupt) of the calling thread fails
+        the op, waits the same way (``OpThreads``: no ``Thread.join``), then raises."""
+        threads = OpThreads()
+        overdue = functools.partial(self.fail, CommTimeoutError("a ring thread outlived the op"))
+        cause: BaseException | None = None  # what failed or interrupted the calling thread
+        interrupt: BaseException | None = None
         try:
+            for i in range(self.num_threads):
+                for fn, name in ((self.run_receiver, "recv"), (self.run_sender, "send")):
+                    target = functools.partial(self._guarded, fn, i)
+                    threads.start(target, f"lowcomm-ring-{name}{i}")
             self.produce_first_step()
         except BaseException as exc:  # an encode error (NaN input): the op fails like any other
-            self.fail(exc)
-        # Every blocking call of these threads is bounded by the op's deadline; the grace covers
-        # unwinding. One overall bound, not one per thread.
-        hard_deadline = self.deadline + 2 * _GRACE_S
-        for th in threads:
-            th.join(timeout=max(hard_deadline - time.monotonic(), 0))
-        if any(th.is_alive() for th in threads):
-            self.fail(CommTimeoutError("a ring thread did not finish by the deadline"))
-            for th in threads:
-                th.join(timeout=max(hard_deadline + _GRACE_S - time.monotonic(), 0))
-            # The result may be the caller's own tensor, which the caller restores after a
-            # failure: a straggler must not write into it afterwards. The links are aborted, so
-            # what is left is CPU work (a slow decode or add on a starved host), which ends.
-            for th in threads:
-                while th.is_alive():
-                    logger.warning(
-                        "ring thread %s still running after the op failed: waiting", th.name
-                    )
-                    th.join(timeout=5.0)
-            self.links.buffers.drop()
+            cause = exc
+            interrupt = None if isinstance(exc, Exception) else exc
+        while True:
+            try:
+                if cause is not None:
+                    self.fail(cause)
+                if interrupt is not None:
+                    self.wake()  # again: an interrupt may have cut the first wake short
+                # The threads' blocking calls are bounded by the deadline, the grace covers the
+                # unwinding; past it the op fails and the wait goes on (see OpThreads.wait_past).
+                if threads.wait_past(self.deadline + 2 * _GRACE_S, _GRACE_S, overdue):
+                    self.links.buffers.drop()
+                break
+            except BaseException as exc:  # interrupted while failing or waiting: wait again
+                cause, interrupt = cause or exc, interrupt or exc
+        if interrupt is not None:
+            raise interrupt
 
     def _guarded(self, fn: Callable[[int], None], index: int) -> None:
+        if self.error is not None:  # begun after the op failed: touches nothing (OpThreads.wait)
+            return
         try:
             fn(index)
         except BaseException as exc:
@@ -295,10 +296,13 @@ class RingPipeline:
             if self.error is not None:
                 return
             self.error = exc
+        self.wake()
+
+    def wake(self) -> None:
+        """Wakes every thread of this op and tells both neighbours at once: they see the
+        connection end and fail in turn, so the failure travels around the ring instead of
+        waiting out everyone's timeout. Idempotent."""
         self.first_step_done.set()
-        # Wake every thread of this op and tell both neighbours at once: they see the connection
-        # end and fail in turn, so the failure travels around the ring instead of waiting out
-        # everyone's timeout.
         for q in self.queues:
             q.put(None)
         self.links.abort()

@@ -179,6 +179,9 @@ class Ring:
             After any of these ``tensor`` is unchanged and the ring is closed (``out``, if a
             separate tensor, may hold partial values), except with ``undo``: then ``tensor``
             (in place) or ``out`` holds partial values until ``undo.restore``.
+            KeyboardInterrupt: the calling thread was interrupted (Ctrl-C on the main thread);
+                raised once every ring thread has ended, with the ring aborted, as after a
+                failure above.
         """
         _check_args(tensor, op, out, timeout_s)
         dest = tensor if out is None else out
