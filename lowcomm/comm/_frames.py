@@ -90,6 +90,8 @@ KIND_USER_MIN = 64
 
 # Payloads up to this size are copied next to the header and sent with one syscall.
 _COALESCE_BYTES = 64 * 1024
+# struct linger {l_onoff, l_linger}: on, 0 s, so close() resets the connection (see abort).
+_LINGER_ABORT = struct.pack("ii", 1, 0)
 
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
@@ -591,8 +593,17 @@ class Connection:
         self.close()
 
     def abort(self) -> None:
-        """Shuts the socket down in both directions so that threads blocked on it wake up with an
-        error at once and the peer sees the connection end. Idempotent, thread-safe."""
+        """Ends the connection abortively: threads blocked on it wake up with an error at once,
+        and so does the peer, even one blocked sending into this side's full receive window.
+        Idempotent, thread-safe; for failures only (``close`` is the graceful end).
+
+        The shutdown wakes this side's threads (and sends a FIN); SO_LINGER (on, 0) makes the
+        final close send an RST. A FIN alone does not wake a peer blocked in send on a zero
+        window, and Linux sends an RST on a plain close only if bytes were left unread: not when
+        a receiving thread here reads the queue between the shutdown and the close, and then
+        the peer waited out its whole timeout (``tests/comm/test_abort.py``)."""
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self.close()

@@ -9,6 +9,7 @@ module docstring (``comm/ring.py``) describes the algorithm and the failure cont
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -23,6 +24,8 @@ import torch
 
 from lowcomm._tensors import byte_array
 from lowcomm.comm._frames import Connection, FrameHeader
+from lowcomm.comm._ring_buffers import RingBuffers, Undo
+from lowcomm.comm._ring_threads import OpThreads
 from lowcomm.comm._ring_wire import (
     KIND_RING_DATA,
     Layout,
@@ -38,7 +41,7 @@ from lowcomm.comm.errors import CommTimeoutError, ProtocolError
 from lowcomm.compression import Codec, Encoded
 from lowcomm.faults import FaultInjector, damaged
 
-__all__ = ["RingBuffers", "RingLinks", "RingPipeline", "Undo", "split"]
+__all__ = ["RingLinks", "RingPipeline", "split"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,81 +97,6 @@ def _subchunks_per_chunk(max_chunk: int, subchunk_bytes: int, *, quantized: bool
         -(-max_chunk * 4 // subchunk_bytes),
         min(min_k, -(-max_chunk * 4 // _MIN_SUBCHUNK_BYTES)),
     )
-
-
-class Undo:
-    """What an all-reduce overwrote, to put back after a failure (``Ring.all_reduce(undo=)``):
-    the ring saves each sub-chunk into ``buffer`` (same offsets) just before it first writes it
-    and records it in ``saved``. ``restore`` (once the op has returned) copies back exactly the
-    saved regions: the rest was never written, and ``buffer`` there holds an earlier op's values."""
-
-    def __init__(self, buffer: torch.Tensor) -> None:
-        self.buffer = buffer
-        self.saved: list[tuple[int, int]] = []
-
-    def save_all(self, dest: torch.Tensor) -> None:
-        """Saves all of ``dest`` at once (the ops that cannot save region by region)."""
-        with torch.no_grad():
-            self.buffer.copy_(dest.reshape(-1))
-        self.saved.append((0, dest.numel()))
-
-    def restore(self, dest: torch.Tensor) -> None:
-        """Puts the saved regions back into ``dest`` (flat, the tensor the op wrote)."""
-        d, b = dest.detach().reshape(-1), self.buffer
-        for lo, hi in self.saved:
-            d[lo:hi].copy_(b[lo:hi])
-        self.saved = []
-
-
-class RingBuffers:
-    """The buffers a ring reuses between operations: the fp32 working buffer, the staging buffer
-    of a half-precision result, the receive arena of quantized sub-chunks, and the quantized
-    sub-chunk layouts. One operation uses them at a time (the ring's lock)."""
-
-    def __init__(self) -> None:
-        self._scratch: torch.Tensor | None = None
-        self._stage: torch.Tensor | None = None
-        self._arena: np.ndarray[Any, np.dtype[np.uint8]] | None = None
-        self._layouts: dict[tuple[Any, int, bool], Layout] = {}
-
-    def scratch(self, numel: int) -> torch.Tensor:
-        """An fp32 buffer of ``numel`` values."""
-        # Kept between calls: a fresh 100 MB buffer costs page faults on first touch.
-        if self._scratch is None or self._scratch.numel() < numel:
-            self._scratch = torch.empty(numel, dtype=torch.float32)
-        return self._scratch[:numel]
-
-    def stage(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A buffer of ``numel`` values of ``dtype`` (where a half-precision all-gather lands)."""
-        if self._stage is None or self._stage.numel() < numel or self._stage.dtype != dtype:
-            self._stage = torch.empty(numel, dtype=dtype)
-        return self._stage[:numel]
-
-    def arena(self, nbytes: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        """A byte buffer of ``nbytes`` (every received quantized sub-chunk's slot)."""
-        if self._arena is None or self._arena.nbytes < nbytes:
-            self._arena = np.empty(max(nbytes, 1), dtype=np.uint8)
-        return self._arena[:nbytes]
-
-    def layout(self, codec: Codec, numel: int, *, checksum: bool) -> Layout:
-        """The wire layout of a quantized sub-chunk of ``numel`` values (see ``Layout``)."""
-        # Keyed by the codec's value (codecs are frozen dataclasses) or, failing that, identity.
-        try:
-            key: tuple[Any, int, bool] = (codec, numel, checksum)
-            hash(key)
-        except TypeError:
-            key = (id(codec), numel, checksum)
-        layout = self._layouts.get(key)
-        if layout is None:
-            if len(self._layouts) > 256:
-                self._layouts.clear()
-            layout = self._layouts[key] = Layout(codec, numel, checksum=checksum)
-        return layout
-
-    def drop(self) -> None:
-        """Forgets the scratch, stage and arena buffers: a ring thread that outlived its operation
-        may still write into them."""
-        self._scratch = self._stage = self._arena = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -323,42 +251,41 @@ class RingPipeline:
 
     def run(self) -> None:
         """Runs the operation: the ring threads, and the first step on the calling thread. Returns
-        once every thread has finished (or has been given up on past the deadline); the outcome
-        is ``error`` (None on success)."""
-        threads = [
-            threading.Thread(
-                target=self._guarded, args=(fn, i), name=f"lowcomm-ring-{name}{i}", daemon=True
-            )
-            for i in range(self.num_threads)
-            for fn, name in ((self.run_receiver, "recv"), (self.run_sender, "send"))
-        ]
-        for th in threads:
-            th.start()
+        once every thread has ended (past the deadline the op fails and waits on); the outcome is
+        ``error`` (None on success). An interrupt (KeyboardInterrupt) of the calling thread fails
+        the op, waits the same way (``OpThreads``: no ``Thread.join``), then raises."""
+        threads = OpThreads()
+        overdue = functools.partial(self.fail, CommTimeoutError("a ring thread outlived the op"))
+        cause: BaseException | None = None  # what failed or interrupted the calling thread
+        interrupt: BaseException | None = None
         try:
+            for i in range(self.num_threads):
+                for fn, name in ((self.run_receiver, "recv"), (self.run_sender, "send")):
+                    target = functools.partial(self._guarded, fn, i)
+                    threads.start(target, f"lowcomm-ring-{name}{i}")
             self.produce_first_step()
         except BaseException as exc:  # an encode error (NaN input): the op fails like any other
-            self.fail(exc)
-        # Every blocking call of these threads is bounded by the op's deadline; the grace covers
-        # unwinding. One overall bound, not one per thread.
-        hard_deadline = self.deadline + 2 * _GRACE_S
-        for th in threads:
-            th.join(timeout=max(hard_deadline - time.monotonic(), 0))
-        if any(th.is_alive() for th in threads):
-            self.fail(CommTimeoutError("a ring thread did not finish by the deadline"))
-            for th in threads:
-                th.join(timeout=max(hard_deadline + _GRACE_S - time.monotonic(), 0))
-            # The result may be the caller's own tensor, which the caller restores after a
-            # failure: a straggler must not write into it afterwards. The links are aborted, so
-            # what is left is CPU work (a slow decode or add on a starved host), which ends.
-            for th in threads:
-                while th.is_alive():
-                    logger.warning(
-                        "ring thread %s still running after the op failed: waiting", th.name
-                    )
-                    th.join(timeout=5.0)
-            self.links.buffers.drop()
+            cause = exc
+            interrupt = None if isinstance(exc, Exception) else exc
+        while True:
+            try:
+                if cause is not None:
+                    self.fail(cause)
+                if interrupt is not None:
+                    self.wake()  # again: an interrupt may have cut the first wake short
+                # The threads' blocking calls are bounded by the deadline, the grace covers the
+                # unwinding; past it the op fails and the wait goes on (see OpThreads.wait_past).
+                if threads.wait_past(self.deadline + 2 * _GRACE_S, _GRACE_S, overdue):
+                    self.links.buffers.drop()
+                break
+            except BaseException as exc:  # interrupted while failing or waiting: wait again
+                cause, interrupt = cause or exc, interrupt or exc
+        if interrupt is not None:
+            raise interrupt
 
     def _guarded(self, fn: Callable[[int], None], index: int) -> None:
+        if self.error is not None:  # begun after the op failed: touches nothing (OpThreads.wait)
+            return
         try:
             fn(index)
         except BaseException as exc:
@@ -369,10 +296,13 @@ class RingPipeline:
             if self.error is not None:
                 return
             self.error = exc
+        self.wake()
+
+    def wake(self) -> None:
+        """Wakes every thread of this op and tells both neighbours at once: they see the
+        connection end and fail in turn, so the failure travels around the ring instead of
+        waiting out everyone's timeout. Idempotent."""
         self.first_step_done.set()
-        # Wake every thread of this op and tell both neighbours at once: they see the connection
-        # end and fail in turn, so the failure travels around the ring instead of waiting out
-        # everyone's timeout.
         for q in self.queues:
             q.put(None)
         self.links.abort()

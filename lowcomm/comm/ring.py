@@ -43,7 +43,7 @@ Failure: every socket operation runs against the operation's deadline. A dead ne
 neighbours see the connection end and fail too, around the ring. The input tensor is read only;
 the result is copied into it (or into ``out``) after every byte has arrived, so a failed operation
 leaves it untouched. With ``undo=`` (the public call) the ring writes the destination directly
-instead, saving each sub-chunk of it just before overwriting it (``_ring_pipeline.Undo``); the
+instead, saving each sub-chunk of it just before overwriting it (``_ring_buffers.Undo``); the
 caller puts the saved parts back after a failure. A ring whose operation failed is closed; build a new one among the survivors.
 """
 
@@ -57,7 +57,8 @@ import torch
 
 from lowcomm.comm._frames import Connection
 from lowcomm.comm._ops import check_all_reduce_args
-from lowcomm.comm._ring_pipeline import RingBuffers, RingLinks, RingPipeline, Undo, split
+from lowcomm.comm._ring_buffers import RingBuffers, Undo
+from lowcomm.comm._ring_pipeline import RingLinks, RingPipeline, split
 from lowcomm.comm.errors import CommError, CommTimeoutError, PeerFailureError
 from lowcomm.compression import Codec, Encoded
 from lowcomm.faults import FaultInjector
@@ -178,6 +179,9 @@ class Ring:
             After any of these ``tensor`` is unchanged and the ring is closed (``out``, if a
             separate tensor, may hold partial values), except with ``undo``: then ``tensor``
             (in place) or ``out`` holds partial values until ``undo.restore``.
+            KeyboardInterrupt: the calling thread was interrupted (Ctrl-C on the main thread);
+                raised once every ring thread has ended, with the ring aborted, as after a
+                failure above.
         """
         _check_args(tensor, op, out, timeout_s)
         dest = tensor if out is None else out

@@ -25,7 +25,7 @@ from lowcomm.comm import (
     Ring,
     _frames,
     _handshake,
-    _ring_pipeline,
+    _ring_threads,
     _ring_wire,
     connect_ring,
 )
@@ -190,7 +190,7 @@ def test_a_small_op_runs_on_the_calling_thread_bit_identical_to_the_threaded_pip
             super().start()
 
     fake = SimpleNamespace(Thread=CountingThread, Lock=threading.Lock, Event=threading.Event)
-    monkeypatch.setattr(_ring_pipeline, "threading", fake)
+    monkeypatch.setattr(_ring_threads, "threading", fake)
     numel = 1024  # 4 KiB of fp32: frames of a third of it
     inline_bytes = ring_module._INLINE_FRAME_BYTES
     for seed, op in enumerate(("sum", "avg", "min", "max")):
