@@ -1,5 +1,5 @@
-"""E3 of issue 13: wall-clock to the no-failure run's final loss, CheckFree+ against checkpoint
-rollback, on the multi-process pipeline runtime with real processes killed.
+"""E3 of issue 13: wall-clock to the no-failure run's final loss, CheckFree (and CheckFree+)
+against checkpoint rollback, on the multi-process pipeline runtime with real processes killed.
 
 One process per stage on loopback (``lowcomm.recovery.pipeline.StagePeer``; the (de)embedding stage
 and 4 block stages of the byte-level GPT of ``lowcomm.recovery.stages``, trained on the standard
@@ -26,22 +26,28 @@ load in a recovery) is charged its bytes at 100 Mbit/s as a sleep on the stage's
 share the same uplink with the activations.
 
 Methods (``PipelineConfig.on_loss``):
-- ``no_failure``: the plain pipeline; its mean training loss over the last ``window`` steps is the
-  target, and its time to reach it the reference.
-- ``checkfree+``: lost stages rebuilt by the rules (CheckFree for middle stages, CheckFree+ for
-  the edge stages and the (de)embedding; adjacent losses restore the lost stages' checkpoint,
-  taken every ``--fallback-every`` steps, and charged as above). It trains with CheckFree+'s swaps,
-  so without failures its loss curve is not the plain one; it runs on past the no-failure run's
-  length (up to 2x) until its window mean reaches the target.
+- ``no_failure``: the plain pipeline; its mean training loss over its last ``window`` steps is the
+  target, and its time to first reach it the reference.
+- ``checkfree``: lost stages rebuilt by the rules, no swaps: a middle block stage by CheckFree
+  (its neighbours' gradient-norm weighted average); the (de)embedding, the first and the last
+  block stage, and adjacent losses restore only the lost stage's own checkpoint (taken every
+  smallest-K steps, charged as above) while the other stages keep their state.
+- ``checkfree+``: the same with CheckFree+ (the edge block stages swapped on odd micro-batches,
+  rebuilt as copies of their swap partners; the (de)embedding from the copy its neighbours hold).
+  The swaps change the training itself: with 4 block stages every block is an edge or a partner,
+  and the full setting shows its time to the target without any failure for that reason.
 - ``rollback K``: on any lost stage every stage restores the newest checkpoint step all stages
   hold (every K steps) and redoes the steps since (``tests/recovery/test_rollback.py``: bit for bit
-  the no-failure run, so it reaches the target exactly at the no-failure run's last step). Several
-  K; the best (lowest median time) is the baseline.
+  the no-failure run, so it reaches the target exactly at the no-failure run's step). Several K;
+  the best (lowest median time) is the baseline.
+
+The CheckFree methods run on past the no-failure run's length (up to 2x) until their window mean
+reaches the target. The claim of a rate is the best rollback's median time over the best CheckFree
+method's.
 
 Time to target: from stage 0's commit of step 0 to its commit of the first step whose mean loss over
-the last ``window`` steps (by step index, after any rollback) is at or below the target. The
-speedup of a rate: the best rollback's median time over CheckFree+'s, reps interleaved (per rep:
-the no-failure run, then each rate's methods).
+the last ``window`` steps (by step index, after any rollback) is at or below the target; reps
+interleaved (per rep: the no-failure run, then each rate's methods).
 
     .venv/bin/python benchmarks/recovery_e3.py --quick   # < 1 minute: rates x10, short runs
     .venv/bin/python benchmarks/recovery_e3.py --reps 3  # rates 1e-3 and 3e-3 as given
@@ -203,6 +209,7 @@ class Race:
     losses: list[float] = field(default_factory=list)  # by step, as the run ended
     times: list[float] = field(default_factory=list)  # of each step's commit, from step 0's
     step_seconds: float = 0.0  # median seconds between consecutive commits without a kill
+    stalls: list[float] = field(default_factory=list)  # commit before a kill -> the next commit
 
 
 def _first_at_target(losses: list[float], times: list[float], window: int) -> tuple[float, int]:
@@ -274,6 +281,7 @@ def race(
             pool.extend(start(None) for _ in range(standbys))
             t0 = None
             last_time = None
+            killed_at: float | None = None
             gaps: list[float] = []
             losses: list[float] = []
             times: list[float] = []
@@ -309,7 +317,9 @@ def race(
                             t0 = now
                         if last_time is not None and step > 0:
                             gaps.append(now - last_time)
-                        last_time = now
+                        elif killed_at is not None:
+                            out.stalls.append(now - killed_at)
+                        last_time, killed_at = now, None
                         del times[step:]
                         times.append(now - t0)
                         done = (
@@ -331,6 +341,7 @@ def race(
                             procs[victim] = proc
                             pool.append(start(None))
                             last_time = None  # the gap across a failure is not a step
+                            killed_at = now
             out.losses, out.times = losses, times
             if target is None:  # the reference: its target is its own last window's mean
                 out.seconds, out.reached_step = _first_at_target(losses, times, window)
@@ -350,11 +361,10 @@ def _setting(quick: bool) -> dict[str, Any]:
         stages = StageConfig(num_block_stages=4, width=32, num_heads=2, context=32)
         return {
             "stages": stages,
-            "num_steps": 40,
+            "num_steps": 32,
             "window": 8,
             "scale": 10,
             "rollback_every": (4, 8),
-            "fallback_every": 8,
             "micro_batch_size": 4,
             "corpus_bytes": 300_000,
         }
@@ -364,8 +374,7 @@ def _setting(quick: bool) -> dict[str, Any]:
         "num_steps": 600,
         "window": 50,
         "scale": 1,
-        "rollback_every": (10, 25, 50),
-        "fallback_every": 50,
+        "rollback_every": (10, 25),
         "micro_batch_size": 4,
         "corpus_bytes": 2_000_000,
     }
@@ -377,13 +386,27 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="interleaved reps (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="the no-failure run's length")
     parser.add_argument("--rates", type=float, nargs="+", default=[1e-3, 3e-3])
+    parser.add_argument(
+        "--no-plus", action="store_true", help="leave CheckFree+ out (plain CheckFree only)"
+    )
     args = parser.parse_args()
-    claims = run_e3(quick=args.quick, reps=args.reps or 1, steps=args.steps, rates=args.rates)
+    claims = run_e3(
+        quick=args.quick,
+        reps=args.reps or 1,
+        steps=args.steps,
+        rates=args.rates,
+        plus=not args.no_plus,
+    )
     print(json.dumps({"benchmark": "recovery_e3", "quick": args.quick, "claims": claims}))
 
 
 def run_e3(
-    *, quick: bool, reps: int = 1, steps: int | None = None, rates: Any = (1e-3, 3e-3)
+    *,
+    quick: bool,
+    reps: int = 1,
+    steps: int | None = None,
+    rates: Any = (1e-3, 3e-3),
+    plus: bool = True,
 ) -> list[dict[str, Any]]:
     """Runs E3 (interleaved reps), prints its table, returns its claims."""
     start = time.perf_counter()
@@ -402,11 +425,17 @@ def run_e3(
         rejoin_timeout_s=60.0,
     )
     plain = replace(base, checkpoint_every=10 * num_steps)  # step 0's only
-    checkfree = replace(
-        base,
-        checkpoint_every=st["fallback_every"],
-        recovery=RecoveryConfig(checkfree_plus=True, embedding_backup_every=st["fallback_every"]),
-    )
+    fallback = min(st["rollback_every"])  # the checkpoint of stages the rules cannot rebuild
+    methods = {
+        "checkfree": replace(base, checkpoint_every=fallback),
+        "checkfree+": replace(
+            base,
+            checkpoint_every=fallback,
+            recovery=RecoveryConfig(checkfree_plus=True, embedding_backup_every=fallback),
+        ),
+    }
+    if not plus:
+        del methods["checkfree+"]
     rollbacks = {
         f"rollback {k}": replace(base, checkpoint_every=k, on_loss="rollback")
         for k in st["rollback_every"]
@@ -434,22 +463,24 @@ def run_e3(
         )
         target = sum(ref.losses[-window:]) / window
         nofail.append(ref)
-        # CheckFree+ trains with its swaps: its time to the target without failures, for scale.
-        swaps = race(
-            "checkfree+",
-            checkfree,
-            kills=[],
-            num_steps=num_steps,
-            target=target,
-            window=window,
-            corpus_bytes=st["corpus_bytes"],
-        )
-        by.setdefault(("checkfree+", 0.0), []).append(swaps)
         _progress(rep, 0.0, ref)
-        _progress(rep, 0.0, swaps)
+        if (
+            plus and not quick
+        ):  # CheckFree+ trains with its swaps: its time to the target without failures
+            swaps = race(
+                "checkfree+",
+                methods["checkfree+"],
+                kills=[],
+                num_steps=num_steps,
+                target=target,
+                window=window,
+                corpus_bytes=st["corpus_bytes"],
+            )
+            by.setdefault(("checkfree+", 0.0), []).append(swaps)
+            _progress(rep, 0.0, swaps)
         for rate in rates:
             kills = schedule(rate * scale, num_stages, 2 * num_steps, seed=1000 * rep + 17)
-            for name, cfg in (("checkfree+", checkfree), *rollbacks.items()):
+            for name, cfg in (*methods.items(), *rollbacks.items()):
                 r = race(
                     name,
                     cfg,
@@ -505,48 +536,66 @@ def _report(
         f"parallel on its own uplink (charged, synchronous)"
     )
     claims = []
-    sw = by[("checkfree+", 0.0)]
-    sw_s = _median([r.seconds for r in sw])
-    print(
-        f"checkfree+ without failures (its swaps change the curve): to target "
-        f"{'not reached' if sw_s is None else f'{sw_s:.2f} s'}, at step {sw[-1].reached_step}"
-    )
+    if ("checkfree+", 0.0) in by:
+        sw = by[("checkfree+", 0.0)]
+        sw_s = _median([r.seconds for r in sw])
+        print(
+            f"checkfree+ without failures (its swaps change the curve): to target "
+            f"{'not reached' if sw_s is None else f'{sw_s:.2f} s'}, at step {sw[-1].reached_step}"
+        )
     for rate in rates:
         print(
             f"\nrate {rate:g} per stage per step"
             + (f" (x{scale}: {rate * scale:g})" if scale != 1 else "")
         )
         print(
-            f"{'method':<14}{'to target s':>13}{'x no-fail':>10}{'step':>6}{'work':>6}"
-            f"{'kills':>6}{'redone':>7}{'ckpt s':>8}{'ckpt MB':>8}  rebuilds"
+            f"{'method':<14}{'to target s':>13}{'x no-fail':>10}{'ms/step':>8}{'step':>6}{'work':>6}"
+            f"{'kills':>6}{'stall s':>8}{'redone':>7}{'ckpt s':>8}{'ckpt MB':>8}  rebuilds"
         )
         med: dict[str, float | None] = {}
-        for name in ("checkfree+", *rollbacks):
+        norm: dict[str, float | None] = {}  # time to target in units of the run's own step time
+        for name in (*(m for m in ("checkfree", "checkfree+") if (m, rate) in by), *rollbacks):
             rs = by[(name, rate)]
             m = _median([r.seconds for r in rs])
             med[name] = m
+            norm[name] = _median(
+                [None if r.seconds is None else r.seconds / r.step_seconds for r in rs]
+            )
             cell = f"{m:.2f}" if m is not None else "not reached"
             ratio = f"{m / ref_s:.3f}" if m is not None and ref_s else "-"
             r0 = rs[-1]
+            stall = f"{statistics.median(r0.stalls):.2f}" if r0.stalls else "-"
             print(
-                f"{name:<14}{cell:>13}{ratio:>10}{r0.reached_step!s:>6}{r0.work_steps:>6}"
-                f"{len(r0.kills):>6}{r0.lost_steps:>7}"
+                f"{name:<14}{cell:>13}{ratio:>10}{r0.step_seconds * 1e3:>8.0f}"
+                f"{r0.reached_step!s:>6}{r0.work_steps:>6}"
+                f"{len(r0.kills):>6}{stall:>8}{r0.lost_steps:>7}"
                 f"{r0.ckpt_seconds / (st['stages'].num_block_stages + 1):>8.2f}"
                 f"{r0.ckpt_bytes / 1e6:>8.2f}  {dict(sorted(r0.rules.items()))}"
             )
-        times = {k: v for k, v in med.items() if k != "checkfree+" and v is not None}
+        times = {k: v for k, v in med.items() if k.startswith("rollback") and v is not None}
         best = min(times, key=lambda k: times[k]) if times else None
-        cf = med["checkfree+"]
-        speedup = None if best is None or cf is None else times[best] / cf
+        ours = {k: v for k, v in med.items() if k.startswith("checkfree") and v is not None}
+        cf_name = min(ours, key=lambda k: ours[k]) if ours else None
+        speedup = None if best is None or cf_name is None else times[best] / ours[cf_name]
+        n_best, n_cf = (
+            (None, None) if best is None or cf_name is None else (norm[best], norm[cf_name])
+        )
+        steady = None if n_best is None or n_cf is None else n_best / n_cf
         label = f"{rate:g}".replace("0.00", "").replace("-0", "")
         name = {1e-3: "speedup_vs_checkpoint_1e3", 3e-3: "speedup_vs_checkpoint_3e3"}.get(
             rate, f"speedup_vs_checkpoint_{label}"
         )
         goal = 1.6 if rate == 3e-3 else 1.15
         print(
-            f"best rollback: {best}; speedup of checkfree+ over it: "
-            f"{'-' if speedup is None else f'{speedup:.3f}'} (goal {goal})"
-            " [rows: the last rep's counts; ckpt s: charged seconds per stage]"
+            f"best rollback: {best}; best checkfree: {cf_name}; speedup: "
+            f"{'-' if speedup is None else f'{speedup:.3f}'} (goal {goal}); with each run's time "
+            f"counted in its own median step time (the machine's load varies between runs): "
+            f"{'-' if steady is None else f'{steady:.3f}'}"
+        )
+        print(
+            "  [rows: the last rep's counts; ms/step: median between commits without a kill; "
+            "stall s: median, the commit before a kill to the next; ckpt s: charged seconds per "
+            "stage]"
         )
         claim: dict[str, Any] = {
             "name": name,
@@ -554,6 +603,7 @@ def _report(
             "goal": goal,
             "ok": speedup is not None and speedup >= goal,
             "baseline": best,
+            "method": cf_name,
         }
         if scale != 1:
             claim["note"] = f"--quick: rate scaled x{scale}, {num_steps} steps, 1 rep"

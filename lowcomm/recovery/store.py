@@ -6,15 +6,17 @@ fsynced and renamed into place, so a reader sees the old checkpoint or the new o
 one. Loading uses ``weights_only=True``.
 
 The newest ``keep`` checkpoints of each stage also stay by their step (``stage<i>.step<n>.pt``,
-hard links of the newest file, so no extra bytes are written): a pipeline that rolls every stage
-back (``PipelineConfig.on_loss="rollback"``) needs the newest step that *every* stage has, and a
-stage killed between a commit and its save holds one checkpoint fewer than the others.
+hard links of the newest file, so no extra bytes are written; copies where links fail): a
+pipeline that rolls every stage back (``PipelineConfig.on_loss="rollback"``) needs the newest step
+that *every* stage has, and a stage killed between a commit and its save holds one checkpoint
+fewer than the others.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,10 @@ class StageStore:
         os.replace(tmp, path)
         link = path.with_suffix(f".lnk{os.getpid()}")
         link.unlink(missing_ok=True)
-        os.link(path, link)
+        try:
+            os.link(path, link)
+        except OSError:  # a filesystem without hard links: a copy
+            shutil.copyfile(path, link)
         os.replace(link, self._path(stage, replica, step))
         for old in self.steps(stage, replica=replica)[: -self.keep]:
             self._path(stage, replica, old).unlink(missing_ok=True)
