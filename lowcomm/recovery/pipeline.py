@@ -29,7 +29,9 @@ Every stage, in lockstep (each numbered item is a phase every peer calls in the 
    peer plans the same recovery from it (``rules.plan_recovery``); sources send their state and
    gradient norms, each replacement rebuilds (``rules.rebuild``, or its newest checkpoint from the
    ``StageStore``) and reports it; a second vote closes the recovery (a failure in it starts the
-   recovery again, the failed rebuilds still lost). Then step t is retried.
+   recovery again, the failed rebuilds still lost). Then step t is retried. With
+   ``on_loss="rollback"`` (the checkpoint baseline) every stage instead restores the newest
+   checkpoint step all stages hold (``_roll_back``) and the steps since are redone.
 
 Messages carry ``(epoch, step, micro_batch)``; the epoch counts votes, so nothing from an aborted
 attempt is ever used (``_links``).
