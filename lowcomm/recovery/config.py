@@ -10,9 +10,11 @@ from typing import Literal
 
 from lowcomm.recovery.stages import StageConfig
 
-__all__ = ["AVERAGES", "NORM_POINTS", "PipelineConfig", "RecoveryConfig"]
+__all__ = ["AVERAGES", "NORM_POINTS", "ON_LOSS", "PipelineConfig", "RecoveryConfig"]
 
 Average = Literal["gradnorm", "uniform"]
+OnLoss = Literal["checkfree", "rollback"]
+ON_LOSS: tuple[str, ...] = ("checkfree", "rollback")
 NormPoint = Literal["before_clip", "after_clip"]
 AVERAGES: tuple[str, ...] = ("gradnorm", "uniform")
 NORM_POINTS: tuple[str, ...] = ("before_clip", "after_clip")
@@ -89,6 +91,10 @@ class PipelineConfig:
         checkpoint_every: each stage saves its state to the ``StageStore`` every this many steps
             (and at step 0); the fallback of the rules.
         recovery: the rules (``RecoveryConfig``).
+        on_loss: ``"checkfree"`` (default) rebuilds only the lost stages, by the rules;
+            ``"rollback"`` is the checkpoint-based baseline: on any lost stage *every* stage
+            restores the newest checkpoint step all stages hold (``StageStore.common_step``) and
+            the pipeline redoes the steps since. Rollback needs one replica and no CheckFree+.
         seed: the initialisation's seed (every stage draws the whole model and keeps its part,
             so the pipeline starts as ``SimPipeline`` does).
         timeout_s: the bound of every message and vote.
@@ -107,6 +113,7 @@ class PipelineConfig:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 100
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    on_loss: OnLoss = "checkfree"
     seed: int = 0
     timeout_s: float = 30.0
     rejoin_timeout_s: float = 60.0
@@ -130,6 +137,15 @@ class PipelineConfig:
                 "PipelineConfig.outer_every must be >= 1 with num_replicas > 1 (DiLoCo among a "
                 f"stage's replicas) and 0 without, got {self.outer_every} with "
                 f"{self.num_replicas} replicas"
+            )
+        if self.on_loss not in ON_LOSS:
+            raise ValueError(
+                f"PipelineConfig.on_loss must be one of {ON_LOSS}, got {self.on_loss!r}"
+            )
+        if self.on_loss == "rollback" and (self.num_replicas > 1 or self.recovery.checkfree_plus):
+            raise ValueError(
+                "PipelineConfig.on_loss='rollback' needs num_replicas=1 and no CheckFree+ (the "
+                "checkpoints hold neither DiLoCo's outer state nor the (de)embedding copies)"
             )
         for name in ("lr", "timeout_s", "rejoin_timeout_s", "outer_lr"):
             if not getattr(self, name) > 0:

@@ -29,7 +29,9 @@ Every stage, in lockstep (each numbered item is a phase every peer calls in the 
    peer plans the same recovery from it (``rules.plan_recovery``); sources send their state and
    gradient norms, each replacement rebuilds (``rules.rebuild``, or its newest checkpoint from the
    ``StageStore``) and reports it; a second vote closes the recovery (a failure in it starts the
-   recovery again, the failed rebuilds still lost). Then step t is retried.
+   recovery again, the failed rebuilds still lost). Then step t is retried. With
+   ``on_loss="rollback"`` (the checkpoint baseline) every stage instead restores the newest
+   checkpoint step all stages hold (``_roll_back``) and the steps since are redone.
 
 Messages carry ``(epoch, step, micro_batch)``; the epoch counts votes, so nothing from an aborted
 attempt is ever used (``_links``).
@@ -62,7 +64,6 @@ from lowcomm.recovery.rules import (
     RecoveryReport,
     Rule,
     Source,
-    StageSnapshot,
     clip_and_measure,
     clone_state,
     lr_scale,
@@ -72,6 +73,7 @@ from lowcomm.recovery.rules import (
 )
 from lowcomm.recovery.stages import BlockStage, EmbeddingStage, build_stages
 from lowcomm.recovery.store import StageStore
+from lowcomm.recovery.transfer import read_snapshots, rollback_checkpoint, served_state
 
 __all__ = ["PipelineConfig", "StagePeer", "state_hash"]
 
@@ -531,6 +533,9 @@ class StagePeer:
             self.step, self.epoch = int(header["step"]), int(header["epoch"])
         if lost is None:  # a survivor always knows them; a replacement learnt them above
             raise PipelineError(f"stage {self.stage} does not know which stages were lost")
+        if self.config.on_loss == "rollback":
+            self._roll_back()
+            return lost
         rc = self.config.recovery
         num_replicas = self.config.num_replicas
         for r in range(num_replicas):  # each replica's pipeline plans its own losses
@@ -563,56 +568,47 @@ class StagePeer:
         self._send_backups({h for h in self._holders() if (h, self.replica) in lost})
         return lost
 
+    def _roll_back(self) -> None:
+        """The checkpoint baseline: this stage (survivor or replacement) restores the newest
+        checkpoint step every stage holds, as every other stage does; the steps since are redone."""
+        start = time.perf_counter()
+        step, ckpt = rollback_checkpoint(self.store, self.stage, self.num_blocks + 1)
+        self.module.load_state_dict(ckpt["params"])
+        self.optimizer = self._new_optimizer()
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.grad_norm, self.rebuilt_at, self.backup = None, None, None
+        lost_steps, self.step = self.step - step, step
+        source = (f"checkpoint:{self.stage}@{step}",)
+        report = RecoveryReport(
+            self.stage, Rule.ROLLBACK.value, source, (), ckpt["bytes"], time.perf_counter() - start
+        )
+        self.reports.append(report)
+        info = {**asdict(report), "replica": self.replica, "step": step, "lost_steps": lost_steps}
+        self.on_event("recovered", {**info, "hash": state_hash(self.module.state_dict())})
+
     def _serve(self, source: Source, *, to: str, target: int) -> None:
         if self.faults is not None:
             self.faults.hit("pipeline.serve", stage=self.stage, to_stage=target, step=self.step)
-        if source.kind == "backup":
-            if self.backup is None:
-                raise PipelineError(f"stage {self.stage} holds no (de)embedding copy to serve")
-            self.links.send_obj({"params": self.backup, "grad_norm": None}, to=to, tag=self._ctrl())
-            return
-        norm = (
-            None
-            if self.grad_norm is None
-            else (self.grad_norm.before_clip, self.grad_norm.after_clip)
+        obj = served_state(
+            source,
+            module=self.module,
+            optimizer=self.optimizer,
+            grad_norm=self.grad_norm,
+            backup=self.backup,
+            outer=self.outer,
+            stage=self.stage,
         )
-        obj: dict[str, Any] = {"params": clone_state(self.module.state_dict()), "grad_norm": norm}
-        if source.kind == "replica":
-            # A copy of this replica: under DiLoCo its outer parameters (never the mid-round
-            # inner ones), the outer momentum, and the inner optimizer's state.
-            assert self.outer is not None
-            outer = self.outer.state()
-            obj["params"].update(clone_state(outer["params"]))
-            obj["optimizer"] = clone_state(self.optimizer.state_dict())
-            obj["outer"] = outer
         self.links.send_obj(obj, to=to, tag=self._ctrl())
 
     def _rebuild(self, plan: Plan) -> None:
         start = time.perf_counter()
-        snapshots: dict[Source, StageSnapshot] = {}
-        outer = None
-        received = 0
-        for source in plan.sources:
-            if source.kind == "checkpoint":
-                ckpt = self.store.load(self.stage, replica=self.replica)
-                if ckpt is None:
-                    raise PipelineError(f"stage {self.stage} was lost and has no checkpoint")
-                snapshots[source] = StageSnapshot(ckpt["params"], ckpt["optimizer"])
-                continue
-            slot = (
-                (self.stage, source.index)
-                if source.kind == "replica"
-                else (source.index, self.replica)
-            )
-            obj, size = self.links.recv_obj(from_=self._slot_peer(slot), tag=self._ctrl())
-            received += size
-            norm = obj["grad_norm"]
-            outer = obj.get("outer", outer)
-            snapshots[source] = StageSnapshot(
-                obj["params"],
-                obj.get("optimizer"),
-                grad_norm=None if norm is None else GradNorm(*norm),
-            )
+        snapshots, outer, received = read_snapshots(
+            plan,
+            store=self.store,
+            stage=self.stage,
+            replica=self.replica,
+            receive=lambda slot: self.links.recv_obj(from_=self._slot_peer(slot), tag=self._ctrl()),
+        )
         rebuilt = rebuild(plan, snapshots, self.config.recovery)
         self.module.load_state_dict(rebuilt.params)
         self.optimizer = self._new_optimizer()

@@ -68,6 +68,9 @@ class Rule(enum.StrEnum):
     CHECKFREE = "checkfree"
     CHECKFREE_PLUS = "checkfree_plus"
     CHECKPOINT = "checkpoint"
+    # Not a rule of ``plan_recovery``: a pipeline with ``on_loss="rollback"`` restores *every*
+    # stage from the newest checkpoint they all hold (the checkpoint-based baseline).
+    ROLLBACK = "rollback"
 
 
 SourceKind = Literal["replica", "neighbour", "backup", "checkpoint"]
