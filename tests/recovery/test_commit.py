@@ -7,12 +7,15 @@ parameters and its optimizer state), and the retry of step t must run as if noth
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from lowcomm.recovery.commit import TentativeStep
+from lowcomm.comm import VoteResult
+from lowcomm.recovery.commit import WATCH_S, TentativeStep, Votes
 from lowcomm.recovery.pipeline import PipelineConfig
 from lowcomm.recovery.simulator import Method, SimConfig, SimPipeline
 from lowcomm.recovery.stages import StageConfig
@@ -124,3 +127,41 @@ def test_a_stage_that_ran_ahead_of_a_step_voted_down_rolls_it_back_and_the_run_e
             assert want.keys() == have.keys(), (step, s)
             for k in want:
                 assert all(torch.equal(want[k][n], have[k][n]) for n in want[k]), (step, s, k)
+
+
+class _Comm:
+    """What ``Votes`` asks of a communicator: a vote answered at once, and the probe."""
+
+    peer_group = 1
+    heartbeat_timeout_s = 1.0
+
+    def __init__(self, revision: int) -> None:
+        self.revision = revision
+
+    def vote(self, key: str, ok: bool, timeout_s: float) -> VoteResult:
+        return VoteResult(ok=ok, failed=[], revision=self.revision, peers=["a", "b"])
+
+
+def test_a_votes_answer_stands_in_for_the_watchers_probe_only_while_fresh_and_at_its_revision() -> (
+    None
+):
+    comm = _Comm(revision=4)
+    abort, stop = threading.Event(), threading.Event()
+    reasons: list[str] = []
+    votes = Votes(comm, 5.0, abort=abort, stop=stop, on_abort=reasons.append)  # type: ignore[arg-type]
+    try:
+        assert votes.needs_probe(4, time.monotonic())  # no vote answered yet
+        assert votes.start("step0.e0", True, revision=4, abort=True).result().ok
+        assert votes.seen is not None
+        when = votes.seen[0]
+        assert not votes.needs_probe(4, when)  # just answered at the revision watched
+        assert not votes.needs_probe(4, when + WATCH_S / 2)
+        assert votes.needs_probe(4, when + 1.5 * WATCH_S)  # stale: probe again
+        assert votes.needs_probe(3, when)  # watching another revision
+        assert not reasons
+        comm.revision = 5  # the world moved before the next vote closed: its answer aborts
+        assert votes.start("step1.e1", True, revision=4, abort=True).result().revision == 5
+        assert len(reasons) == 1 and "revision 4 -> 5" in reasons[0]  # the stage is aborted
+        assert votes.needs_probe(4, votes.seen[0])
+    finally:
+        votes.close()
