@@ -2,8 +2,10 @@
 
 Both run the same ``StagePeer`` stages, messages and GPipe schedule in one process per stage on
 loopback; the baseline (``_NoRecovery``) leaves out what recovery adds to a failure-free step: the
-watcher's membership probes and the world-wide commit vote per step. Interleaved rep by rep;
-steps per second of stage 0's commits after a warm-up. Used by ``benchmarks/recovery.py
+watcher's membership probes, the world-wide commit vote per step and the copy that lets a step be
+applied tentatively while its vote is in flight (``lowcomm.recovery.commit``); it applies each step
+at once and starts the next, as recovery's runtime does when its vote commits. Interleaved rep by
+rep; steps per second of stage 0's commits after a warm-up. Used by ``benchmarks/recovery.py
 --runtime``.
 """
 

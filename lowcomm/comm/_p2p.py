@@ -72,6 +72,11 @@ class PointToPoint:
         # Kept connections, by key; exposed (read-only use) for tests that drop one on purpose.
         self.kept: dict[_Key, _frames.Connection] = {}
         self._locks: dict[_Key, threading.Lock] = {}
+        # Sends of one key take their turn in the order they were submitted (``send``): the pool's
+        # threads reach the key's lock in any order, and a lock is not first come, first served.
+        self._turns: dict[_Key, list[int]] = {}  # key -> [next ticket, ticket whose turn it is]
+        self._gave_up: dict[_Key, set[int]] = {}  # tickets that timed out waiting for their turn
+        self._turn = threading.Condition(self._lock)
 
     def send(
         self, tensor: torch.Tensor, *, to: str, tag: int, deadline: float
@@ -79,7 +84,41 @@ class PointToPoint:
         """Sends ``tensor`` (copied to contiguous CPU now) to ``to``; see ``Communicator.send``."""
         address = self._control.address_of(to)
         data = tensor.detach().to("cpu").contiguous()
-        return self._executor().submit(self._send, data, to, address, tag, deadline)
+        key: _Key = ("out", to, tag)
+        pool = self._executor()
+        with self._lock:
+            turn = self._turns.setdefault(key, [0, 0])
+            ticket, turn[0] = turn[0], turn[0] + 1
+        return pool.submit(self._send_in_turn, key, ticket, data, to, address, tag, deadline)
+
+    def _send_in_turn(
+        self,
+        key: _Key,
+        ticket: int,
+        data: torch.Tensor,
+        to: str,
+        address: tuple[str, int],
+        tag: int,
+        deadline: float,
+    ) -> None:
+        with self._turn:
+            turn = self._turns[key]
+            while turn[1] != ticket:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._gave_up.setdefault(key, set()).add(ticket)
+                    raise CommTimeoutError(f"send to peer {to} timed out behind earlier sends")
+                self._turn.wait(left)
+        try:
+            self._send(data, to, address, tag, deadline)
+        finally:
+            with self._turn:
+                turn[1] += 1
+                gave_up = self._gave_up.get(key, set())
+                while turn[1] in gave_up:
+                    gave_up.discard(turn[1])
+                    turn[1] += 1
+                self._turn.notify_all()
 
     def recv(
         self, out: torch.Tensor, *, from_: str, tag: int, deadline: float

@@ -18,10 +18,10 @@ Every stage, in lockstep (each numbered item is a phase every peer calls in the 
    stage's abort event, every wait gives up within ``_links.SLICE_S`` and ``StepAbortedError`` is
    latched (``last_abort``).
 2. *Vote* (``Communicator.vote``, world-wide): the step commits only if every stage voted ok and
-   the revision did not move, a decision every stage reads from the same answer. On commit each
-   stage steps its optimizer, records the gradient norm, checkpoints every ``checkpoint_every``
-   steps, and stage 0 refreshes the CheckFree+ (de)embedding copies on their schedule. Otherwise
-   nothing was applied anywhere.
+   the revision did not move, a decision every stage reads from the same answer. Meanwhile a stage
+   that voted ok applies t tentatively and attempts t + 1 (``commit``: undone bit for bit unless t
+   commits). On commit each stage records the gradient norm, checkpoints every ``checkpoint_every``
+   steps, and stage 0 refreshes the CheckFree+ (de)embedding copies; otherwise nothing stays applied.
 3. *Recovery* (``_recover``): the lost stages are those without a peer in the vote's world. The
    survivors admit replacements (``are_peers_pending`` / ``update_topology``, the ordinary join
    path: a replacement is a new ``Communicator`` of the lost stage's peer group) until every stage
@@ -52,6 +52,7 @@ from torch import nn
 from lowcomm.comm import CommError, Communicator, VoteResult
 from lowcomm.faults import FaultInjector
 from lowcomm.recovery._links import BWD, FWD, Links, ctrl_tag
+from lowcomm.recovery.commit import Ballot, TentativeStep, Votes, may_run_ahead
 from lowcomm.recovery.config import PipelineConfig
 from lowcomm.recovery.errors import PipelineError, StepAbortedError
 from lowcomm.recovery.ordering import block_order, swaps_enabled
@@ -81,7 +82,6 @@ logger = logging.getLogger(__name__)
 
 Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 OnEvent = Callable[[str, dict[str, Any]], None]
-_WATCH_S = 0.1
 _MAX_RECOVERY_ROUNDS = 4
 _MAX_RETRIES = 3  # attempts of one step voted down with no peer lost
 
@@ -98,7 +98,8 @@ class StagePeer:
         replacement: this peer replaces a lost stage: it builds nothing itself, it is rebuilt.
         faults: the injector hit at ``pipeline.micro_batch`` (tests).
         on_event: ``on_event(kind, info)`` for ``"committed"``, ``"aborted"``, ``"recovered"``,
-            ``"done"``; runs on the stage's thread (tests dump state from it).
+            ``"done"``, ``"applied"`` / ``"rolled_back"`` (a step applied tentatively / undone,
+            ``commit``); runs on the stage's thread (tests dump state from it).
 
     ``run(num_steps)`` blocks until the pipeline finished ``num_steps`` steps (or raises
     ``PipelineError``); not thread-safe (one caller).
@@ -158,27 +159,39 @@ class StagePeer:
         self.links = Links(
             comm, abort=self.abort, reason=lambda: self._why, timeout_s=config.timeout_s
         )
+        self.tentative = TentativeStep()  # step t applied while its vote is in flight (``run``)
+        self._ballot: Ballot | None = None
+        self.votes = Votes(
+            comm, config.timeout_s, abort=self.abort, stop=self._stop, on_abort=self._set_abort
+        )
 
     # ------------------------------------------------------------------ the loop
     def run(self, num_steps: int, *, connect_timeout_s: float = 60.0) -> None:
-        """Joins, trains to ``num_steps`` steps (retrying aborted ones), and returns."""
+        """Joins, trains to ``num_steps`` steps (retrying aborted ones), and returns; step t + 1
+        is attempted on a tentative step t while t's vote is in flight (``commit``)."""
         self.comm.connect(timeout_s=connect_timeout_s)
-        watcher = threading.Thread(target=self._watch, name=f"stage{self.stage}-watch", daemon=True)
-        watcher.start()
+        self.votes.start_watch(lambda: self._watch_rev)
         try:
             if self.replacement:
                 self._recover(None)
             else:
                 self._gather()
                 self._start()
-            retries = 0
+            retries, ahead = 0, None  # ahead: attempt t + 1 (norm, loss), run before t's verdict
             while self.step < num_steps:
-                norm = self._attempt(self.step)
-                res = self._vote(f"step{self.step}", norm is not None)
+                norm, loss = ahead or (self._attempt(self.step), self.last_loss)
+                ahead, nxt = None, self.step + 1
+                self._ballot = self._vote_async(f"step{self.step}", norm is not None, ahead=True)
+                if norm is not None and may_run_ahead(self.outer, nxt, num_steps, self.config):
+                    self.tentative.apply(self.module, self.optimizer)
+                    self._event("applied")
+                    ahead = (self._attempt(nxt), self.last_loss)
+                res, self._ballot = self._ballot.result(), None
                 if res.ok and res.revision == self.revision:
+                    self.last_loss, retries = loss, 0
                     self._commit(norm)
-                    retries = 0
                     continue
+                ahead = None
                 self._discard(res)
                 retries = retries + 1 if res.revision == self.revision else 0
                 if retries > _MAX_RETRIES:  # every peer counts the same votes: all raise here
@@ -190,36 +203,29 @@ class StagePeer:
             self.on_event("done", {"stage": self.stage, "step": self.step})
         finally:
             self._stop.set()
+            self.votes.close()
+
+    def _vote_async(self, name: str, ok: bool, *, ahead: bool = False) -> Ballot:
+        key, self.epoch = f"{name}.e{self.epoch}", self.epoch + 1
+        return self.votes.start(key, ok, revision=self.revision, abort=ahead)
 
     def _vote(self, name: str, ok: bool) -> VoteResult:
-        try:
-            # A stage that failed on its own votes at once, while the others may still wait out
-            # a receive (``timeout_s``) and an eviction (the heartbeat timeout) before voting.
-            wait_s = 2 * self.config.timeout_s + self.comm.heartbeat_timeout_s
-            res = self.comm.vote(f"{name}.e{self.epoch}", ok, timeout_s=wait_s)
-        except CommError as exc:
-            raise PipelineError(f"stage {self.stage}: the vote on {name} failed: {exc}") from exc
-        self.epoch += 1
-        return res
+        return self._vote_async(name, ok).result()  # a phase: nothing runs ahead of it
 
-    def _watch(self) -> None:
-        while not self._stop.wait(_WATCH_S):
-            expected = self._watch_rev
-            if expected is None or self.abort.is_set():
-                continue
-            try:
-                rev = self.comm.live_revision(timeout_s=2.0)
-            except CommError as exc:
-                logger.debug("stage %d: membership probe failed: %s", self.stage, exc)
-                continue
-            if rev != expected and self._watch_rev == expected:
-                self._why = f"the membership moved (revision {expected} -> {rev}): a peer was lost"
-                self.abort.set()
+    def _event(self, kind: str) -> None:
+        self.on_event(kind, {"stage": self.stage, "replica": self.replica, "step": self.step})
+
+    def _set_abort(self, why: str) -> None:
+        self._why = why
+        self.abort.set()
 
     def _arm(self, revision: int | None) -> None:
         self.abort.clear()
         self._why = ""
         self._watch_rev = revision
+        ballot = self._ballot  # the vote of the step before, still in flight (``run``)
+        if ballot is not None and ballot.bad():  # its abort landed before the clear
+            self._set_abort(ballot.why)
 
     # ------------------------------------------------------------------ forming the pipeline
     def _peer_of(self) -> dict[int, str]:
@@ -407,19 +413,14 @@ class StagePeer:
 
     def _commit(self, norm: GradNorm | None) -> None:
         assert norm is not None
-        self.optimizer.step()
+        self.tentative.commit(self.optimizer)
         self.grad_norm = norm
         self.step += 1
         done = self.step
         if done % self.config.checkpoint_every == 0:
             self._save_checkpoint(done)
-        info = {
-            "stage": self.stage,
-            "replica": self.replica,
-            "step": done - 1,
-            "hash": state_hash(self.module.state_dict()),
-            "time": time.time(),
-        }
+        info: dict[str, Any] = {"stage": self.stage, "replica": self.replica, "step": done - 1}
+        info.update(hash=state_hash(self.module.state_dict()), time=time.time())
         if self.stage == EMBEDDING_STAGE:
             info["loss"] = self.last_loss
         self.on_event("committed", info)
@@ -434,15 +435,14 @@ class StagePeer:
                 )
 
     def _discard(self, res: VoteResult) -> None:
+        if self.tentative.pending:  # applied while the vote was in flight: put back bit for bit
+            self.tentative.undo()
+            self._event("rolled_back")
+        # Every stage skips an epoch: no message of the attempt that ran ahead outranks a retry's.
+        self.epoch += 1
         self.optimizer.zero_grad(set_to_none=True)
-        logger.info(
-            "stage %d: step %d voted down (failed %s, revision %d -> %d)",
-            self.stage,
-            self.step,
-            res.failed,
-            self.revision,
-            res.revision,
-        )
+        why = f"failed {res.failed}, revision {self.revision} -> {res.revision}"
+        logger.info("stage %d: step %d voted down (%s)", self.stage, self.step, why)
 
     def _save_checkpoint(self, done: int) -> None:
         self.store.save(

@@ -189,6 +189,27 @@ def test_peer_groups_reduce_only_among_themselves(master) -> None:  # type: igno
     _close(comms)
 
 
+@pytest.mark.timeout(120)
+def test_async_sends_of_one_peer_and_tag_arrive_in_the_order_they_were_started(master) -> None:  # type: ignore[no-untyped-def]
+    # More sends in flight than the point-to-point pool has threads: each thread reached the
+    # key's lock in any order, and a lock is not first come first served, so messages of one
+    # key could overtake each other (the pipeline runtime's four micro-batches did).
+    a, b = connect_all(addr(master), 2)
+    for _ in range(5):
+        handles = [
+            a.send_async(torch.full((64,), float(i)), to=b.peer_id, tag=3, timeout_s=30)
+            for i in range(16)
+        ]
+        got = []
+        for _ in handles:
+            out = torch.empty(64)
+            b.recv(out, from_=a.peer_id, tag=3, timeout_s=30)
+            got.append(int(out[0].item()))
+        for h in handles:
+            h.wait()
+        assert got == list(range(16))
+
+
 @pytest.mark.timeout(60)
 def test_send_and_recv_move_a_tensor_between_accepted_peers(master) -> None:  # type: ignore[no-untyped-def]
     a, b = connect_all(addr(master), 2)

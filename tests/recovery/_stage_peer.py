@@ -1,10 +1,10 @@
 """One pipeline stage as a process, for the fault tests: ``run_stage(spec, events)``.
 
 The spec (a dict) names the master, the stage, the pipeline config, the store's directory, the
-steps, an optional fault on this stage and a dump directory: after every committed step and every
-rebuild the stage saves its parameters and gradient norm there (``dump``), so the test can compute
-the rule's plain-torch reference from exactly what the sources held. Events go to ``events`` as
-``(kind, stage, info)``.
+steps, an optional fault on this stage and a dump directory: after every committed step, every
+step applied tentatively and every rebuild the stage saves its parameters and gradient norm there,
+so the test can compute the rule's plain-torch reference from exactly what the sources held.
+Events go to ``events`` as ``(kind, stage, info)``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,17 @@ def dump_path(root: str, stage: int | str, what: str) -> Path:
     return Path(root) / f"stage{stage}_{what}.pt"
 
 
-def arm_fault(spec: dict[str, Any], events: Any) -> FaultInjector | None:
+def arm_fault(
+    spec: dict[str, Any], events: Any, settle: Callable[[], None] | None = None
+) -> FaultInjector | None:
     """The injector for ``spec["fault"]`` (None without one). Its rule first marks the moment
     (``fault<stage>.txt`` in the dump directory, fsync'ed) and, before a kill or a stop, flushes
     ``events``: a multiprocessing queue's ``put`` returns before its feeder thread has written the
     item, and a process that dies with the feeder mid-write loses the item *and* leaves the
-    queue's shared write lock held, so no other process's event ever arrives again."""
+    queue's shared write lock held, so no other process's event ever arrives again. Before that it
+    calls ``settle()`` (the stage's ``votes.settle``): a stage attempts step t + 1 while its vote on
+    step t is in flight, and the test's scenario (step t committed, the fault in step t + 1) must not
+    depend on whether that vote closed before the fault was noticed."""
     fault = spec.get("fault")
     if not fault:
         return None
@@ -64,6 +70,8 @@ def arm_fault(spec: dict[str, Any], events: Any) -> FaultInjector | None:
     faults = FaultInjector()
 
     def mark(context: Any) -> None:  # the moment of the fault, before the process dies
+        if settle is not None:
+            settle()
         with open(Path(spec["dump"]) / f"fault{stage}.txt", "w") as f:
             f.write(repr(time.time()))
             f.flush()
@@ -97,7 +105,7 @@ def run_stage(spec: dict[str, Any], events: Any) -> None:
         )
     stage = spec["stage"]
     config: PipelineConfig = spec["config"]
-    faults = arm_fault(spec, events)
+    faults = arm_fault(spec, events, settle=lambda: peer.votes.settle())
     comm = Communicator(
         spec["master"],
         peer_group=stage,
@@ -108,8 +116,11 @@ def run_stage(spec: dict[str, Any], events: Any) -> None:
     label = "replacement" if spec.get("replacement") else "original"
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
-        if kind in ("committed", "recovered"):
-            what = f"{label}_step{info['step']}" if kind == "committed" else f"{label}_rebuilt"
+        if kind in ("committed", "recovered", "applied"):
+            # "applied": the step applied tentatively while its vote is in flight, what a stage
+            # killed in the attempt run ahead of that vote held when it died.
+            names = {"committed": "step", "applied": "applied"}
+            what = f"{label}_{names[kind]}{info['step']}" if kind in names else f"{label}_rebuilt"
             norm = peer.grad_norm
             # With pipeline replicas a dump is named by its slot: "<stage>r<replica>".
             key = stage if config.num_replicas == 1 else f"{stage}r{peer.replica}"
