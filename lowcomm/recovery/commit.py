@@ -279,9 +279,17 @@ class Votes:
 def may_run_ahead(
     outer: OuterState | None, step: int, num_steps: int, config: PipelineConfig
 ) -> bool:
-    """True if attempt ``step`` may run on a tentative step: it is one of the ``num_steps`` and it
-    does not start with DiLoCo's outer step, which mixes in this stage's parameters (never a
-    tentative step's)."""
+    """True if attempt ``step`` may run on a tentative step ``step - 1``: run-ahead is on, it is
+    one of the ``num_steps``, it does not start with DiLoCo's outer step (which mixes in this
+    stage's parameters, never a tentative step's), and committing ``step - 1`` neither writes a
+    checkpoint nor refreshes the (de)embedding copies: those run once the verdict is read, after
+    the attempt ahead returns, so a stage killed in that attempt would never write them and its
+    replacement would restore an older state."""
+    if not config.run_ahead or step >= num_steps or step % config.checkpoint_every == 0:
+        return False
+    rc = config.recovery
+    if rc.checkfree_plus and step % rc.embedding_backup_every == 0:
+        return False
     every = config.outer_every
     due = outer is not None and step > 0 and step % every == 0 and outer.synced_for < step
-    return step < num_steps and not due
+    return not due

@@ -104,6 +104,11 @@ class PipelineConfig:
             surviving replica of its stage is rebuilt as a copy of it.
         outer_every, outer_lr, outer_momentum: DiLoCo among a stage's replicas: every this many
             steps an outer Nesterov SGD step (needed, and only allowed, with ``num_replicas > 1``).
+        run_ahead: attempt step t + 1 while step t's commit vote is in flight, on step t applied
+            tentatively (``lowcomm.recovery.commit``): the vote's master round trip leaves the
+            critical path, at the price of a copy of the stage's parameters and optimizer state
+            (3x the parameters with Adam, on the stage's device) kept for the undo. False: every
+            step waits for its verdict, and no copy is held.
     """
 
     stages: StageConfig
@@ -121,6 +126,7 @@ class PipelineConfig:
     outer_every: int = 0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    run_ahead: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_micro_batches <= 4:
