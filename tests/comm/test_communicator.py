@@ -195,19 +195,22 @@ def test_async_sends_of_one_peer_and_tag_arrive_in_the_order_they_were_started(m
     # key's lock in any order, and a lock is not first come first served, so messages of one
     # key could overtake each other (the pipeline runtime's four micro-batches did).
     a, b = connect_all(addr(master), 2)
-    for _ in range(5):
-        handles = [
-            a.send_async(torch.full((64,), float(i)), to=b.peer_id, tag=3, timeout_s=30)
-            for i in range(16)
-        ]
-        got = []
-        for _ in handles:
-            out = torch.empty(64)
-            b.recv(out, from_=a.peer_id, tag=3, timeout_s=30)
-            got.append(int(out[0].item()))
-        for h in handles:
-            h.wait()
-        assert got == list(range(16))
+    try:
+        for _ in range(5):
+            handles = [
+                a.send_async(torch.full((64,), float(i)), to=b.peer_id, tag=3, timeout_s=30)
+                for i in range(16)
+            ]
+            got = []
+            for _ in handles:
+                out = torch.empty(64)
+                b.recv(out, from_=a.peer_id, tag=3, timeout_s=30)
+                got.append(int(out[0].item()))
+            for h in handles:
+                h.wait()
+            assert got == list(range(16))
+    finally:  # left open, their sessions would reconnect to the stopped master for the rest of the run
+        _close([a, b])
 
 
 @pytest.mark.timeout(60)
