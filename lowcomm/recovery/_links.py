@@ -14,6 +14,12 @@ Every receive waits in slices of ``SLICE_S`` and checks the stage's abort event 
 watcher sets it when the master's membership revision moves), so a stage waiting on a peer that
 died or stopped gives up within a slice of the master noticing, never at the receive's timeout.
 A timed-out slice reads nothing, so the kept connection stays good for the next one.
+
+A message *ahead* of the awaited key is a neighbour's retry that outran this stage: it read a
+step's bad verdict while this stage, having run ahead on a tentative step (``commit``), still
+waits in the attempt after it. The message is kept (one per sender and tag) for the retry's
+receive, and the receive waits for the abort that the same verdict brings; a second message
+ahead, or no abort within the message bound, is a protocol error.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class Links:
         self._reason = reason
         self.timeout_s = timeout_s
         self.stale_dropped = 0
+        self._ahead: dict[tuple[str, int], torch.Tensor] = {}  # (sender, tag): a message kept
 
     def check(self) -> None:
         """Raises ``StepAbortedError`` if the step was aborted."""
@@ -84,7 +91,11 @@ class Links:
             numel *= n
         buf = torch.empty(_HEADER + numel, dtype=torch.float32)
         while True:
-            self._recv_into(buf, from_=from_, tag=tag)
+            kept = self._ahead.pop((from_, tag), None)
+            if kept is not None and kept.numel() == buf.numel():
+                buf.copy_(kept)
+            else:
+                self._recv_into(buf, from_=from_, tag=tag)
             got = tuple(int(v) for v in buf[:_HEADER].tolist())
             if got == key:
                 return buf[_HEADER:].clone().view(shape)
@@ -92,6 +103,10 @@ class Links:
                 self.stale_dropped += 1
                 logger.debug("dropped a stale message %s from %s (waiting for %s)", got, from_, key)
                 continue
+            if (from_, tag) not in self._ahead:  # kept (again) for the retry's receive
+                self._ahead[(from_, tag)] = kept if kept is not None else buf.clone()
+                if self.abort.wait(self.timeout_s):  # the verdict that let the sender retry
+                    self.check()
             raise ProtocolError(f"message {got} from peer {from_} is ahead of {key}")
 
     def wait(self, handle: Handle) -> None:
