@@ -23,6 +23,7 @@ from lowcomm.comm import CommConfig, Communicator, PeerFailureError
 from lowcomm.faults import FaultInjector
 from lowcomm.recovery.pipeline import PipelineConfig, StagePeer
 from lowcomm.recovery.rules import clone_state
+from lowcomm.recovery.simulator import Method, SimConfig, SimPipeline
 from lowcomm.recovery.store import StageStore
 
 TOKEN = b"lowcomm-test-token-0123456789abcdef"
@@ -46,6 +47,19 @@ def batches(config: PipelineConfig, replica: Any = None):  # type: ignore[no-unt
         return window[:, :-1], window[:, 1:]
 
     return batch
+
+
+def simulator_of(config: PipelineConfig, num_steps: int, method: Method) -> SimPipeline:
+    """The single-process simulator of ``config``'s pipeline (fed with ``batches(config)``)."""
+    sim_config = SimConfig(
+        stages=config.stages,
+        num_steps=num_steps,
+        batch_size=config.micro_batch_size * config.num_micro_batches,
+        num_micro_batches=config.num_micro_batches,
+        lr=config.lr,
+        max_grad_norm=config.max_grad_norm,
+    )
+    return SimPipeline(sim_config, method)
 
 
 def dump_path(root: str, stage: int | str, what: str) -> Path:

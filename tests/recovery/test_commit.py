@@ -17,10 +17,10 @@ import torch
 from lowcomm.comm import VoteResult
 from lowcomm.recovery.commit import WATCH_S, TentativeStep, Votes
 from lowcomm.recovery.pipeline import PipelineConfig
-from lowcomm.recovery.simulator import Method, SimConfig, SimPipeline
+from lowcomm.recovery.simulator import Method
 from lowcomm.recovery.stages import StageConfig
 from tests.recovery._harness import run_pipeline
-from tests.recovery._stage_peer import batches
+from tests.recovery._stage_peer import batches, simulator_of
 
 STAGES = StageConfig(num_block_stages=3, width=16, num_heads=2, context=8)
 CONFIG = PipelineConfig(
@@ -107,14 +107,9 @@ def test_a_stage_that_ran_ahead_of_a_step_voted_down_rolls_it_back_and_the_run_e
     for s in range(4):
         assert [e["step"] for e in out.of("committed", s)] == list(range(NUM_STEPS)), s
         assert s == 3 or not out.of("rolled_back", s)
-    sim = SimPipeline(
-        SimConfig(
-            stages=STAGES,
-            num_steps=NUM_STEPS,
-            batch_size=CONFIG.micro_batch_size * CONFIG.num_micro_batches,
-            num_micro_batches=CONFIG.num_micro_batches,
-            lr=CONFIG.lr,
-        ),
+    sim = simulator_of(
+        CONFIG,
+        NUM_STEPS,
         Method(name="no_failure", failures=False, checkpoint_every=CONFIG.checkpoint_every),
     )
     batch = batches(CONFIG)

@@ -19,11 +19,11 @@ from lowcomm.comm import Communicator
 from lowcomm.faults import KILLED_EXIT_CODE
 from lowcomm.recovery import RecoveryConfig
 from lowcomm.recovery.pipeline import PipelineConfig, StagePeer
-from lowcomm.recovery.simulator import Method, SimConfig, SimPipeline, SimResult
+from lowcomm.recovery.simulator import Method, SimResult
 from lowcomm.recovery.stages import StageConfig
 from lowcomm.recovery.store import StageStore
 from tests.recovery._harness import Outcome, run_pipeline
-from tests.recovery._stage_peer import batches
+from tests.recovery._stage_peer import batches, simulator_of
 
 STAGES = StageConfig(num_block_stages=3, width=16, num_heads=2, context=8)
 CONFIG = PipelineConfig(
@@ -118,16 +118,8 @@ def test_the_simulator_and_the_runtime_agree_bit_for_bit_on_a_run_with_one_failu
     middle_kill: Outcome,
 ) -> None:
     out = middle_kill
-    sim = SimPipeline(
-        SimConfig(
-            stages=STAGES,
-            num_steps=NUM_STEPS,
-            batch_size=CONFIG.micro_batch_size * CONFIG.num_micro_batches,
-            num_micro_batches=CONFIG.num_micro_batches,
-            lr=CONFIG.lr,
-            max_grad_norm=CONFIG.max_grad_norm,
-        ),
-        Method(name="gradavg", checkpoint_every=CONFIG.checkpoint_every),
+    sim = simulator_of(
+        CONFIG, NUM_STEPS, Method(name="gradavg", checkpoint_every=CONFIG.checkpoint_every)
     )
     batch = batches(CONFIG)
     result = SimResult(method="gradavg")
@@ -269,14 +261,9 @@ def test_a_stage_failing_on_its_own_votes_the_step_down_and_every_stage_retries_
     assert not out.events["recovered"]
     _assert_step_aborted_everywhere_and_applied_once(out, set(), 4)
     assert FAULT_STEP in [e["step"] for e in out.of("aborted", 2)]
-    sim = SimPipeline(
-        SimConfig(
-            stages=STAGES,
-            num_steps=NUM_STEPS,
-            batch_size=CONFIG.micro_batch_size * CONFIG.num_micro_batches,
-            num_micro_batches=CONFIG.num_micro_batches,
-            lr=CONFIG.lr,
-        ),
+    sim = simulator_of(
+        CONFIG,
+        NUM_STEPS,
         Method(name="no_failure", failures=False, checkpoint_every=CONFIG.checkpoint_every),
     )
     batch = batches(CONFIG)

@@ -21,11 +21,11 @@ import torch
 from lowcomm.faults import KILLED_EXIT_CODE
 from lowcomm.recovery.pipeline import PipelineConfig
 from lowcomm.recovery.rules import clone_state, state_hash
-from lowcomm.recovery.simulator import Method, SimConfig, SimPipeline
+from lowcomm.recovery.simulator import Method
 from lowcomm.recovery.stages import StageConfig
 from lowcomm.recovery.store import StageStore
 from tests.recovery._harness import run_pipeline
-from tests.recovery._stage_peer import batches
+from tests.recovery._stage_peer import batches, simulator_of
 
 STAGES = StageConfig(num_block_stages=3, width=16, num_heads=2, context=8)
 CONFIG = PipelineConfig(
@@ -91,17 +91,7 @@ def test_a_lost_stage_rolls_every_stage_back_to_the_newest_common_checkpoint(
             assert FAULT_STEP in [e["step"] for e in out.of("aborted", s)]
             assert steps == list(range(FAULT_STEP)) + redone, (s, steps)
     # The run ends identical to a failure-free one that followed the same steps.
-    sim = SimPipeline(
-        SimConfig(
-            stages=STAGES,
-            num_steps=NUM_STEPS,
-            batch_size=CONFIG.micro_batch_size * CONFIG.num_micro_batches,
-            num_micro_batches=CONFIG.num_micro_batches,
-            lr=CONFIG.lr,
-            max_grad_norm=CONFIG.max_grad_norm,
-        ),
-        Method(name="no_failure", failures=False),
-    )
+    sim = simulator_of(CONFIG, NUM_STEPS, Method(name="no_failure", failures=False))
     batch = batches(CONFIG)
     sim_losses = [sim.train_step(step, *batch(step)) for step in range(NUM_STEPS)]
     losses = [(e["step"], e["loss"]) for e in out.of("committed", 0)]
