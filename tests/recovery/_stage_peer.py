@@ -49,6 +49,11 @@ def batches(config: PipelineConfig, replica: Any = None):  # type: ignore[no-unt
     return batch
 
 
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-for-bit equality of two state dicts of tensors (same keys)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def simulator_of(config: PipelineConfig, num_steps: int, method: Method) -> SimPipeline:
     """The single-process simulator of ``config``'s pipeline (fed with ``batches(config)``)."""
     sim_config = SimConfig(

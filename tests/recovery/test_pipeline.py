@@ -23,7 +23,7 @@ from lowcomm.recovery.simulator import Method, SimResult
 from lowcomm.recovery.stages import StageConfig
 from lowcomm.recovery.store import StageStore
 from tests.recovery._harness import Outcome, run_pipeline
-from tests.recovery._stage_peer import batches, simulator_of
+from tests.recovery._stage_peer import batches, same_tensors, simulator_of
 
 STAGES = StageConfig(num_block_stages=3, width=16, num_heads=2, context=8)
 CONFIG = PipelineConfig(
@@ -76,10 +76,6 @@ def _held(out: Outcome, stage: int, step: int) -> dict[str, torch.Tensor]:
     return params
 
 
-def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.fixture(scope="module")
 def middle_kill(tmp_path_factory: pytest.TempPathFactory) -> Outcome:
     return run_pipeline(
@@ -108,9 +104,9 @@ def test_middle_stage_killed_mid_micro_batch_is_rebuilt_by_checkfree_from_its_ne
         k: (w_next * nxt["params"][k] + w_prev * prev["params"][k]) / (w_next + w_prev)
         for k in prev["params"]
     }
-    assert _equal(rebuilt, expected)
+    assert same_tensors(rebuilt, expected)
     lost = _held(out, 2, FAULT_STEP - 1)
-    assert not _equal(rebuilt, lost)
+    assert not same_tensors(rebuilt, lost)
 
 
 @pytest.mark.timeout(60)
@@ -136,7 +132,7 @@ def test_the_simulator_and_the_runtime_agree_bit_for_bit_on_a_run_with_one_failu
                 if label == "original"
                 else out.load(s, f"{label}_step{step}")["params"]
             )
-            assert _equal(sim.modules[s].state_dict(), got), (step, s)
+            assert same_tensors(sim.modules[s].state_dict(), got), (step, s)
     ((_, report),) = result.reports
     assert report.weights == out.of("recovered", 2)[0]["weights"]
 
@@ -152,8 +148,8 @@ def test_adjacent_stages_killed_together_fall_back_to_their_checkpoints(tmp_path
         (report,) = out.of("recovered", s)
         assert report["rule"] == "checkpoint" and report["sources"] == (f"checkpoint:{s}",)
         rebuilt = out.load(s, "replacement_rebuilt")["params"]
-        assert _equal(rebuilt, out.load(s, "original_step1")["params"])
-        assert not _equal(rebuilt, _held(out, s, FAULT_STEP - 1))
+        assert same_tensors(rebuilt, out.load(s, "original_step1")["params"])
+        assert not same_tensors(rebuilt, _held(out, s, FAULT_STEP - 1))
 
 
 @pytest.mark.timeout(180)
@@ -178,8 +174,8 @@ def test_a_stage_stopped_past_the_heartbeat_timeout_is_evicted_and_rebuilt(tmp_p
         k: (w_next * nxt["params"][k] + w_prev * prev["params"][k]) / (w_next + w_prev)
         for k in prev["params"]
     }
-    assert _equal(rebuilt, expected)
-    assert not _equal(rebuilt, _held(out, 2, FAULT_STEP - 1))
+    assert same_tensors(rebuilt, expected)
+    assert not same_tensors(rebuilt, _held(out, 2, FAULT_STEP - 1))
 
 
 PLUS = replace(
@@ -203,11 +199,11 @@ def test_the_first_and_last_block_stages_with_checkfree_plus_are_copies_of_their
         assert report["rule"] == "checkfree_plus"
         assert report["sources"] == (f"neighbour:{partner}",)
         rebuilt = out.load(stage, "replacement_rebuilt")["params"]
-        assert _equal(rebuilt, out.load(partner, f"original_step{FAULT_STEP - 1}")["params"])
-        assert not _equal(rebuilt, _held(out, stage, FAULT_STEP - 1))
+        assert same_tensors(rebuilt, out.load(partner, f"original_step{FAULT_STEP - 1}")["params"])
+        assert not same_tensors(rebuilt, _held(out, stage, FAULT_STEP - 1))
         # A replacement holder receives the current (de)embedding as it joins.
         backup = out.load(stage, f"replacement_step{FAULT_STEP}")["backup"]
-        assert _equal(backup, out.load(0, f"original_step{FAULT_STEP - 1}")["params"])
+        assert same_tensors(backup, out.load(0, f"original_step{FAULT_STEP - 1}")["params"])
 
 
 @pytest.mark.timeout(180)
@@ -222,9 +218,9 @@ def test_the_embedding_stage_with_checkfree_plus_is_rebuilt_from_a_neighbours_co
     # embedding_backup_every=2: the copy is stage 0 after steps 0 and 1 (refreshed at done=2,
     # after the dump of step 1, so step 2's dump holds it).
     rebuilt = out.load(0, "replacement_rebuilt")["params"]
-    assert _equal(rebuilt, out.load(1, "original_step2")["backup"])
-    assert _equal(rebuilt, out.load(0, "original_step1")["params"])
-    assert not _equal(rebuilt, _held(out, 0, FAULT_STEP - 1))
+    assert same_tensors(rebuilt, out.load(1, "original_step2")["backup"])
+    assert same_tensors(rebuilt, out.load(0, "original_step1")["params"])
+    assert not same_tensors(rebuilt, _held(out, 0, FAULT_STEP - 1))
 
 
 @pytest.mark.timeout(180)
@@ -245,8 +241,8 @@ def test_a_neighbour_killed_during_the_rebuild_transfer_makes_the_recovery_retry
         (report,) = out.of("recovered", s)
         assert report["rule"] == "checkpoint"
         rebuilt = out.load(s, "replacement_rebuilt")["params"]
-        assert _equal(rebuilt, out.load(s, "original_step1")["params"])
-        assert not _equal(rebuilt, _held(out, s, FAULT_STEP - 1))
+        assert same_tensors(rebuilt, out.load(s, "original_step1")["params"])
+        assert not same_tensors(rebuilt, _held(out, s, FAULT_STEP - 1))
 
 
 @pytest.mark.timeout(180)
@@ -271,7 +267,7 @@ def test_a_stage_failing_on_its_own_votes_the_step_down_and_every_stage_retries_
         sim.train_step(step, *batch(step))
     for s in range(4):
         got = out.load(s, f"original_step{NUM_STEPS - 1}")["params"]
-        assert _equal(sim.modules[s].state_dict(), got), s
+        assert same_tensors(sim.modules[s].state_dict(), got), s
 
 
 def test_bad_pipeline_settings_are_refused_naming_the_field(tmp_path: Path) -> None:

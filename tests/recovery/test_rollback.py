@@ -25,7 +25,7 @@ from lowcomm.recovery.simulator import Method
 from lowcomm.recovery.stages import StageConfig
 from lowcomm.recovery.store import StageStore
 from tests.recovery._harness import run_pipeline
-from tests.recovery._stage_peer import batches, simulator_of
+from tests.recovery._stage_peer import batches, same_tensors, simulator_of
 
 STAGES = StageConfig(num_block_stages=3, width=16, num_heads=2, context=8)
 CONFIG = PipelineConfig(
@@ -42,13 +42,9 @@ FAULT_STEP = 5  # checkpoints after 0, 3 and 6 steps: the kill at step 5 loses s
 ROLLBACK_TO = 3
 
 
-def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def _equal_optimizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     sa, sb = a["state"], b["state"]
-    return sa.keys() == sb.keys() and all(_equal(sa[k], sb[k]) for k in sa)
+    return sa.keys() == sb.keys() and all(same_tensors(sa[k], sb[k]) for k in sa)
 
 
 @pytest.mark.timeout(180)
@@ -74,11 +70,13 @@ def test_a_lost_stage_rolls_every_stage_back_to_the_newest_common_checkpoint(
         rolled = out.load(s, f"{label}_rebuilt")
         before = out.load(s, f"original_step{ROLLBACK_TO - 1}")
         assert report["hash"] == state_hash(ckpt["params"]) == state_hash(before["params"])
-        assert _equal(rolled["params"], ckpt["params"])
+        assert same_tensors(rolled["params"], ckpt["params"])
         assert _equal_optimizer(rolled["optimizer"], ckpt["optimizer"])
         assert _equal_optimizer(rolled["optimizer"], before["optimizer"])
         # ... and not the state it had reached before the fault.
-        assert not _equal(rolled["params"], out.load(s, f"original_step{FAULT_STEP - 2}")["params"])
+        assert not same_tensors(
+            rolled["params"], out.load(s, f"original_step{FAULT_STEP - 2}")["params"]
+        )
         steps = [e["step"] for e in out.of("committed", s)]
         if s == 2:  # the victim committed up to the fault, its replacement from the rollback on;
             # killed in the attempt it ran ahead of step FAULT_STEP - 1's verdict (which committed
@@ -99,7 +97,7 @@ def test_a_lost_stage_rolls_every_stage_back_to_the_newest_common_checkpoint(
     for s in range(4):
         label = "replacement" if s == 2 else "original"
         final = out.load(s, f"{label}_step{NUM_STEPS - 1}")["params"]
-        assert _equal(final, sim.modules[s].state_dict()), s
+        assert same_tensors(final, sim.modules[s].state_dict()), s
 
 
 def test_the_store_keeps_the_newest_steps_and_finds_the_newest_common_one(tmp_path: Path) -> None:

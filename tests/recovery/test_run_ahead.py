@@ -15,23 +15,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from lowcomm.recovery.commit import may_run_ahead
 from lowcomm.recovery.config import PipelineConfig, RecoveryConfig
 from lowcomm.recovery.stages import StageConfig
 from tests.recovery import test_pipeline as tp
 from tests.recovery._harness import run_pipeline
+from tests.recovery._stage_peer import same_tensors
 
 STEP = 2
 
 
 def _kill(stage: int, mb: int = 1, phase: str = "forward") -> dict[int, dict[str, object]]:
     return {stage: {"action": "kill", "step": STEP, "mb": mb, "phase": phase}}
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_steps_whose_commit_checkpoints_or_refreshes_copies_are_not_run_ahead_of() -> None:
@@ -56,8 +52,8 @@ def test_adjacent_stages_killed_at_a_checkpoint_step_restore_the_newest_committe
         rebuilt = out.load(s, "replacement_rebuilt")["params"]
         # The checkpoint written at done = 2 holds the state after step 1, committed everywhere.
         after_step1 = out.load(s, "original_step1")["params"]
-        assert _same(rebuilt, after_step1), s
-        assert not _same(rebuilt, out.load(s, "original_step0")["params"]), s
+        assert same_tensors(rebuilt, after_step1), s
+        assert not same_tensors(rebuilt, out.load(s, "original_step0")["params"]), s
 
 
 @pytest.mark.timeout(300)
@@ -69,5 +65,5 @@ def test_the_embedding_stage_killed_at_a_copy_refresh_step_is_rebuilt_from_the_f
     (report,) = out.of("recovered", 0)
     rebuilt = out.load(0, "replacement_rebuilt")["params"]
     # The copies refreshed at done = 2 hold stage 0 after step 1.
-    assert _same(rebuilt, out.load(0, "original_step1")["params"]), report
-    assert not _same(rebuilt, out.load(0, "original_step0")["params"]), report
+    assert same_tensors(rebuilt, out.load(0, "original_step1")["params"]), report
+    assert not same_tensors(rebuilt, out.load(0, "original_step0")["params"]), report
